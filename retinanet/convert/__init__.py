@@ -1,0 +1,1 @@
+"""Converters from other libraries' RetinaNet weights to our checkpoints."""

@@ -1,0 +1,179 @@
+"""The RetinaNet detector: one module from images to losses (training) or detections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .anchors import AnchorGenerator
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .config import config_to_dict
+from .fpn import FPN
+from .head import RetinaNetHead
+from .losses import RetinaNetLoss
+from .matching import AnchorMatcher
+from .postprocess import PostProcessor
+from .preprocess import ImageBatch, Preprocessor, scale_boxes
+
+class RetinaNet(nn.Module):
+    """RetinaNet (Lin et al. 2017): ResNet + FPN (P3-P7) + shared class/box subnets.
+
+    `forward(images, targets=None)`:
+      - images: list of RGB `(3, H, W)` tensors, uint8 [0, 255] or float [0, 1], any sizes.
+      - targets (training): per image `{"boxes": (N, 4) xyxy pixels, "labels": (N,) in
+        [0, num_classes), optional "iscrowd": (N,)}`.
+      - training returns `{"loss_cls", "loss_box"}`; eval returns per image
+        `{"boxes" (D, 4) in original-image pixels, "scores" (D,), "labels" (D,)}`.
+
+    Build one with `RetinaNet.from_config(ModelConfig(...))` or `RetinaNet.from_checkpoint(path)`.
+    """
+
+    def __init__(self, backbone: nn.Module, fpn: FPN, head: RetinaNetHead, anchor_generator: AnchorGenerator,
+                 preprocessor: Preprocessor, matcher: AnchorMatcher, loss: RetinaNetLoss,
+                 postprocessor: PostProcessor, class_names: Sequence[str] = ()):
+        super().__init__()
+        self.backbone = backbone
+        self.fpn = fpn
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.preprocessor = preprocessor
+        self.matcher = matcher
+        self.loss = loss
+        self.postprocessor = postprocessor
+        self.num_classes = head.num_classes
+        self.class_names = list(class_names) or [str(i) for i in range(self.num_classes)]
+        self.channels_last = False
+        self.config: Any = None  # the ModelConfig this model was built from, when known
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config) -> "RetinaNet":
+        from .build import build_retinanet
+
+        return build_retinanet(config)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "RetinaNet":
+        """Rebuild the model from the config stored in the checkpoint and load its weights."""
+        from .build import model_config_from_checkpoint
+
+        data = read_checkpoint(path, map_location)
+        model = cls.from_config(model_config_from_checkpoint(data, path))
+        try:
+            model.load_state_dict(data["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit the stored config: {err}") from err
+        return model
+
+    def save(self, path: str | Path, **extra) -> Path:
+        """Write weights and config (atomically) so that `from_checkpoint` rebuilds this model."""
+        if self.config is None:
+            raise ValueError("this model was not built from a config; build it with RetinaNet.from_config")
+        return write_checkpoint(path, {"config": {"model": config_to_dict(self.config)},
+                                       "model": self.state_dict(), **extra})
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode")
+        batch, targets = self.preprocessor(images, targets, training=self.training)
+        x = batch.tensor
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.fpn(self.backbone(x))
+        logits, deltas = self.head(features)
+        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in features], tuple(x.shape[-2:]), x.device)
+        if self.training:
+            return self.forward_training(logits, deltas, anchors, targets)
+        return self.forward_inference(logits, deltas, anchors, batch)
+
+    def forward_training(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
+                         targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        all_anchors = torch.cat(anchors)
+        gt_boxes, gt_labels, gt_valid, gt_crowd = pack_targets(targets, all_anchors.device)
+        matches = self.matcher(all_anchors, gt_boxes, gt_valid, gt_crowd)
+        return self.loss(torch.cat(logits, 1), torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels)
+
+    def forward_inference(self, logits, deltas, anchors, batch: ImageBatch,
+                          score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+        results = self.postprocessor(logits, deltas, anchors, batch.image_sizes, score_threshold)
+        for result, size, original in zip(results, batch.image_sizes, batch.original_sizes):
+            result["boxes"] = scale_boxes(result["boxes"], size, original)
+        return results
+
+    # ------------------------------------------------------------------ convenience
+    @torch.inference_mode()
+    def predict(self, images: Any, score_threshold: float | None = None,
+                batch_size: int = 4) -> list[dict[str, Any]]:
+        """Detect objects in one image or a list of them.
+
+        Accepts file paths, PIL images, numpy arrays `(H, W, 3)` uint8 RGB, or tensors
+        `(3, H, W)`. Returns per image `{"boxes" (D, 4) xyxy, "scores" (D,), "labels" (D,),
+        "class_names": [str] * D}` in original-image pixels, on the CPU.
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        outputs = []
+        try:
+            for start in range(0, len(items), batch_size):
+                tensors = [to_image_tensor(item).to(device) for item in items[start : start + batch_size]]
+                batch, _ = self.preprocessor(tensors)
+                x = batch.tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensor
+                features = self.fpn(self.backbone(x))
+                logits, deltas = self.head(features)
+                anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in features], tuple(x.shape[-2:]), x.device)
+                for det in self.forward_inference(logits, deltas, anchors, batch, score_threshold):
+                    det = {k: v.cpu() for k, v in det.items()}
+                    det["class_names"] = [self.class_names[i] for i in det["labels"].tolist()]
+                    outputs.append(det)
+        finally:
+            self.train(was_training)
+        return outputs[0] if single else outputs
+
+
+def pack_targets(targets: list[dict[str, torch.Tensor]], device: torch.device):
+    """Pad per-image targets into `boxes (B, G, 4)`, `labels (B, G)`, `valid (B, G)` and
+    `crowd (B, G)` with G >= 1, so that matching and losses run batched."""
+    counts = [len(t["boxes"]) for t in targets]
+    g = max(1, max(counts, default=0))
+    b = len(targets)
+    boxes = torch.zeros(b, g, 4, device=device)
+    labels = torch.zeros(b, g, dtype=torch.long, device=device)
+    valid = torch.zeros(b, g, dtype=torch.bool, device=device)
+    crowd = torch.zeros(b, g, dtype=torch.bool, device=device)
+    for i, (t, n) in enumerate(zip(targets, counts)):
+        if n == 0:
+            continue
+        boxes[i, :n] = t["boxes"].to(device=device, dtype=torch.float32)
+        labels[i, :n] = t["labels"].to(device)
+        valid[i, :n] = True
+        if "iscrowd" in t:
+            crowd[i, :n] = t["iscrowd"].to(device).bool()
+    return boxes, labels, valid, crowd
+
+
+def to_image_tensor(image: Any) -> torch.Tensor:
+    """A path, PIL image, `(H, W, 3)` uint8 array or `(3, H, W)` tensor as an RGB tensor."""
+    if isinstance(image, torch.Tensor):
+        return image
+    if isinstance(image, (str, Path)):
+        from PIL import Image, ImageOps
+
+        with Image.open(image) as pil:
+            image = ImageOps.exif_transpose(pil).convert("RGB")
+    if hasattr(image, "convert"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) array, got shape {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    raise TypeError(f"cannot read an image from {type(image).__name__}")

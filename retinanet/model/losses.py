@@ -1,0 +1,128 @@
+"""Focal classification loss and box regression losses, over a whole batch at once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss
+
+from .box_coding import BoxCoder
+from .matching import BACKGROUND, FOREGROUND, Matches
+
+BOX_LOSSES = ("smooth_l1", "l1", "giou")
+NORMALIZATIONS = ("batch", "ema", "per_image")
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
+    """Element-wise focal loss `-alpha_t (1 - p_t)^gamma log(p_t)` (Lin et al. 2017, eq. 5).
+
+    `logits`, `targets` of any equal shape; `targets` in {0, 1}; `alpha < 0` disables the
+    alpha weighting. Returns a tensor of the same shape, in float32 or wider.
+    """
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    targets = targets.to(logits.dtype)
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+def smooth_l1(x: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """Element-wise smooth-L1 (Huber / beta); beta = 0 is plain L1."""
+    diff = (x - target).abs()
+    if beta <= 0:
+        return diff
+    return torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+
+
+class RetinaNetLoss(nn.Module):
+    """Computes `{"loss_cls", "loss_box"}` for a batch of matched anchors.
+
+    Normalisation of both sums:
+      - "batch": by the number of foreground anchors in the whole (global, under DDP) batch,
+      - "ema": by an exponential moving average of that number (detectron2),
+      - "per_image": each image by its own count, then averaged over images (torchvision).
+    Under DDP (`world_size > 1`, counts all-reduced) the losses are scaled so that DDP's
+    gradient averaging yields exactly the single-process gradient of the global batch.
+    """
+
+    def __init__(self, box_coder: BoxCoder, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 box_loss: str = "smooth_l1", smooth_l1_beta: float = 0.1, box_loss_weight: float = 1.0,
+                 normalization: str = "batch", ema_momentum: float = 0.9, ema_initial: float = 100.0):
+        super().__init__()
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"unknown box loss {box_loss!r} (choose from {BOX_LOSSES})")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown loss normalization {normalization!r} (choose from {NORMALIZATIONS})")
+        self.box_coder = box_coder
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.box_loss, self.smooth_l1_beta, self.box_loss_weight = box_loss, smooth_l1_beta, box_loss_weight
+        self.normalization, self.ema_momentum = normalization, ema_momentum
+        self.register_buffer("ema_num_foreground", torch.tensor(float(ema_initial)))
+
+    def forward(self, logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor, matches: Matches,
+                gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            logits: `(B, A, K)` class logits; deltas: `(B, A, 4)`; anchors: `(A, 4)`.
+            matches: from `AnchorMatcher`; gt_boxes `(B, G, 4)`, gt_labels `(B, G)` in [0, K).
+        """
+        fg = matches.labels == FOREGROUND
+        valid = fg | (matches.labels == BACKGROUND)
+        batch_idx = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        matched_labels = gt_labels[batch_idx, matches.gt_index]  # (B, A)
+        targets = torch.zeros_like(logits, dtype=torch.bool)
+        targets[fg, matched_labels[fg]] = True
+        cls = sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma).sum(-1)
+        cls = (cls * valid).sum(-1)  # (B,)
+
+        box = self._box_loss(deltas, anchors, gt_boxes[batch_idx, matches.gt_index], fg)  # (B,)
+        norm = self._normalizer(fg)
+        return {
+            "loss_cls": (cls / norm).sum(),
+            "loss_box": self.box_loss_weight * (box / norm).sum(),
+        }
+
+    def _box_loss(self, deltas, anchors, matched_boxes, fg) -> torch.Tensor:
+        """Sum of the box loss over each image's foreground anchors: `(B,)`."""
+        per_image = torch.zeros(deltas.shape[0], dtype=torch.float32, device=deltas.device)
+        if not fg.any():
+            return per_image + 0.0 * deltas.sum()  # keeps the graph connected (DDP)
+        image_of = fg.nonzero()[:, 0]
+        pred = deltas[fg].float()
+        fg_anchors = anchors.expand(fg.shape[0], -1, -1)[fg]
+        if self.box_loss == "giou":
+            loss = generalized_box_iou_loss(self.box_coder.decode(pred, fg_anchors), matched_boxes[fg], reduction="none")
+        else:
+            target = self.box_coder.encode(matched_boxes[fg], fg_anchors)
+            beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
+            loss = smooth_l1(pred, target, beta).sum(-1)
+        return per_image.index_add(0, image_of, loss)
+
+    def _normalizer(self, fg: torch.Tensor) -> torch.Tensor:
+        """Per-image divisors `(B,)` such that summing `loss / divisor` over images is the loss."""
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        per_image = fg.sum(-1).float()
+        if self.normalization == "per_image":
+            return per_image.clamp(min=1) * fg.shape[0]
+        total = per_image.sum()
+        if world > 1:
+            total = total.clone()
+            torch.distributed.all_reduce(total)
+        if self.normalization == "batch":
+            divisor = total.clamp(min=1) / world
+        else:
+            if self.training:
+                m = self.ema_momentum
+                self.ema_num_foreground.mul_(m).add_((1 - m) * total.clamp(min=1) / world)
+            divisor = self.ema_num_foreground.clone()
+        return divisor.expand(fg.shape[0])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -1,0 +1,84 @@
+"""Turning head outputs into detections, batched over images and levels."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms
+
+from .box_coding import BoxCoder
+
+
+class PostProcessor:
+    """Sigmoid scores -> per level top-k over a threshold -> decode -> clip -> class-aware
+    NMS -> best `detections_per_image` -> drop empty boxes.
+
+    All images are processed together: one top-k per level for the whole batch and one
+    NMS call, with boxes of different images never suppressing each other.
+    """
+
+    def __init__(self, box_coder: BoxCoder, score_threshold: float = 0.05, topk_candidates: int = 1000,
+                 nms_threshold: float = 0.5, detections_per_image: int = 100, clip_boxes: bool = True,
+                 min_box_size: float = 0.0):
+        self.box_coder = box_coder
+        self.score_threshold = score_threshold
+        self.topk_candidates = topk_candidates
+        self.nms_threshold = nms_threshold
+        self.detections_per_image = detections_per_image
+        self.clip_boxes = clip_boxes
+        self.min_box_size = min_box_size
+
+    def __call__(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
+                 image_sizes: list[tuple[int, int]], score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+        """
+        Args:
+            logits: per level `(B, A_l, K)`; deltas: per level `(B, A_l, 4)`; anchors: per level `(A_l, 4)`.
+            image_sizes: `(h, w)` of each image before padding, for clipping.
+        Returns:
+            per image `{"boxes": (D, 4), "scores": (D,), "labels": (D,)}`, best first.
+        """
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        batch = logits[0].shape[0]
+        device = logits[0].device
+        boxes, scores, labels = [], [], []
+        for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
+            num_classes = level_logits.shape[-1]
+            flat = level_logits.reshape(batch, -1)
+            k = min(self.topk_candidates, flat.shape[1])
+            top_logits, top_idx = flat.topk(k, dim=1)  # sigmoid is monotonic: select on logits
+            anchor_idx = top_idx // num_classes
+            picked = torch.gather(level_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
+            boxes.append(self.box_coder.decode(picked.float(), level_anchors[anchor_idx]))
+            scores.append(torch.sigmoid(top_logits.float()))
+            labels.append(top_idx % num_classes)
+        boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)  # (B, C, ...)
+
+        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) as (h, w)
+        if self.clip_boxes:
+            limit = sizes.flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4) as (w, h, w, h)
+            boxes = torch.minimum(boxes.clamp(min=0), limit)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        keep = (scores > threshold) & (wh > self.min_box_size).all(-1)
+        image_idx = torch.arange(batch, device=device)[:, None].expand_as(scores)[keep]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+
+        num_classes = logits[0].shape[-1]
+        kept = batched_nms(boxes, scores, image_idx * num_classes + labels, self.nms_threshold)
+        kept = _first_n_per_group(kept, image_idx[kept], self.detections_per_image, batch)
+        results = []
+        for i in range(batch):
+            idx = kept[image_idx[kept] == i]
+            results.append({"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]})
+        return results
+
+
+def _first_n_per_group(order: torch.Tensor, group: torch.Tensor, n: int, num_groups: int) -> torch.Tensor:
+    """Keep the first `n` entries of `order` for each group value, preserving order."""
+    if order.numel() == 0:
+        return order
+    sorted_group, perm = torch.sort(group, stable=True)
+    counts = torch.bincount(sorted_group, minlength=num_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=order.device) - starts[sorted_group]
+    selected = torch.zeros_like(group, dtype=torch.bool)
+    selected[perm[rank < n]] = True
+    return order[selected]

@@ -1,0 +1,103 @@
+"""Images in, the network's input batch out: normalise, resize, pad; and boxes back out."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ImageBatch:
+    """`tensor (B, 3, H, W)` padded; `image_sizes` `(h, w)` after resizing, before padding;
+    `original_sizes` `(h, w)` as given."""
+
+    tensor: torch.Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+
+
+class Preprocessor:
+    """Normalises, resizes (short side to `min_size`, long side at most `max_size`) and pads
+    images to a multiple of `size_divisibility`, scaling target boxes alike.
+
+    Input images are RGB `(3, H, W)` tensors, uint8 in [0, 255] or float in [0, 1].
+    `pixel_mean`/`pixel_std` are in the `pixel_scale` range (1.0 or 255.0) and in
+    `channel_order`.
+    """
+
+    def __init__(self, train_min_sizes: list[int], test_min_size: int, max_size: int,
+                 pixel_mean: list[float], pixel_std: list[float], pixel_scale: float = 1.0,
+                 channel_order: str = "RGB", size_divisibility: int = 32, resize: bool = True):
+        if channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
+        self.train_min_sizes = list(train_min_sizes)
+        self.test_min_size = test_min_size
+        self.max_size = max_size
+        self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
+        self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
+        self.pixel_scale = pixel_scale
+        self.bgr = channel_order == "BGR"
+        self.size_divisibility = size_divisibility
+        self.resize = resize
+
+    def __call__(self, images: list[torch.Tensor], targets: list[dict] | None = None,
+                 training: bool = False) -> tuple[ImageBatch, list[dict] | None]:
+        out_images, out_targets, sizes, originals = [], [], [], []
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i}: expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+            originals.append((int(image.shape[-2]), int(image.shape[-1])))
+            image = self.normalize(image)
+            if self.resize:
+                min_size = random.choice(self.train_min_sizes) if training else self.test_min_size
+                image = self.resize_image(image, min_size)
+            new_size = (int(image.shape[-2]), int(image.shape[-1]))
+            if targets is not None:
+                target = dict(targets[i])
+                target["boxes"] = scale_boxes(target["boxes"], originals[-1], new_size)
+                out_targets.append(target)
+            out_images.append(image)
+            sizes.append(new_size)
+        batch = ImageBatch(self.pad(out_images), sizes, originals)
+        return batch, (out_targets if targets is not None else None)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype == torch.uint8:
+            image = image.float() if self.pixel_scale == 255.0 else image.float() * (self.pixel_scale / 255.0)
+        elif self.pixel_scale != 1.0:
+            image = image.float() * self.pixel_scale
+        if self.bgr:
+            image = image.flip(0)
+        mean = self.pixel_mean.to(image.device)
+        std = self.pixel_std.to(image.device)
+        return (image - mean) / std
+
+    def resize_image(self, image: torch.Tensor, min_size: int) -> torch.Tensor:
+        """Bilinear resize by one scale factor (computed in float32 like torchvision)."""
+        shape = torch.tensor(image.shape[-2:], dtype=torch.float32)
+        scale = torch.minimum(min_size / shape.min(), self.max_size / shape.max()).item()
+        return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
+                             recompute_scale_factor=True, align_corners=False)[0]
+
+    def pad(self, images: list[torch.Tensor]) -> torch.Tensor:
+        d = self.size_divisibility
+        h = max(im.shape[-2] for im in images)
+        w = max(im.shape[-1] for im in images)
+        if d > 1:
+            h, w = int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
+        batch = images[0].new_zeros((len(images), 3, h, w))
+        for out, im in zip(batch, images):
+            out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return batch
+
+
+def scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
+    """Scale `(N, 4)` xyxy boxes from an image of `from_size (h, w)` to one of `to_size`."""
+    ratio_h = torch.tensor(to_size[0], dtype=torch.float32) / torch.tensor(from_size[0], dtype=torch.float32)
+    ratio_w = torch.tensor(to_size[1], dtype=torch.float32) / torch.tensor(from_size[1], dtype=torch.float32)
+    ratios = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes.device)
+    return boxes * ratios
