@@ -39,7 +39,8 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
                          lc.box_loss_weight, lc.normalization, lc.ema_momentum, lc.ema_initial)
     n = cfg.inference
     postprocessor = PostProcessor(box_coder, n.score_threshold, n.topk_candidates, n.nms_threshold,
-                                  n.detections_per_image, n.clip_boxes, n.min_box_size)
+                                  n.detections_per_image, n.clip_boxes, n.min_box_size, n.candidates,
+                                  n.nms_pre_per_class)
     model = RetinaNet(backbone, fpn, head, anchor_generator, preprocessor, matcher, loss, postprocessor,
                       cfg.class_names)
     model.config = cfg

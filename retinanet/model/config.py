@@ -84,6 +84,8 @@ class LossConfig:
 class InferenceConfig:
     score_threshold: float = 0.05
     topk_candidates: int = 1000  # per level
+    candidates: str = "per_class"  # top-k over (anchor, class) pairs | "per_anchor": by max class score (Paddle)
+    nms_pre_per_class: int = 0  # > 0: at most this many boxes per class enter NMS (PaddleDetection: 1000)
     nms_threshold: float = 0.5
     detections_per_image: int = 100
     clip_boxes: bool = True
@@ -109,6 +111,7 @@ class InputConfig:
 class ModelConfig:
     num_classes: int = 80
     class_names: list[str] = field(default_factory=list)
+    category_ids: list[int] = field(default_factory=list)  # dataset category id per label, if not the label
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
     head: HeadConfig = field(default_factory=HeadConfig)

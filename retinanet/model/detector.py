@@ -81,15 +81,20 @@ class RetinaNet(nn.Module):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
         batch, targets = self.preprocessor(images, targets, training=self.training)
-        x = batch.tensor
+        logits, deltas, anchors = self.run_network(batch.tensor)
+        if self.training:
+            return self.forward_training(logits, deltas, anchors, targets)
+        return self.forward_inference(logits, deltas, anchors, batch)
+
+    def run_network(self, x: torch.Tensor):
+        """Backbone, FPN and head on the padded batch `x (B, 3, H, W)`: per-level class logits
+        `(B, A_l, K)`, box deltas `(B, A_l, 4)` and anchors `(A_l, 4)`."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(x))
         logits, deltas = self.head(features)
         anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in features], tuple(x.shape[-2:]), x.device)
-        if self.training:
-            return self.forward_training(logits, deltas, anchors, targets)
-        return self.forward_inference(logits, deltas, anchors, batch)
+        return logits, deltas, anchors
 
     def forward_training(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
                          targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -125,10 +130,7 @@ class RetinaNet(nn.Module):
             for start in range(0, len(items), batch_size):
                 tensors = [to_image_tensor(item).to(device) for item in items[start : start + batch_size]]
                 batch, _ = self.preprocessor(tensors)
-                x = batch.tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensor
-                features = self.fpn(self.backbone(x))
-                logits, deltas = self.head(features)
-                anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in features], tuple(x.shape[-2:]), x.device)
+                logits, deltas, anchors = self.run_network(batch.tensor)
                 for det in self.forward_inference(logits, deltas, anchors, batch, score_threshold):
                     det = {k: v.cpu() for k, v in det.items()}
                     det["class_names"] = [self.class_names[i] for i in det["labels"].tolist()]
@@ -169,7 +171,7 @@ def to_image_tensor(image: Any) -> torch.Tensor:
         with Image.open(image) as pil:
             image = ImageOps.exif_transpose(pil).convert("RGB")
     if hasattr(image, "convert"):  # PIL
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)

@@ -14,11 +14,20 @@ class PostProcessor:
 
     All images are processed together: one top-k per level for the whole batch and one
     NMS call, with boxes of different images never suppressing each other.
+
+    `candidates="per_class"` takes the top-k (anchor, class) pairs of a level (torchvision,
+    detectron2); `"per_anchor"` the top-k anchors by their best class score, with all their
+    classes (PaddleDetection). `nms_pre_per_class > 0` lets at most that many boxes of a class
+    into NMS (PaddleDetection's `nms_top_k`).
     """
 
     def __init__(self, box_coder: BoxCoder, score_threshold: float = 0.05, topk_candidates: int = 1000,
                  nms_threshold: float = 0.5, detections_per_image: int = 100, clip_boxes: bool = True,
-                 min_box_size: float = 0.0):
+                 min_box_size: float = 0.0, candidates: str = "per_class", nms_pre_per_class: int = 0):
+        if candidates not in ("per_class", "per_anchor"):
+            raise ValueError(f"candidates must be 'per_class' or 'per_anchor', got {candidates!r}")
+        self.candidates = candidates
+        self.nms_pre_per_class = nms_pre_per_class
         self.box_coder = box_coder
         self.score_threshold = score_threshold
         self.topk_candidates = topk_candidates
@@ -41,15 +50,11 @@ class PostProcessor:
         device = logits[0].device
         boxes, scores, labels = [], [], []
         for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
-            num_classes = level_logits.shape[-1]
-            flat = level_logits.reshape(batch, -1)
-            k = min(self.topk_candidates, flat.shape[1])
-            top_logits, top_idx = flat.topk(k, dim=1)  # sigmoid is monotonic: select on logits
-            anchor_idx = top_idx // num_classes
+            top_logits, anchor_idx, label = self._level_candidates(level_logits)
             picked = torch.gather(level_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
             boxes.append(self.box_coder.decode(picked.float(), level_anchors[anchor_idx]))
             scores.append(torch.sigmoid(top_logits.float()))
-            labels.append(top_idx % num_classes)
+            labels.append(label)
         boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)  # (B, C, ...)
 
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) as (h, w)
@@ -62,13 +67,35 @@ class PostProcessor:
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
 
         num_classes = logits[0].shape[-1]
-        kept = batched_nms(boxes, scores, image_idx * num_classes + labels, self.nms_threshold)
+        groups = image_idx * num_classes + labels
+        if self.nms_pre_per_class > 0:
+            best_first = scores.argsort(descending=True, stable=True)
+            best_first = _first_n_per_group(best_first, groups[best_first], self.nms_pre_per_class,
+                                            batch * num_classes)
+            boxes, scores, labels, image_idx, groups = (t[best_first] for t in (boxes, scores, labels, image_idx, groups))
+        kept = batched_nms(boxes, scores, groups, self.nms_threshold)
         kept = _first_n_per_group(kept, image_idx[kept], self.detections_per_image, batch)
         results = []
         for i in range(batch):
             idx = kept[image_idx[kept] == i]
             results.append({"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]})
         return results
+
+
+    def _level_candidates(self, level_logits: torch.Tensor):
+        """Top candidates of one level `(B, A_l, K)`: logits, anchor index and label, each `(B, C)`."""
+        batch, num_anchors, num_classes = level_logits.shape
+        if self.candidates == "per_anchor":
+            k = min(self.topk_candidates, num_anchors)
+            anchor_idx = level_logits.max(-1).values.topk(k, dim=1).indices  # (B, k)
+            top_logits = torch.gather(level_logits, 1, anchor_idx[..., None].expand(-1, -1, num_classes))
+            labels = torch.arange(num_classes, device=level_logits.device).expand(batch, k, num_classes)
+            anchor_idx = anchor_idx[..., None].expand(-1, -1, num_classes)
+            return top_logits.reshape(batch, -1), anchor_idx.reshape(batch, -1), labels.reshape(batch, -1)
+        flat = level_logits.reshape(batch, -1)
+        k = min(self.topk_candidates, flat.shape[1])
+        top_logits, top_idx = flat.topk(k, dim=1)  # sigmoid is monotonic: select on logits
+        return top_logits, top_idx // num_classes, top_idx % num_classes
 
 
 def _first_n_per_group(order: torch.Tensor, group: torch.Tensor, n: int, num_groups: int) -> torch.Tensor:

@@ -1,0 +1,53 @@
+"""Decoding images into RGB uint8 tensors, with errors that name the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageReadError(OSError):
+    """An image could not be read; `str()` is one line naming the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as an RGB `(3, H, W)` uint8 tensor.
+
+    EXIF orientation is applied; grayscale, palette, RGBA, CMYK and 16-bit images become
+    8-bit RGB. A missing, truncated or non-image file raises `ImageReadError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode fully now: a truncated file fails here, not later
+            image = ImageOps.exif_transpose(image)
+            array = to_rgb_array(image)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(path, f"damaged or truncated image ({err})") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL mode as an `(H, W, 3)` uint8 array."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+    return np.array(image, dtype=np.uint8)

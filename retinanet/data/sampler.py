@@ -1,0 +1,61 @@
+"""Deterministic, resumable, distributed batch sampling for training."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class TrainBatchSampler(Sampler):
+    """An endless stream of batches of `(index, flip)` for one process.
+
+    The global batch order depends only on `seed`: every process draws the same global
+    batches (shuffled each epoch, grouped by aspect ratio so that a batch is all landscape
+    or all portrait) and takes its own contiguous slice. So N processes see together
+    exactly what one process with the global batch sees, and `start_batch` resumes the
+    stream at any point without loading an image.
+
+    Args:
+        aspect_ratios: width / height per dataset item.
+        batch_size: the global batch; divisible by `world_size`.
+        flip_prob: probability of a horizontal flip per sample.
+    """
+
+    def __init__(self, aspect_ratios: list[float], batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, grouping: bool = True, flip_prob: float = 0.0, start_batch: int = 0):
+        if batch_size % world_size:
+            raise ValueError(f"global batch {batch_size} is not divisible by {world_size} processes")
+        if not aspect_ratios:
+            raise ValueError("cannot sample from an empty dataset")
+        self.groups = [int(r >= 1.0) if grouping else 0 for r in aspect_ratios]
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.flip_prob = flip_prob
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        per_rank = self.batch_size // self.world_size
+        lo = self.rank * per_rank
+        for i, batch in enumerate(self.global_batches()):
+            if i >= self.start_batch:
+                yield batch[lo : lo + per_rank]
+
+    def global_batches(self) -> Iterator[list[tuple[int, bool]]]:
+        buffers: dict[int, list[tuple[int, bool]]] = {}
+        epoch = 0
+        while True:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            order = torch.randperm(len(self.groups), generator=generator).tolist()
+            flips = (torch.rand(len(order), generator=generator) < self.flip_prob).tolist()
+            for index, flip in zip(order, flips):
+                buffer = buffers.setdefault(self.groups[index], [])
+                buffer.append((index, flip))
+                if len(buffer) == self.batch_size:
+                    yield list(buffer)
+                    buffer.clear()
+            epoch += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for progress estimates
+        return 2**62

@@ -1,0 +1,142 @@
+"""COCO evaluation: run the detector over a dataset and score it with pycocotools."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+
+from ..data.coco import CocoDetection, collate
+from . import distributed
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+@torch.inference_mode()
+def predict_dataset(model, dataset: CocoDetection, batch_size: int = 8, num_workers: int = 0,
+                    max_images: int = 0, amp_dtype: torch.dtype | None = None) -> tuple[list[dict], list[str]]:
+    """Detections for this process's share of `dataset` in COCO results format
+    (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images."""
+    rank = torch.distributed.get_rank() if distributed.is_distributed() else 0
+    world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
+    count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    indices = list(range(rank, count, world))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results, skipped = [], []
+    for images, targets, bad in loader:
+        skipped.extend(bad)
+        if not images:
+            continue
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            outputs = model([im.to(device, non_blocking=True) for im in images])
+        for target, output in zip(targets, outputs):
+            results.extend(to_coco_results(output, target["image_id"], dataset.category_ids))
+    model.train(was_training)
+    return results, skipped
+
+
+def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
+    boxes = output["boxes"].float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = output["scores"].float().cpu().tolist()
+    labels = output["labels"].cpu().tolist()
+    return [
+        {"image_id": image_id, "category_id": category_ids[label], "bbox": [round(v, 3) for v in box],
+         "score": round(score, 5)}
+        for box, score, label in zip(xywh, scores, labels)
+    ]
+
+
+def coco_metrics(gt: COCO, results: list[dict], image_ids: list[int] | None = None,
+                 class_names: list[str] | None = None, verbose: bool = True) -> dict:
+    """COCO box metrics: the 12 summary numbers (fractions in [0, 1]) and per-class AP."""
+    if not results:
+        log.warning("no detections: every metric is 0")
+        metrics = {k: 0.0 for k in SUMMARY_KEYS}
+        metrics["per_class_AP"] = {name: 0.0 for name in (class_names or [])}
+        return metrics
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(results)
+    evaluator = COCOeval(gt, dt, "bbox")
+    if image_ids is not None:
+        evaluator.params.imgIds = sorted(image_ids)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    if verbose:
+        print(out.getvalue().rstrip())
+    metrics = {k: float(v) for k, v in zip(SUMMARY_KEYS, evaluator.stats)}
+    precision = evaluator.eval["precision"]  # (iou, recall, class, area, max dets)
+    cat_ids = evaluator.params.catIds
+    names = class_names or [gt.cats[c].get("name", str(c)) for c in cat_ids]
+    per_class = {}
+    for k, name in enumerate(names[: len(cat_ids)]):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[name] = float(p.mean()) if p.size else None  # no ground truth of this class
+    metrics["per_class_AP"] = per_class
+    return metrics
+
+
+def load_coco_ground_truth(path: str | Path) -> COCO:
+    """pycocotools' COCO for `path`, with the `iscrowd`/`area` fields it needs filled in."""
+    data = json.loads(Path(path).read_text())
+    for ann in data.get("annotations", []):
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann and isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+    gt = COCO()
+    gt.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str:
+    cells = [f"{name[:20]:<20} {100 * ap:6.2f}" if ap is not None else f"{name[:20]:<20} {'n/a':>6}"
+             for name, ap in per_class.items()]
+    header = " | ".join([f"{'category':<20} {'AP':>6}"] * min(columns, len(cells)))
+    rows = [" | ".join(cells[i : i + columns]) for i in range(0, len(cells), columns)]
+    return "\n".join([header, "-" * len(header)] + rows)
+
+
+def evaluate(model, dataset: CocoDetection, output_dir: str | Path | None = None, batch_size: int = 8,
+             num_workers: int = 0, max_images: int = 0, verbose: bool = True) -> dict | None:
+    """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
+    `metrics.json` and `detections.json` into `output_dir`. Other ranks get None."""
+    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images)
+    gathered = distributed.all_gather_objects((results, skipped))
+    if distributed.is_distributed() and torch.distributed.get_rank() != 0:
+        return None
+    results = [r for part, _ in gathered for r in part]
+    skipped = [s for _, part in gathered for s in part]
+    count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    image_ids = [dataset.records[i].image_id for i in range(count)]
+    gt = load_coco_ground_truth(dataset.annotation_file)
+    metrics = coco_metrics(gt, results, image_ids, dataset.class_names, verbose)
+    metrics["num_images"] = count - len(skipped)
+    metrics["skipped_images"] = skipped
+    if verbose:
+        print(format_per_class_table(metrics["per_class_AP"]))
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (output_dir / "detections.json").write_text(json.dumps(results))
+    return metrics

@@ -1,0 +1,55 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retinanet.config import Config, apply_overrides, load_config
+from retinanet.data.synthetic import generate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def photo_path(tmp_path_factory) -> Path:
+    """A real photograph (scikit-image's 'coffee', shipped in the package) as a JPEG."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photograph")
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("photo") / "coffee.jpg"
+    Image.fromarray(skimage_data.coffee()).save(path, quality=95)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> dict:
+    """A small generated COCO dataset (128 px images)."""
+    root = tmp_path_factory.mktemp("shapes")
+    return generate_dataset(root, num_train=24, num_val=8, image_size=128, seed=3, max_objects=4, min_size=16,
+                            max_size=80)
+
+
+def tiny_config(data: dict, output_dir: Path, **overrides) -> Config:
+    """A fast configuration for tests: small ResNet-18 RetinaNet at 128 px."""
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    items = [f"data.{k}={v}" for k, v in data.items()] + [
+        f"output_dir={output_dir}",
+        "model.input.train_min_sizes=[128]", "model.input.test_min_size=128", "model.input.max_size=128",
+        "model.fpn.out_channels=32", "model.head.num_convs=1",
+        "train.max_minutes=0", "train.max_iter=4", "train.batch_size=4", "train.reference_batch_size=4",
+        "train.warmup_iters=2", "train.log_period=1", "train.checkpoint_period=1000", "train.ema_decay=0",
+        "eval.batch_size=4",
+    ] + [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    return apply_overrides(cfg, items)
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from retinanet.model.backbone import ResNetBackbone
+from retinanet.model.fpn import FPN
+from retinanet.model.head import RetinaNetHead
+
+
+def test_frozen_bn_equals_batchnorm_in_eval_mode():
+    bn = nn.BatchNorm2d(8)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-1, 1)
+    frozen = FrozenBatchNorm2d(8)
+    frozen.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"})
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.allclose(bn.eval()(x), frozen(x), atol=1e-5)
+    frozen.train()
+    assert torch.allclose(bn(x), frozen(x), atol=1e-5)  # training mode changes nothing
+
+
+@pytest.mark.parametrize("depth,channels", [(18, [128, 256, 512]), (50, [512, 1024, 2048])])
+def test_backbone_outputs_c3_c5(depth, channels):
+    bb = ResNetBackbone(depth)
+    c3, c4, c5 = bb(torch.zeros(1, 3, 64, 96))
+    assert bb.out_channels == channels
+    assert [t.shape[1] for t in (c3, c4, c5)] == channels
+    assert [t.shape[-2:] for t in (c3, c4, c5)] == [(8, 12), (4, 6), (2, 3)]
+    assert all(isinstance(m, FrozenBatchNorm2d) for m in bb.modules() if "BatchNorm" in type(m).__name__)
+
+
+def test_freeze_at_two_freezes_stem_and_res2_only():
+    bb = ResNetBackbone(18, freeze_at=2)
+    frozen = {n.split(".")[0] for n, p in bb.named_parameters() if not p.requires_grad}
+    trainable = {n.split(".")[0] for n, p in bb.named_parameters() if p.requires_grad}
+    assert frozen == {"conv1", "layer1"} and trainable == {"layer2", "layer3", "layer4"}
+
+
+def test_trainable_bn_in_frozen_stage_keeps_its_statistics():
+    bb = ResNetBackbone(18, norm="bn", freeze_at=2)
+    bb.train()
+    before = bb.layer1[0].bn1.running_mean.clone()
+    bb(torch.randn(2, 3, 64, 64))
+    assert torch.equal(bb.layer1[0].bn1.running_mean, before)
+    assert not bb.layer1[0].bn1.training and bb.layer2[0].bn1.training
+
+
+def test_stride_in_1x1_moves_the_stride_but_keeps_shapes():
+    bb = ResNetBackbone(50, stride_in_1x1=True)
+    assert bb.layer2[0].conv1.stride == (2, 2) and bb.layer2[0].conv2.stride == (1, 1)
+    assert [t.shape[-1] for t in bb(torch.zeros(1, 3, 64, 64))] == [8, 4, 2]
+    with pytest.raises(ValueError):
+        ResNetBackbone(18, stride_in_1x1=True)
+
+
+def test_fpn_levels_and_p6_source():
+    feats = [torch.randn(1, 128, 16, 16), torch.randn(1, 256, 8, 8), torch.randn(1, 512, 4, 4)]
+    for source, p6_in in (("c5", 512), ("p5", 64)):
+        fpn = FPN([128, 256, 512], 64, source)
+        assert fpn.p6.in_channels == p6_in
+        outs = fpn(feats)
+        assert [o.shape[-1] for o in outs] == [16, 8, 4, 2, 1] and all(o.shape[1] == 64 for o in outs)
+
+
+def test_fpn_top_down_reaches_p3():
+    fpn = FPN([8, 8, 8], 8)
+    feats = [torch.zeros(1, 8, 8, 8), torch.zeros(1, 8, 4, 4), torch.randn(1, 8, 2, 2)]
+    baseline = fpn([torch.zeros(1, 8, 8, 8), torch.zeros(1, 8, 4, 4), torch.zeros(1, 8, 2, 2)])[0]
+    assert not torch.allclose(fpn(feats)[0], baseline)  # C5 changes P3 through the top-down path
+
+
+def test_head_prior_bias_and_output_layout():
+    head = RetinaNetHead(16, num_anchors=9, num_classes=4, num_convs=2)
+    assert torch.allclose(head.cls_score.bias, torch.full((36,), -math.log(99.0)))
+    logits, deltas = head([torch.randn(2, 16, 3, 5), torch.randn(2, 16, 2, 3)])
+    assert [l.shape for l in logits] == [(2, 135, 4), (2, 54, 4)]
+    assert [d.shape for d in deltas] == [(2, 135, 4), (2, 54, 4)]
+    # initial probabilities are ~0.01 everywhere
+    assert abs(torch.sigmoid(logits[0]).mean().item() - 0.01) < 0.005
+
+
+def test_head_layout_is_location_major_anchor_minor():
+    head = RetinaNetHead(4, num_anchors=2, num_classes=3, num_convs=0)
+    nn.init.zeros_(head.cls_score.weight)
+    with torch.no_grad():
+        head.cls_score.bias.copy_(torch.arange(6.0))  # channel = anchor * K + class
+    logits, _ = head([torch.zeros(1, 4, 1, 2)])
+    assert logits[0][0].tolist() == [[0, 1, 2], [3, 4, 5], [0, 1, 2], [3, 4, 5]]
+
+
+def test_group_norm_head_has_no_conv_bias():
+    head = RetinaNetHead(32, 9, 3, norm="gn")
+    convs = [m for m in head.cls_subnet if isinstance(m, nn.Conv2d)]
+    assert all(c.bias is None for c in convs) and any(isinstance(m, nn.GroupNorm) for m in head.cls_subnet)

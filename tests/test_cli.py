@@ -1,0 +1,72 @@
+"""The command line as a user meets it: convert torchvision weights, predict on a photo."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.models.detection import retinanet_resnet50_fpn
+
+from retinanet.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tv")
+    torch.manual_seed(0)
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+    with torch.no_grad():
+        tv.head.classification_head.cls_logits.bias.fill_(-1.0)
+    torch.save(tv.state_dict(), folder / "tv.pth")
+    assert cli(["convert", "--from", "torchvision", str(folder / "tv.pth"), str(folder / "ours.pt")]) == 0
+    return folder / "ours.pt"
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "retinanet.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("train", "eval", "predict", "convert", "demo", "check-data"):
+        assert command in out.stdout
+    out = subprocess.run([sys.executable, "-m", "retinanet.cli", "convert", "--help"], capture_output=True, text=True)
+    assert all(s in out.stdout for s in ("torchvision", "detectron2", "paddle", "--trust"))
+
+
+def test_predict_on_a_photo_writes_json_and_drawing(converted, photo_path, tmp_path, capsys):
+    code = cli(["predict", "--weights", str(converted), str(photo_path), "--output-dir", str(tmp_path),
+                "--score-threshold", "0.2"])
+    assert code == 0
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(preds) > 0
+    assert all(p["score"] > 0.2 and p["file_name"] == str(photo_path) for p in preds)
+    # torchvision's 91 outputs are indexed by COCO category id
+    assert all(0 <= p["category_id"] <= 90 for p in preds)
+    x, y, w, h = preds[0]["bbox"]
+    assert 0 <= x and 0 <= y and x + w <= 600.01 and y + h <= 400.01  # original image pixels (600x400)
+    assert (tmp_path / "coffee.jpg").stat().st_size > 10_000
+
+
+def test_bad_files_get_one_line_each_and_the_rest_is_processed(converted, photo_path, tmp_path, capsys):
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("this is text")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(photo_path.read_bytes()[:3000])
+    missing = tmp_path / "missing.jpg"
+    out_dir = tmp_path / "out"
+    code = cli(["predict", "--weights", str(converted), str(missing), str(not_image), str(photo_path),
+                str(truncated), "--output-dir", str(out_dir), "--no-draw"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 3
+    assert f"{missing}: file not found" in err[0]
+    assert f"{not_image}: not an image" in err[1]
+    assert f"{truncated}: damaged or truncated" in err[2]
+    preds = json.loads((out_dir / "predictions.json").read_text())
+    assert preds and {p["file_name"] for p in preds} == {str(photo_path)}
+
+
+def test_predict_with_a_non_checkpoint_is_one_clear_error(tmp_path, capsys, photo_path):
+    (tmp_path / "x.pt").write_text("garbage")
+    assert cli(["predict", "--weights", str(tmp_path / "x.pt"), str(photo_path), "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "x.pt" in err and "Traceback" not in err

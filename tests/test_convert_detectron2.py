@@ -1,0 +1,139 @@
+"""detectron2 weights: detectron2 is not on PyPI, so its key layout is produced here by renaming
+a torchvision-built model's weights, pickled the way its model zoo ships them."""
+
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from retinanet.convert import convert_file
+from retinanet.convert.common import ConversionError
+from retinanet.model.detector import RetinaNet
+from retinanet.model.fpn import FPN
+from retinanet.model.head import RetinaNetHead
+
+D2_STAGES = {"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}
+
+
+def to_detectron2_names(backbone_state, fpn_state, head_state):
+    """An independent forward mapping: torchvision ResNet / FPN / head names -> detectron2's."""
+    out = {}
+    for key, value in backbone_state.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        if key.startswith("conv1."):
+            out["backbone.bottom_up.stem.conv1." + key[6:]] = value
+        elif key.startswith("bn1."):
+            out["backbone.bottom_up.stem.conv1.norm." + key[4:]] = value
+        else:
+            layer, block, name, param = re.match(r"(layer\d)\.(\d+)\.(.+)\.(\w+)$", key).groups()
+            name = {"downsample.0": "shortcut", "downsample.1": "shortcut.norm"}.get(
+                name, re.sub(r"^bn(\d)$", r"conv\1.norm", name))
+            out[f"backbone.bottom_up.{D2_STAGES[layer]}.{block}.{name}.{param}"] = value
+    for key, value in fpn_state.items():
+        m = re.match(r"(lateral|output)_convs\.(\d)\.(\w+)$", key)
+        if m:
+            out[f"backbone.fpn_{m.group(1)}{int(m.group(2)) + 3}.{m.group(3)}"] = value
+        else:
+            out["backbone.top_block." + key] = value
+    out.update({"head." + k: v for k, v in head_state.items()})
+    return out
+
+
+@pytest.fixture
+def d2_pickle(tmp_path):
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50(weights=None)
+    for m in resnet.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    fpn = FPN([512, 1024, 2048], 256, "c5")
+    head = RetinaNetHead(256, 9, 80)
+    state = to_detectron2_names(resnet.state_dict(), fpn.state_dict(), head.state_dict())
+    state["pixel_mean"] = torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
+    state["pixel_std"] = torch.tensor([1.0, 1.0, 1.0]).view(3, 1, 1)
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "Detectron2 Model Zoo"}, f)
+    return path, state
+
+
+def test_every_key_consumed_and_every_parameter_filled(d2_pickle, tmp_path):
+    path, source = d2_pickle
+    config = convert_file("detectron2", path, tmp_path / "ours.pt")
+    assert config.backbone.stride_in_1x1 and config.input.channel_order == "BGR"
+    assert config.input.pixel_scale == 255.0 and config.loss.normalization == "ema"
+    assert config.fpn.p6_source == "c5" and config.class_names[0] == "person" and config.category_ids[-1] == 90
+    model = RetinaNet.from_checkpoint(tmp_path / "ours.pt")
+    ours = model.state_dict()
+    consumed = {}
+    for key, value in source.items():
+        if key in ("pixel_mean", "pixel_std") or key.endswith("num_batches_tracked"):
+            continue
+        matches = [k for k, v in ours.items() if v.shape == value.shape and torch.equal(v, value.float())]
+        assert matches, f"{key} did not arrive"
+        consumed[key] = matches
+    params = {n for n, _ in model.named_parameters()}
+    filled = {k for ks in consumed.values() for k in ks}
+    assert params <= filled | {n for n in params if n.startswith("loss.")}
+    assert model.backbone.layer2[0].conv1.stride == (2, 2)  # MSRA: stride on the 1x1
+
+
+def test_unknown_keys_are_an_error(d2_pickle, tmp_path):
+    path, source = d2_pickle
+    state = {k: v.numpy() for k, v in source.items()}
+    state["head.extra_conv.weight"] = np.zeros(3, dtype=np.float32)
+    with open(path, "wb") as f:
+        pickle.dump({"model": state}, f)
+    with pytest.raises(ConversionError, match="does not use"):
+        convert_file("detectron2", path, tmp_path / "x.pt")
+
+
+def test_two_stage_detector_is_refused(tmp_path):
+    path = tmp_path / "faster.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"backbone.bottom_up.stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32),
+                               "roi_heads.box_predictor.cls_score.weight": np.zeros((81, 1024), np.float32)}}, f)
+    with pytest.raises(ConversionError, match="two-stage"):
+        convert_file("detectron2", path, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_fewer_classes_keep_backbone_and_fpn(d2_pickle, tmp_path):
+    path, source = d2_pickle
+    config = convert_file("detectron2", path, tmp_path / "ours.pt", num_classes=3)
+    model = RetinaNet.from_checkpoint(tmp_path / "ours.pt")
+    assert config.num_classes == 3 and model.head.cls_score.out_channels == 27
+    assert torch.equal(model.fpn.p6.weight, source["backbone.top_block.p6.weight"])
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (eval, ("__import__('pathlib').Path('PWNED').write_text('x')",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"x": _Exploit()}}, f)
+    with pytest.raises(ConversionError, match="refused to load builtins.eval.*--trust"):
+        convert_file("detectron2", path, tmp_path / "x.pt")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_bgr_255_preprocessing():
+    from retinanet.model.preprocess import Preprocessor
+
+    pre = Preprocessor([8], 8, 8, [103.53, 116.28, 123.675], [1.0, 1.0, 1.0], pixel_scale=255.0,
+                       channel_order="BGR", size_divisibility=1, resize=False)
+    image = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
+    batch, _ = pre([image])
+    expected = image.flip(0).float() - torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
+    assert torch.allclose(batch.tensor[0], expected)
+    batch, _ = pre([image.float() / 255])
+    assert torch.allclose(batch.tensor[0], expected, atol=1e-4)

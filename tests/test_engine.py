@@ -1,0 +1,178 @@
+"""Training, evaluation and prediction end to end on small generated data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinanet.cli import main as cli
+from retinanet.engine import train as train_module
+from retinanet.engine.train import Trainer, lr_factor, scaled_schedule
+from retinanet.config import TrainConfig
+
+from conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_end_to_end_train_eval_predict(shapes_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(shapes_data, out)
+    summary = Trainer(cfg, out, progress=False).run()
+    assert summary["status"] == "finished" and summary["iteration"] == 4
+    for name in ("config.yaml", "last.pt", "model_final.pt", "metrics.jsonl", "eval/metrics.json",
+                 "eval/detections.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class_AP"} <= set(metrics)
+    assert set(metrics["per_class_AP"]) == {"ellipse", "rectangle", "triangle", "star", "cross"}
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["iteration"] for l in lines if "loss" in l] == [1, 2, 3, 4]
+    assert all({"loss", "loss_cls", "loss_box", "lr", "eta_seconds"} <= set(l) for l in lines if "loss" in l)
+
+    # the CLI evaluates the checkpoint with its stored config, and predicts on files
+    assert cli(["eval", "--weights", str(out / "model_final.pt"), "--output-dir", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["AP"] == pytest.approx(metrics["AP"])
+    images = sorted(Path(shapes_data["val_images"]).glob("*.jpg"))[:2]
+    assert cli(["predict", "--weights", str(out / "model_final.pt"), *map(str, images), "--output-dir",
+                str(tmp_path / "pred"), "--score-threshold", "0.0"]) == 0
+    preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert {p["file_name"] for p in preds} == {str(p) for p in images}
+    assert all(p["category_id"] in range(1, 6) and len(p["bbox"]) == 4 for p in preds)
+    assert (tmp_path / "pred" / f"{images[0].stem}.jpg").is_file()
+
+
+def test_exact_resume_after_interruption(shapes_data, tmp_path, monkeypatch):
+    def config(out):
+        return tiny_config(shapes_data, out, train__max_iter=6, train__optimizer="sgd", train__base_lr=0.01,
+                           train__schedule="step", train__steps=[4], train__ema_decay=0.99,
+                           train__max_minutes=0, data__val_annotations="''")
+
+    straight = Trainer(config(tmp_path / "a"), progress=False)
+    straight.run()
+
+    interrupted = Trainer(config(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(train_module._StopRequest, "requested", lambda self: interrupted.iteration == 3)
+    assert interrupted.run()["status"] == "interrupted"
+    monkeypatch.undo()
+    resumed = Trainer(config(tmp_path / "b"), resume=True, progress=False)
+    assert resumed.iteration == 0  # loaded in run()
+    resumed.run()
+    assert resumed.iteration == 6
+    a, b = straight.state(), resumed.state()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["train_model"]:
+        assert torch.equal(a["train_model"][key], b["train_model"][key]), key
+
+
+def test_linear_scaling_rule_and_schedule():
+    cfg = TrainConfig(batch_size=8, reference_batch_size=16, base_lr=0.01, max_iter=90000, steps=[60000, 80000],
+                      warmup_iters=1000)
+    s = scaled_schedule(cfg)
+    assert (s.lr, s.max_iter, s.steps, s.warmup_iters) == (0.005, 180000, [120000, 160000], 2000)
+    assert lr_factor(0, s, "step", 0.1, 0.001) == pytest.approx(0.001)
+    assert lr_factor(1000, s, "step", 0.1, 0.001) == pytest.approx(0.5005)
+    assert lr_factor(2000, s, "step", 0.1, 0.001) == 1.0
+    assert lr_factor(120000, s, "step", 0.1, 0.001) == pytest.approx(0.1)
+    assert lr_factor(170000, s, "step", 0.1, 0.001) == pytest.approx(0.01)
+    assert lr_factor(90000, s, "cosine", 0.1, 0.001) == pytest.approx(0.5)
+
+
+def test_ddp_two_processes_equal_one_process(shapes_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and global batch 4 == one process with batch 4."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, json, torch\n"
+        "sys.path.insert(0, %r)\n"
+        "from conftest import tiny_config\n"
+        "from retinanet.engine.train import Trainer\n"
+        "data = json.loads(sys.argv[1]); out = sys.argv[2]\n"
+        "cfg = tiny_config(data, out, train__max_iter=3, train__optimizer='sgd', train__base_lr=0.02,\n"
+        "                  train__schedule='step', train__warmup_iters=0, model__backbone__norm='gn',\n"
+        "                  data__horizontal_flip=0.0, data__val_annotations=\"''\", train__threads=1)\n"
+        "trainer = Trainer(cfg, out, device='cpu')\n"
+        "import os; os.makedirs(out, exist_ok=True)\n"
+        "if trainer.dist.is_main: torch.save(trainer.model.state_dict(), out + '/init.pt')\n"
+        "trainer.run()\n" % str(Path(__file__).parent)
+    )
+    data = json.dumps(shapes_data)
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    single = subprocess.run([sys.executable, str(script), data, str(tmp_path / "one")], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", str(script), data, str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["loss_cls"], r["loss_box"]) for r in rows if "loss" in r]
+
+    for (c1, b1), (c2, b2) in zip(losses("one"), losses("two"), strict=True):
+        assert c1 == pytest.approx(c2, rel=1e-4) and b1 == pytest.approx(b2, rel=1e-4)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    init = torch.load(tmp_path / "one" / "init.pt", weights_only=True)
+    moved = 0
+    for key in one:
+        if not one[key].is_floating_point():
+            continue
+        update = (one[key] - init[key]).norm()
+        moved += update > 0
+        # the two runs agree to 0.1% of what training changed (float summation order differs)
+        assert (one[key] - two[key]).norm() <= 1e-3 * update + 1e-7, key
+    assert moved > 50
+
+
+def test_learns_to_overfit_a_small_set(tmp_path):
+    """On a few generated images the model reaches AP >= 0.9 on those same images."""
+    from retinanet.data.synthetic import generate_dataset
+
+    data = generate_dataset(tmp_path / "data", num_train=8, num_val=0, image_size=128, seed=11, min_objects=1,
+                            max_objects=3, min_size=24, max_size=90)
+    data = dict(data, val_images=data["train_images"], val_annotations=data["train_annotations"])
+    cfg = tiny_config(data, tmp_path / "run", train__max_iter=150, train__base_lr=0.002, train__warmup_iters=20,
+                      data__horizontal_flip=0.0, train__log_period=50, train__ema_decay=0,
+                      model__fpn__out_channels=64, model__head__num_convs=2)
+    summary = Trainer(cfg, tmp_path / "run", progress=False).run()
+    assert summary["metrics"]["AP"] >= 0.9, summary["metrics"]
+
+
+def test_pretrained_backbone_from_a_local_file(tmp_path):
+    import torchvision
+
+    from retinanet import ModelConfig, RetinaNet
+    from retinanet.engine.train import load_pretrained_backbone
+
+    resnet = torchvision.models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), tmp_path / "r18.pth")
+    cfg = ModelConfig(num_classes=2)
+    cfg.backbone.depth = 18
+    model = RetinaNet.from_config(cfg)
+    load_pretrained_backbone(model, str(tmp_path / "r18.pth"))
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, resnet.layer3[1].conv2.weight)
+    assert torch.equal(model.backbone.bn1.running_var, resnet.bn1.running_var)
+
+
+def test_offline_weight_name_explains_how_to_supply_a_file(monkeypatch):
+    import torchvision
+
+    from retinanet import ModelConfig, RetinaNet
+    from retinanet.engine.train import TrainingError, load_pretrained_backbone
+
+    def offline(self, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    cfg = ModelConfig(num_classes=2)
+    cfg.backbone.depth = 18
+    with pytest.raises(TrainingError, match=r"offline.*train\.pretrained_backbone=/path/to/resnet18-"):
+        load_pretrained_backbone(RetinaNet.from_config(cfg), "ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(TrainingError, match="neither a file nor a torchvision weight name"):
+        load_pretrained_backbone(RetinaNet.from_config(cfg), "no_such_weights.pth")

@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+from retinanet.model.box_coding import BoxCoder
+from retinanet.model.losses import RetinaNetLoss, sigmoid_focal_loss, smooth_l1
+from retinanet.model.matching import BACKGROUND, FOREGROUND, IGNORE, Matches
+
+
+def test_focal_loss_formula_by_hand():
+    alpha, gamma = 0.25, 2.0
+    x = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    p = torch.sigmoid(x)
+    expected = torch.where(y == 1, -alpha * (1 - p) ** gamma * torch.log(p), -(1 - alpha) * p**gamma * torch.log(1 - p))
+    assert torch.allclose(sigmoid_focal_loss(x, y, alpha, gamma), expected, atol=1e-6)
+
+
+def test_focal_loss_gradient_matches_the_analytic_derivative():
+    alpha, gamma = 0.25, 2.0
+    x = torch.linspace(-4, 4, 41, dtype=torch.float64, requires_grad=True)
+    for target in (1.0, 0.0):
+        y = torch.full_like(x, target)
+        (grad,) = torch.autograd.grad(sigmoid_focal_loss(x, y, alpha, gamma).sum(), x)
+        p = torch.sigmoid(x.detach())
+        if target == 1.0:  # d/dx [-a (1-p)^g log p]
+            analytic = alpha * (1 - p) ** gamma * (gamma * p * torch.log(p) - (1 - p))
+        else:  # d/dx [-(1-a) p^g log(1-p)]
+            analytic = (1 - alpha) * p**gamma * (p - gamma * (1 - p) * torch.log(1 - p))
+        assert torch.allclose(grad, analytic, atol=1e-10)
+
+
+def test_focal_loss_equals_torchvision():
+    x = torch.randn(50, 7)
+    y = (torch.rand(50, 7) > 0.8).float()
+    assert torch.allclose(sigmoid_focal_loss(x, y).sum(), tv_focal(x, y, reduction="sum"), rtol=1e-5)
+
+
+def test_gamma_zero_alpha_off_is_cross_entropy():
+    x, y = torch.randn(20), (torch.rand(20) > 0.5).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+    assert torch.allclose(sigmoid_focal_loss(x, y, alpha=-1, gamma=0.0), bce)
+
+
+def test_smooth_l1():
+    x = torch.tensor([0.0, 0.05, 0.5])
+    assert torch.allclose(smooth_l1(x, torch.zeros(3), 0.1), torch.tensor([0.0, 0.5 * 0.0025 / 0.1, 0.45]))
+    assert torch.allclose(smooth_l1(x, torch.zeros(3), 0.0), x)
+
+
+def _setup(labels):
+    anchors = torch.tensor([[0.0, 0, 10, 10], [10, 10, 30, 30], [0, 0, 5, 5], [40, 40, 50, 50]])
+    gt_boxes = torch.tensor([[[1.0, 1, 11, 11], [12, 12, 30, 28]], [[40.0, 40, 52, 52], [0, 0, 0, 0]]])
+    gt_labels = torch.tensor([[2, 0], [1, 0]])
+    gt_index = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0]])
+    matches = Matches(gt_index, torch.tensor(labels, dtype=torch.int8))
+    logits = torch.randn(2, 4, 3)
+    deltas = torch.randn(2, 4, 4)
+    return logits, deltas, anchors, matches, gt_boxes, gt_labels
+
+
+def test_batch_normalisation_by_hand():
+    labels = [[FOREGROUND, FOREGROUND, IGNORE, BACKGROUND], [BACKGROUND, BACKGROUND, BACKGROUND, FOREGROUND]]
+    logits, deltas, anchors, matches, gt_boxes, gt_labels = _setup(labels)
+    coder = BoxCoder()
+    loss = RetinaNetLoss(coder, box_loss="l1", normalization="batch")(logits, deltas, anchors, matches, gt_boxes, gt_labels)
+    target = torch.zeros(2, 4, 3)
+    target[0, 0, 2] = target[0, 1, 0] = target[1, 3, 1] = 1
+    valid = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    expected_cls = tv_focal(logits[valid], target[valid], reduction="sum") / 3
+    enc = coder.encode(torch.stack([gt_boxes[0, 0], gt_boxes[0, 1], gt_boxes[1, 0]]), anchors[[0, 1, 3]])
+    expected_box = (torch.stack([deltas[0, 0], deltas[0, 1], deltas[1, 3]]) - enc).abs().sum() / 3
+    assert torch.allclose(loss["loss_cls"], expected_cls, rtol=1e-5)
+    assert torch.allclose(loss["loss_box"], expected_box, rtol=1e-5)
+
+
+def test_per_image_and_ema_normalisation():
+    labels = [[FOREGROUND, FOREGROUND, IGNORE, BACKGROUND], [BACKGROUND, BACKGROUND, BACKGROUND, FOREGROUND]]
+    args = _setup(labels)
+    coder = BoxCoder()
+    batch = RetinaNetLoss(coder, normalization="batch")(*args)
+    ema = RetinaNetLoss(coder, normalization="ema", ema_initial=100.0, ema_momentum=0.9)
+    out = ema(*args)
+    # ema normaliser after one update: 0.9 * 100 + 0.1 * 3 = 90.3 instead of 3
+    assert torch.allclose(out["loss_cls"], batch["loss_cls"] * 3 / 90.3, rtol=1e-5)
+    assert torch.isclose(ema.ema_num_foreground, torch.tensor(90.3))
+    per_image = RetinaNetLoss(coder, normalization="per_image")(*args)
+    assert not torch.allclose(per_image["loss_cls"], batch["loss_cls"])
+
+
+def test_no_foreground_gives_finite_losses_and_gradients():
+    labels = [[BACKGROUND] * 4, [BACKGROUND] * 4]
+    logits, deltas, anchors, matches, gt_boxes, gt_labels = _setup(labels)
+    deltas.requires_grad_(True)
+    for kind in ("smooth_l1", "giou"):
+        out = RetinaNetLoss(BoxCoder(), box_loss=kind)(logits, deltas, anchors, matches, gt_boxes, gt_labels)
+        assert out["loss_box"].item() == 0.0 and math.isfinite(out["loss_cls"].item())
+        out["loss_box"].backward()
+
+
+def test_giou_loss_is_zero_for_perfect_boxes():
+    labels = [[FOREGROUND, BACKGROUND, BACKGROUND, BACKGROUND], [BACKGROUND] * 4]
+    logits, deltas, anchors, matches, gt_boxes, gt_labels = _setup(labels)
+    coder = BoxCoder()
+    deltas[0, 0] = coder.encode(gt_boxes[0, 0], anchors[0])
+    out = RetinaNetLoss(coder, box_loss="giou")(logits, deltas, anchors, matches, gt_boxes, gt_labels)
+    assert out["loss_box"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_unknown_options_rejected():
+    with pytest.raises(ValueError):
+        RetinaNetLoss(BoxCoder(), box_loss="l2")
+    with pytest.raises(ValueError):
+        RetinaNetLoss(BoxCoder(), normalization="global")
