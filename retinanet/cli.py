@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("demo", help="generate a shapes dataset, train from scratch, evaluate, draw")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--minutes", type=float, help="training time budget (default: the demo config's)")
-    p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--num-train", type=int, default=8000)
     p.add_argument("--num-val", type=int, default=300)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, args.output_dir, resume=args.resume, device=args.device)
-    return 130 if summary["status"] == "interrupted" else 0
+    return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0  # 130 SIGINT, 143 SIGTERM
 
 
 def cmd_eval(args) -> int:

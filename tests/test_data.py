@@ -135,3 +135,15 @@ def test_sampler_rejects_bad_batch():
         TrainBatchSampler([1.0] * 4, 3, world_size=2)
     with pytest.raises(ValueError, match="empty"):
         TrainBatchSampler([], 2)
+
+
+def test_truncated_image_fails_even_if_pil_was_told_to_pad(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    path = tmp_path / "t.jpg"
+    Image.fromarray((np.random.rand(64, 64, 3) * 255).astype(np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:1500])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries do globally
+    with pytest.raises(ImageReadError, match="damaged or truncated"):
+        read_image(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored

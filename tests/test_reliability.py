@@ -52,7 +52,8 @@ def test_nan_loss_can_be_skipped(shapes_data, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-def test_sigint_saves_a_checkpoint_and_resume_continues(shapes_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_resume_continues(shapes_data, tmp_path, sig):
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
     from retinanet.config import save_config
@@ -67,9 +68,9 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(shapes_data, tmp_path):
         if len(lines) >= 3:
             break
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
     assert "continue with --resume" in err
     stopped_at = torch.load(out / "last.pt", weights_only=True)["iteration"]
     assert stopped_at >= 3
@@ -105,3 +106,18 @@ def test_check_data_reports_problems(shapes_data, tmp_path, capsys):
     assert "1 degenerate boxes will be dropped" in out and "1 image files are missing" in out
     assert cli(["check-data", "--config", str(cfg_path), "model.num_classes=3"]) == 1
     assert "model.num_classes=3 but the file has 5 categories" in capsys.readouterr().out
+
+
+def test_empty_dataset_is_one_clear_error(shapes_data, tmp_path, capsys):
+    (tmp_path / "empty.json").write_text(json.dumps({"images": [], "annotations": [], "categories": [
+        {"id": i, "name": n} for i, n in enumerate(["ellipse", "rectangle", "triangle", "star", "cross"], 1)]}))
+    cfg_path = tmp_path / "cfg.yaml"
+    from retinanet.config import save_config
+
+    save_config(tiny_config(dict(shapes_data, train_annotations=str(tmp_path / "empty.json")), tmp_path / "run"),
+                cfg_path)
+    assert cli(["train", "--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "empty.json: the training set has no images" in err and "Traceback" not in err
+    assert cli(["check-data", "--config", str(cfg_path)]) == 1
+    assert "ERROR the dataset has no images" in capsys.readouterr().out

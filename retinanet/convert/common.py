@@ -12,6 +12,24 @@ class ConversionError(ValueError):
     """The source file is not what the converter expects; the message says why."""
 
 
+_DEPTH_BY_RES4_BLOCKS = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}
+
+
+def resnet_depth(res4_blocks: int, bottleneck: bool) -> int:
+    """ResNet depth from the number of blocks in its res4 stage and the block type."""
+    depth = _DEPTH_BY_RES4_BLOCKS.get((res4_blocks, bottleneck))
+    if depth is None:
+        raise ConversionError(f"unsupported ResNet: {res4_blocks} res4 blocks, bottleneck={bottleneck}")
+    return depth
+
+
+def anchors_per_location(box_predictor_weight: torch.Tensor) -> int:
+    num_anchors = box_predictor_weight.shape[0] // 4
+    if num_anchors != 9:
+        raise ConversionError(f"expected 9 anchors per location, found {num_anchors}")
+    return num_anchors
+
+
 def permute_anchor_channels(value: torch.Tensor, perm: list[int], per_anchor: int) -> torch.Tensor:
     """Reorder a predictor's `(A * per_anchor, ...)` output channels anchor-wise by `perm`."""
     shape = value.shape

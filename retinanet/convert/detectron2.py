@@ -14,11 +14,10 @@ import torch
 
 from ..model.config import AnchorConfig, BackboneConfig, FPNConfig, HeadConfig, InputConfig, LossConfig, ModelConfig
 from .coco_names import COCO_80_IDS, COCO_80_NAMES
-from .common import ConversionError, fill_state_dict
+from .common import ConversionError, anchors_per_location, fill_state_dict, resnet_depth
 from .safe_pickle import to_tensors
 
 _STAGE = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
-_DEPTH_BY_RES4_BLOCKS = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}
 
 
 def detectron2_config(depth: int, num_classes: int, p6_source: str, pixel_mean=None, pixel_std=None) -> ModelConfig:
@@ -59,9 +58,7 @@ def rename_key(key: str) -> str | None:
     m = re.match(r"^backbone\.top_block\.(p6|p7)\.(\w+)$", key)
     if m:
         return f"fpn.{m.group(1)}.{m.group(2)}"
-    if re.match(r"^head\.(cls_subnet|bbox_subnet|cls_score|bbox_pred)\.", key):
-        return key
-    return key  # unknown: reported as unused by fill_state_dict
+    return key  # the head's names are ours already; unknown keys are reported as unused
 
 
 def convert_detectron2(state: dict, num_classes: int | None = None):
@@ -73,12 +70,8 @@ def convert_detectron2(state: dict, num_classes: int | None = None):
         raise ConversionError("not a detectron2 RetinaNet (no head.cls_score / backbone.bottom_up keys)")
     res4_blocks = len({k.split(".")[3] for k in state if k.startswith("backbone.bottom_up.res4.")})
     bottleneck = any(".conv3." in k for k in state)
-    depth = _DEPTH_BY_RES4_BLOCKS.get((res4_blocks, bottleneck))
-    if depth is None:
-        raise ConversionError(f"unsupported ResNet: {res4_blocks} res4 blocks, bottleneck={bottleneck}")
-    num_anchors = state["head.bbox_pred.weight"].shape[0] // 4
-    if num_anchors != 9:
-        raise ConversionError(f"expected 9 anchors per location, found {num_anchors}")
+    depth = resnet_depth(res4_blocks, bottleneck)
+    num_anchors = anchors_per_location(state["head.bbox_pred.weight"])
     source_classes = state["head.cls_score.weight"].shape[0] // num_anchors
     p6_in = state["backbone.top_block.p6.weight"].shape[1]
     p6_source = "p5" if p6_in == state["backbone.fpn_output5.weight"].shape[0] else "c5"

@@ -14,11 +14,10 @@ import re
 
 from ..model.config import BackboneConfig, FPNConfig, HeadConfig, InferenceConfig, LossConfig, ModelConfig
 from .coco_names import COCO_80_IDS, COCO_80_NAMES
-from .common import ConversionError, fill_state_dict
+from .common import ConversionError, anchors_per_location, fill_state_dict, resnet_depth
 from .safe_pickle import to_tensors
 
 _BN = {"weight": "weight", "bias": "bias", "_mean": "running_mean", "_variance": "running_var"}
-_DEPTH_BY_RES4_BLOCKS = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}
 
 
 def paddle_config(depth: int, num_classes: int, num_convs: int = 4) -> ModelConfig:
@@ -84,12 +83,8 @@ def convert_paddle(state: dict, num_classes: int | None = None):
         raise ConversionError("FPN with P6 from C5 (use_c5: true) is not the reference layout; not supported")
     res4_blocks = len({k.split(".")[2] for k in state if k.startswith("backbone.res4.")})
     bottleneck = any(".branch2c." in k for k in state)
-    depth = _DEPTH_BY_RES4_BLOCKS.get((res4_blocks, bottleneck))
-    if depth is None:
-        raise ConversionError(f"unsupported ResNet: {res4_blocks} res4 blocks, bottleneck={bottleneck}")
-    num_anchors = state["head.retina_reg.weight"].shape[0] // 4
-    if num_anchors != 9:
-        raise ConversionError(f"expected 9 anchors per location, found {num_anchors}")
+    depth = resnet_depth(res4_blocks, bottleneck)
+    num_anchors = anchors_per_location(state["head.retina_reg.weight"])
     num_convs = len({k for k in state if re.match(r"head\.conv_feat\.fcos_head_cls_tower_conv_\d+\.conv\.weight$", k)})
     if any(".norm." in k for k in state if k.startswith("head.conv_feat.")):
         raise ConversionError("a RetinaFeat with normalisation layers is not the reference head; not supported")

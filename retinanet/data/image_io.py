@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 
 class ImageReadError(OSError):
@@ -26,6 +26,8 @@ def read_image(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "file not found")
+    # Some libraries switch PIL to silently pad truncated files; a damaged image must fail here.
+    tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as image:
             image.load()  # decode fully now: a truncated file fails here, not later
@@ -35,6 +37,8 @@ def read_image(path: str | Path) -> torch.Tensor:
         raise ImageReadError(path, "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(path, f"damaged or truncated image ({err})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

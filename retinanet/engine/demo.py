@@ -19,7 +19,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def demo_config(output_dir: str | Path, minutes: float | None = None, overrides: list[str] | None = None,
-                num_train: int = 4000, num_val: int = 300, seed: int = 0) -> Config:
+                num_train: int = 8000, num_val: int = 300, seed: int = 0) -> Config:
     output_dir = Path(output_dir)
     t0 = time.perf_counter()
     cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, overrides)
@@ -34,7 +34,7 @@ def demo_config(output_dir: str | Path, minutes: float | None = None, overrides:
 
 
 def run_demo(output_dir: str | Path = "demo_output", minutes: float | None = None,
-             overrides: list[str] | None = None, num_train: int = 4000, num_val: int = 300) -> dict:
+             overrides: list[str] | None = None, num_train: int = 8000, num_val: int = 300) -> dict:
     start = time.perf_counter()
     cfg = demo_config(output_dir, minutes, overrides, num_train, num_val)
     summary = train(cfg, cfg.output_dir)

@@ -225,6 +225,7 @@ class Trainer:
         self.best_ap = -1.0
         self.skipped_images: list[str] = []
         self.nonfinite_skipped = 0
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -285,7 +286,7 @@ class Trainer:
                 if self.dist.is_main:
                     print(f"interrupted at iteration {self.iteration}: saved {last}; continue with --resume",
                           file=sys.stderr)
-                return {"status": status, "iteration": self.iteration}
+                return {"status": status, "iteration": self.iteration, "signal": self._stop_signal}
             if self.val_set is not None:
                 metrics = self._evaluate(writer)
             if self.dist.is_main:
@@ -328,6 +329,7 @@ class Trainer:
                     if t.eval_period and self.iteration % t.eval_period == 0 and self.iteration < self.schedule.max_iter:
                         self._evaluate(writer)
                     if stop.requested():
+                        self._stop_signal = stop.signal or signal.SIGINT
                         return "interrupted"
         finally:
             if bar is not None:
