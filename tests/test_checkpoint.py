@@ -92,3 +92,10 @@ def test_code_in_a_checkpoint_never_runs(tmp_path, monkeypatch):
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump(_Evil(), f)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_category_ids_follow_the_model_config():
+    model = _small()
+    assert model.category_ids == [0, 1, 2]  # no stored ids: the label is the id (torchvision's COCO layout)
+    model.config.category_ids = [1, 5, 9]
+    assert model.category_ids == [1, 5, 9]

@@ -114,3 +114,20 @@ def test_unknown_options_rejected():
         RetinaNetLoss(BoxCoder(), box_loss="l2")
     with pytest.raises(ValueError):
         RetinaNetLoss(BoxCoder(), normalization="global")
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 1.5), (-1.0, 0.0)])
+def test_per_anchor_focal_loss_equals_the_elementwise_form(alpha, gamma):
+    from retinanet.model.losses import focal_loss_per_anchor
+
+    logits = (torch.randn(2, 50, 6, dtype=torch.float64) * 3).requires_grad_(True)
+    fg = torch.rand(2, 50) < 0.2
+    labels = torch.randint(0, 6, (int(fg.sum()),))
+    targets = torch.zeros(2, 50, 6, dtype=torch.float64)
+    targets[fg, labels] = 1
+    expected = sigmoid_focal_loss(logits, targets, alpha, gamma).sum(-1)
+    got = focal_loss_per_anchor(logits, fg, labels, alpha, gamma)
+    assert torch.allclose(got, expected, atol=1e-10)
+    (g1,) = torch.autograd.grad(expected.sum(), logits)
+    (g2,) = torch.autograd.grad(got.sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-10)

@@ -119,6 +119,8 @@ class CocoDetection(Dataset):
                 width, height = int(image["width"]), int(image["height"])
             except (KeyError, TypeError, ValueError):
                 raise DatasetError(f"{source}: images[{i}] needs id, file_name, width and height") from None
+            if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+                raise DatasetError(f"{source}: images[{i}] has id {image_id!r}; ids must be integers or strings")
             if width <= 0 or height <= 0:
                 raise DatasetError(f"{source}: image {image_id} ({file_name}) has size {width}x{height}")
             if image_id in records:
@@ -127,7 +129,7 @@ class CocoDetection(Dataset):
         for j, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
                 raise DatasetError(f"{source}: annotations[{j}] needs image_id, category_id and bbox")
-            record = records.get(ann["image_id"])
+            record = records.get(ann["image_id"]) if isinstance(ann["image_id"], (int, str)) else None
             if record is None:
                 raise DatasetError(f"{source}: annotation {ann.get('id', j)} refers to unknown image id {ann['image_id']}")
             label = self.category_to_label.get(ann["category_id"])

@@ -34,6 +34,7 @@ def predict_dataset(model, dataset: CocoDetection, batch_size: int = 8, num_work
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate)
     device = next(model.parameters()).device
+    category_ids = model.category_ids  # the model's own label -> category id mapping
     was_training = model.training
     model.eval()
     results, skipped = [], []
@@ -44,7 +45,7 @@ def predict_dataset(model, dataset: CocoDetection, batch_size: int = 8, num_work
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             outputs = model([im.to(device, non_blocking=True) for im in images])
         for target, output in zip(targets, outputs):
-            results.extend(to_coco_results(output, target["image_id"], dataset.category_ids))
+            results.extend(to_coco_results(output, target["image_id"], category_ids))
     model.train(was_training)
     return results, skipped
 

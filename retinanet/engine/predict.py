@@ -18,13 +18,11 @@ def predict_files(model, paths: list[str | Path], output_dir: str | Path, score_
 
     Writes `output_dir/predictions.json` (`file_name`, `category_id`, `category_name`,
     `bbox` [x, y, w, h], `score`) and, with `draw`, `output_dir/<stem>.jpg` with boxes.
-    The category id of a label is the model config's `category_ids[label]` (the training
-    set's ids), or the label itself when none are stored (torchvision's 91-way COCO output,
-    whose index is the COCO category id). Returns the predictions and the error lines.
+    Category ids come from `model.category_ids`. Returns the predictions and the error lines.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    category_ids = list(model.config.category_ids) or list(range(model.num_classes))
+    category_ids = model.category_ids
     predictions, errors = [], []
     readable: list[tuple[Path, torch.Tensor]] = []
     for path in map(Path, paths):

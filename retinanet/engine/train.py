@@ -251,7 +251,7 @@ class Trainer:
         return write_checkpoint(self.output_dir / name, self.state())
 
     def load(self, path: Path) -> None:
-        data = read_checkpoint(path, map_location=self.dist.device)
+        data = read_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors
         if "optimizer" not in data:
             raise CheckpointError(f"{path}: holds weights only, not a training state to resume")
         self.model.load_state_dict(data.get("train_model", data["model"]))

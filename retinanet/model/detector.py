@@ -69,6 +69,13 @@ class RetinaNet(nn.Module):
             raise CheckpointError(f"{path}: weights do not fit the stored config: {err}") from err
         return model
 
+    @property
+    def category_ids(self) -> list[int]:
+        """The dataset category id of each label: the config's, else the label itself
+        (torchvision's 91-way COCO output is indexed by category id)."""
+        stored = self.config.category_ids if self.config is not None else []
+        return list(stored) if stored else list(range(self.num_classes))
+
     def save(self, path: str | Path, **extra) -> Path:
         """Write weights and config (atomically) so that `from_checkpoint` rebuilds this model."""
         if self.config is None:

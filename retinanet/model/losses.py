@@ -32,6 +32,29 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     return loss
 
 
+def focal_loss_per_anchor(logits: torch.Tensor, fg: torch.Tensor, fg_labels: torch.Tensor, alpha: float = 0.25,
+                          gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss summed over classes for every anchor: `(B, A)` from logits `(B, A, K)`.
+
+    The same numbers as `sigmoid_focal_loss(logits, one_hot_targets).sum(-1)`, computed the
+    cheap way: every element is first charged as a negative (four passes over the big
+    tensor instead of a dozen), then the few positive elements, `fg (B, A)` with class
+    `fg_labels (N,)`, are switched to the positive term.
+    """
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    p = torch.sigmoid(x)
+    w_neg, w_pos = (1 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
+    p_gamma = p * p if gamma == 2 else p**gamma
+    per_anchor = (F.softplus(x) * p_gamma).sum(-1) * w_neg  # -log(1 - p) * p^gamma
+    if fg.any():
+        xf, pf = x[fg, fg_labels], p[fg, fg_labels]
+        q = 1 - pf
+        negative = w_neg * F.softplus(xf) * (pf * pf if gamma == 2 else pf**gamma)
+        positive = w_pos * F.softplus(-xf) * (q * q if gamma == 2 else q**gamma)
+        per_anchor = per_anchor.index_put((fg.nonzero(as_tuple=True)), positive - negative, accumulate=True)
+    return per_anchor
+
+
 def smooth_l1(x: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
     """Element-wise smooth-L1 (Huber / beta); beta = 0 is plain L1."""
     diff = (x - target).abs()
@@ -75,10 +98,8 @@ class RetinaNetLoss(nn.Module):
         fg = matches.labels == FOREGROUND
         valid = fg | (matches.labels == BACKGROUND)
         batch_idx = torch.arange(logits.shape[0], device=logits.device)[:, None]
-        matched_labels = gt_labels[batch_idx, matches.gt_index]  # (B, A)
-        targets = torch.zeros_like(logits, dtype=torch.bool)
-        targets[fg, matched_labels[fg]] = True
-        cls = sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma).sum(-1)
+        fg_labels = gt_labels[batch_idx, matches.gt_index][fg]  # (N,)
+        cls = focal_loss_per_anchor(logits, fg, fg_labels, self.focal_alpha, self.focal_gamma)
         cls = (cls * valid).sum(-1)  # (B,)
 
         box = self._box_loss(deltas, anchors, gt_boxes[batch_idx, matches.gt_index], fg)  # (B,)
