@@ -1,6 +1,5 @@
 """COCO reading, validation, images of every kind, sampling."""
 
-import json
 import logging
 
 import numpy as np

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -14,7 +14,7 @@ import torch
 from retinanet.cli import main as cli
 from retinanet.engine.train import Trainer, TrainingError
 
-from conftest import REPO, tiny_config
+from conftest import tiny_config
 
 
 def _poison(trainer, at_iteration):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 
 from ..model.config import AnchorConfig, BackboneConfig, FPNConfig, HeadConfig, InputConfig, LossConfig, ModelConfig
 from .coco_names import COCO_80_IDS, COCO_80_NAMES

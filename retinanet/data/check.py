@@ -49,10 +49,10 @@ def check_dataset(image_dir: str, annotation_file: str, num_classes: int | None 
 def check_datasets(data_cfg, num_classes: int | None = None, decode: bool = False) -> bool:
     ok = True
     pairs = [(data_cfg.train_images, data_cfg.train_annotations), (data_cfg.val_images, data_cfg.val_annotations)]
-    for images, annotations in pairs:
-        if not annotations:
+    for images, annotation_file in pairs:
+        if not annotation_file:
             continue
-        good, lines = check_dataset(images, annotations, num_classes, decode)
+        good, lines = check_dataset(images, annotation_file, num_classes, decode)
         print("\n".join(lines))
         ok = ok and good
     return ok

@@ -7,8 +7,6 @@ RNG states are stored as tensors and plain tuples so that no pickled object is n
 from __future__ import annotations
 
 import random
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -40,6 +38,3 @@ def restore_rng(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def checkpoint_path(output_dir: str | Path, name: str = "last.pt") -> Path:
-    return Path(output_dir) / name

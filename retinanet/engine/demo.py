@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from ..config import Config, apply_overrides, load_config
 from ..data.coco import CocoDetection

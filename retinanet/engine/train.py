@@ -384,9 +384,10 @@ class Trainer:
         elapsed = time.perf_counter() - start
         remaining = self.cfg.train.max_minutes * 60 - elapsed
         fitted = self.iteration + max(0, int(remaining / max(elapsed / done, 1e-6)))
-        fitted = min(distributed.all_gather_objects(fitted)[0], scaled_schedule(self.cfg.train).max_iter)
+        configured = scaled_schedule(self.cfg.train).max_iter
+        fitted = min(distributed.all_gather_objects(fitted)[0], configured)
         if fitted != self.schedule.max_iter:
-            if self.schedule.max_iter == scaled_schedule(self.cfg.train).max_iter:
+            if self.schedule.max_iter == configured:
                 log.info("time budget %.1f min: max_iter %d -> %d", self.cfg.train.max_minutes,
                          self.schedule.max_iter, fitted)
             self.schedule.max_iter = fitted
