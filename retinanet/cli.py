@@ -4,18 +4,68 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
   retinanet demo                                   # generate data, train from scratch, evaluate (~15 min CPU)
-  retinanet train --config configs/retinanet_r50_fpn_1x_coco.yaml --output-dir runs/r50
-  torchrun --nproc_per_node 8 -m retinanet.cli train --config configs/retinanet_r50_fpn_1x_coco.yaml
+  retinanet train --config retinanet_r50_fpn_1x_coco --output-dir runs/r50
+  torchrun --nproc_per_node 8 -m retinanet.cli train --config retinanet_r50_fpn_1x_coco
   retinanet eval --weights runs/r50/model_final.pt
-  retinanet predict --weights model.pt photo.jpg --output-dir out
+  retinanet predict --weights model.pt photo.jpg photos/ "shots/*.png" --output-dir out
   retinanet convert --from torchvision retinanet_resnet50_fpn_coco.pth model.pt
-  retinanet check-data --config configs/retinanet_r50_fpn_1x_coco.yaml
+  retinanet check-data --config my_config.yaml
 """
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the training loop (which stops cleanly by itself)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _config_help() -> str:
+    from .config import shipped_configs
+
+    return ("YAML config: a file, or the name of a shipped config (" + ", ".join(shipped_configs()) + ")")
+
+
+def _score_threshold(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a score in [0, 1]")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _positive_minutes(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value < 60 * 24 * 7):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes > 0")
+    return value
+
+
+def _device(text: str) -> str:
+    from .engine.distributed import DeviceError, resolve_device
+
+    try:
+        resolve_device(text)
+    except DeviceError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("--device ", "")) from None
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,55 +74,81 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = commands.add_parser("train", help="train on a COCO-format dataset (torchrun for several GPUs/nodes)")
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--output-dir", help="where checkpoints and logs go (default: the config's output_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt exactly")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt exactly")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in OUTPUT_DIR")
+    p.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.base_lr=0.02")
 
     p = commands.add_parser("eval", help="COCO metrics of a checkpoint on the config's validation set")
     p.add_argument("--weights", required=True, help="checkpoint (ours; convert others first)")
-    p.add_argument("--config", help="YAML config for the data (default: the checkpoint's config)")
-    p.add_argument("--output-dir", help="where metrics.json and detections.json go (default: beside the weights)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--config", help="config for the data (default: the checkpoint's own); " + _config_help())
+    p.add_argument("--output-dir", help="where metrics.json and detections.json go (default: a new folder "
+                                        "eval_<weights>[_N] beside the weights)")
+    p.add_argument("--device", default="auto", type=_device)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
-    p = commands.add_parser("predict", help="detect objects in image files")
+    p = commands.add_parser("predict", help="detect objects in image files, folders or glob patterns")
     p.add_argument("--weights", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
     p.add_argument("--output-dir", required=True, help="gets predictions.json and the images with boxes drawn")
-    p.add_argument("--score-threshold", type=float, help="default: the model's (0.05)")
+    p.add_argument("--score-threshold", type=_score_threshold, help="in [0, 1]; default: the model's (0.05)")
     p.add_argument("--no-draw", action="store_true", help="write predictions.json only")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--max-pixels", type=_positive_int,
+                   help="accept images up to this many pixels (Pillow's decompression-bomb limit; only for "
+                        "files you trust)")
+    p.add_argument("--device", default="auto", type=_device)
 
     p = commands.add_parser("convert", help="convert torchvision / detectron2 / PaddleDetection weights",
                             description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="source", required=True, choices=["torchvision", "detectron2", "paddle"])
     p.add_argument("src", help="the source weights file")
-    p.add_argument("dst", help="our checkpoint to write")
-    p.add_argument("--num-classes", type=int, help="keep backbone/FPN/heads but start a fresh N-class predictor")
+    p.add_argument("dst", help="our checkpoint to write (never the source; an existing file only with --force)")
+    p.add_argument("--num-classes", type=_positive_int,
+                   help="keep backbone/FPN/heads but start a fresh N-class predictor")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--trust", action="store_true",
                    help="allow a full (code-executing) unpickle of SRC; only for files you trust")
 
     p = commands.add_parser("demo", help="generate a shapes dataset, train from scratch, evaluate, draw")
     p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--minutes", type=float, help="training time budget (default: the demo config's)")
-    p.add_argument("--num-train", type=int, default=8000)
-    p.add_argument("--num-val", type=int, default=300)
+    p.add_argument("--minutes", type=_positive_minutes, help="training time budget (default: the demo config's)")
+    p.add_argument("--num-train", type=_positive_int, default=8000)
+    p.add_argument("--num-val", type=_positive_int, default=300)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in OUTPUT_DIR")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     p = commands.add_parser("check-data", help="validate the config's datasets and print a report")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--decode", action="store_true", help="also decode every image (slow, finds damaged files)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
     try:
         return COMMANDS[args.command](args)
     except _known_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}) during {args.command}: stopped; files already written "
+              "are intact (checkpoints are written atomically)"
+              + ("; `retinanet train --resume` continues from the last checkpoint" if args.command == "train"
+                 else ""), file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 CONVERT_HELP = """Convert published RetinaNet weights into a retinanet checkpoint whose config reproduces
@@ -88,25 +164,36 @@ containers; anything else is refused unless you pass --trust."""
 
 
 def _known_errors():
+    from .checkpoint import CheckpointError
+    from .convert.common import ConversionError
     from .data.coco import DatasetError
     from .data.image_io import ImageReadError
-    from .model.checkpoint import CheckpointError
+    from .engine.distributed import DeviceError
+    from .engine.train import TrainingError
     from .model.config import ConfigError
 
-    errors = [CheckpointError, ConfigError, DatasetError, ImageReadError, FileNotFoundError]
-    try:
-        from .convert.common import ConversionError
+    return (CheckpointError, ConfigError, DatasetError, ImageReadError, FileNotFoundError, ConversionError,
+            TrainingError, DeviceError, OutputError)
 
-        errors.append(ConversionError)
-    except ImportError:
-        pass
-    try:
-        from .engine.train import TrainingError
 
-        errors.append(TrainingError)
-    except ImportError:
-        pass
-    return tuple(errors)
+class OutputError(ValueError):
+    """An output path cannot be used (e.g. it is an existing file where a folder is needed)."""
+
+
+def _output_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: --output-dir is an existing file, not a folder")
+    return path
+
+
+def _unique_folder(base: Path) -> Path:
+    """`base`, or `base_2`, `base_3`, ... : the first that does not exist yet."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}_{n}")
+    return candidate
 
 
 def cmd_train(args) -> int:
@@ -114,34 +201,32 @@ def cmd_train(args) -> int:
     from .engine.train import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, args.output_dir, resume=args.resume, device=args.device)
+    summary = train(cfg, args.output_dir, resume=args.resume, device=args.device, overwrite=args.overwrite)
     return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0  # 130 SIGINT, 143 SIGTERM
 
 
 def cmd_eval(args) -> int:
-    from .config import Config, config_from_dict, load_config
+    from .checkpoint import load_model, read_checkpoint
+    from .config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
     from .data.coco import CocoDetection
     from .engine import distributed
-    from .engine.checkpoint import read_checkpoint
     from .engine.evaluate import evaluate
-    from .model.detector import RetinaNet
 
-    info = distributed.setup(args.device)
+    output_dir = (_output_folder(args.output_dir) if args.output_dir
+                  else _unique_folder(Path(args.weights).parent / f"eval_{Path(args.weights).stem}"))
+    checkpoint = read_checkpoint(args.weights)
     if args.config:
         cfg = load_config(args.config, args.overrides)
     else:
-        from .config import apply_overrides
-
-        stored = read_checkpoint(args.weights).get("config", {})
-        cfg = apply_overrides(config_from_dict(Config, stored if "model" in stored else {"model": stored}),
-                              args.overrides)
+        stored = checkpoint.run_config or {"model": config_to_dict(checkpoint.model_config)}
+        cfg = apply_overrides(config_from_dict(Config, stored), args.overrides)
     if not cfg.data.val_annotations:
-        raise FileNotFoundError("no validation set: set data.val_images and data.val_annotations")
-    model = RetinaNet.from_checkpoint(args.weights, map_location=info.device).to(info.device)
+        raise OutputError("no validation set: set data.val_images and data.val_annotations (or pass --config)")
     dataset = CocoDetection(cfg.data.val_images, cfg.data.val_annotations, strict=cfg.data.strict)
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.weights).parent / "eval"
+    info = distributed.setup(args.device)
+    model = load_model(args.weights, map_location=info.device).to(info.device)
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
-                       cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main)
+                       cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main, amp=cfg.train.amp)
     if info.is_main:
         print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}  "
               f"-> {output_dir / 'metrics.json'}")
@@ -150,26 +235,30 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import torch
+    from PIL import Image
 
+    from .checkpoint import load_model
+    from .engine.distributed import resolve_device
     from .engine.predict import predict_files
-    from .model.detector import RetinaNet
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto"
-                                                                                 else args.device)
-    model = RetinaNet.from_checkpoint(args.weights, map_location=device).to(device)
-    predictions, errors = predict_files(model, args.images, args.output_dir, args.score_threshold,
+    output_dir = _output_folder(args.output_dir)
+    if args.max_pixels:
+        Image.MAX_IMAGE_PIXELS = args.max_pixels
+    device = resolve_device(args.device)
+    model = load_model(args.weights, map_location=device).to(device)
+    predictions, errors = predict_files(model, args.images, output_dir, args.score_threshold,
                                         draw=not args.no_draw)
-    done = len(args.images) - len(errors)
-    print(f"{len(predictions)} detections in {done} image(s) -> {Path(args.output_dir) / 'predictions.json'}"
-          + (f"; {len(errors)} file(s) could not be read" if errors else ""))
+    images = len({p["file_name"] for p in predictions})
+    print(f"{len(predictions)} detections in {images} image(s) with detections -> {output_dir / 'predictions.json'}"
+          + (f"; {len(errors)} input(s) could not be used" if errors else ""))
     return 1 if errors else 0
 
 
 def cmd_convert(args) -> int:
     from .convert import convert_file
 
-    config = convert_file(args.source, args.src, args.dst, num_classes=args.num_classes, trust=args.trust)
+    config = convert_file(args.source, args.src, args.dst, num_classes=args.num_classes, trust=args.trust,
+                          force=args.force)
     print(f"wrote {args.dst} ({config.num_classes} classes, ResNet-{config.backbone.depth}, from {args.source})")
     return 0
 
@@ -177,7 +266,11 @@ def cmd_convert(args) -> int:
 def cmd_demo(args) -> int:
     from .engine.demo import run_demo
 
-    run_demo(args.output_dir, args.minutes, args.overrides, args.num_train, args.num_val)
+    _output_folder(args.output_dir)
+    result = run_demo(args.output_dir, args.minutes, args.overrides, args.num_train, args.num_val, args.overwrite)
+    if result["status"] == "interrupted":
+        print(f"demo interrupted at iteration {result['iterations']}", file=sys.stderr)
+        return 128 + int(result["signal"])
     return 0
 
 

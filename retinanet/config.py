@@ -1,20 +1,24 @@
 """The full configuration of a run: model, data, training and evaluation.
 
-YAML files in `configs/` hold these; `key=value` overrides apply on top; every checkpoint
+YAML files shipped in `retinanet/configs/` hold these; `key=value` overrides apply on top; every checkpoint
 stores the resolved config so that the checkpoint alone rebuilds the run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 
-from .model.config import ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict, config_to_yaml
+from .model.config import (ConfigError, Fraction, ModelConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                           PositiveInt, Range, apply_overrides, check_config, config_from_dict, config_to_dict,
+                           config_to_yaml)
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "EvalConfig", "ConfigError", "load_config", "save_config",
-           "config_to_dict", "config_from_dict"]
+           "config_to_dict", "config_from_dict", "check_config", "shipped_configs", "resolve_config"]
 
 
 @dataclass
@@ -23,46 +27,46 @@ class DataConfig:
     train_annotations: str = ""  # COCO-format json
     val_images: str = ""
     val_annotations: str = ""
-    horizontal_flip: float = 0.5  # probability
+    horizontal_flip: Fraction = 0.5  # probability
     aspect_ratio_grouping: bool = True  # batches of only landscape or only portrait images
-    num_workers: int = 4  # data-loading processes per GPU (0: load in the main process)
+    num_workers: NonNegativeInt = 4  # data-loading processes per GPU (0: load in the main process)
     strict: bool = False  # a bad image stops the run instead of being skipped and listed
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # global: split over all processes
-    reference_batch_size: int = 16  # lr/iterations below are for this batch; scaled linearly
-    max_iter: int = 90000
-    optimizer: str = "sgd"  # sgd | adamw
-    base_lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_norm: float = 0.0
-    schedule: str = "step"  # step | cosine
-    steps: list[int] = field(default_factory=lambda: [60000, 80000])
-    gamma: float = 0.1
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.001
-    clip_grad_norm: float = 0.0  # 0: off
-    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a grad scaler; CUDA)
+    batch_size: PositiveInt = 16  # global: split over all processes
+    reference_batch_size: PositiveInt = 16  # lr/iterations below are for this batch; scaled linearly
+    max_iter: PositiveInt = 90000
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    base_lr: PositiveFloat = 0.01
+    momentum: Annotated[float, Range(0, 1, open_max=True)] = 0.9
+    weight_decay: NonNegativeFloat = 1e-4
+    weight_decay_norm: NonNegativeFloat = 0.0
+    schedule: Literal["step", "cosine"] = "step"
+    steps: list[PositiveInt] = field(default_factory=lambda: [60000, 80000])
+    gamma: Annotated[float, Range(0, 1, open_min=True)] = 0.1
+    warmup_iters: NonNegativeInt = 1000
+    warmup_factor: Annotated[float, Range(0, 1, open_min=True)] = 0.001
+    clip_grad_norm: NonNegativeFloat = 0.0  # 0: off
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 uses a grad scaler (CUDA)
     channels_last: bool = False
-    ema_decay: float = 0.0  # 0: off; else evaluate/export an exponential moving average
-    max_minutes: float = 0.0  # > 0: shorten max_iter to fit this wall-clock budget
+    ema_decay: Annotated[float, Range(0, 1, open_max=True)] = 0.0  # 0: off; else evaluate/export an exponential moving average
+    max_minutes: NonNegativeFloat = 0.0  # > 0: shorten max_iter to fit this wall-clock budget
     seed: int = 42
     deterministic: bool = False
-    log_period: int = 20
-    checkpoint_period: int = 5000
-    eval_period: int = 0  # 0: evaluate only at the end
-    nonfinite_loss: str = "stop"  # stop | skip: what a NaN/inf loss does
+    log_period: PositiveInt = 20
+    checkpoint_period: PositiveInt = 5000
+    eval_period: NonNegativeInt = 0  # 0: evaluate only at the end
+    nonfinite_loss: Literal["stop", "skip"] = "stop"  # what a NaN/inf loss does
     pretrained_backbone: str = ""  # ImageNet weights: a local file, or a torchvision weight name
-    threads: int = 0  # CPU threads for torch (0: torch's default)
+    threads: NonNegativeInt = 0  # CPU threads for torch (0: torch's default)
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 8  # global
-    max_images: int = 0  # 0: all
+    batch_size: PositiveInt = 8  # global
+    max_images: NonNegativeInt = 0  # 0: all
 
 
 @dataclass
@@ -74,13 +78,30 @@ class Config:
     output_dir: str = "output"
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package (`retinanet/configs/*.yaml`)."""
+    folder = resources.files("retinanet") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file path, or the path of a shipped config named `name` (with or without `.yaml`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if str(path) in (name, name + ".yaml") and name in shipped_configs():
+        return Path(str(resources.files("retinanet") / "configs" / f"{name}.yaml"))
+    raise ConfigError(f"{name_or_path}: no such config file, and not a shipped config "
+                      f"(shipped: {', '.join(shipped_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (safe loader), then apply `key=value` overrides."""
+    """Read a YAML config (a path or a shipped name; safe loader), then apply `key=value`
+    overrides. Every value is checked here, before any data is read."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
+        path = resolve_config(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -96,4 +117,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(config_to_yaml(config))
-

@@ -38,7 +38,7 @@ def shapes_data(tmp_path_factory) -> dict:
 
 def tiny_config(data: dict, output_dir: Path, **overrides) -> Config:
     """A fast configuration for tests: small ResNet-18 RetinaNet at 128 px."""
-    cfg = load_config(REPO / "configs" / "demo.yaml")
+    cfg = load_config("demo")
     items = [f"data.{k}={v}" for k, v in data.items()] + [
         f"output_dir={output_dir}",
         "model.input.train_min_sizes=[128]", "model.input.test_min_size=128", "model.input.max_size=128",

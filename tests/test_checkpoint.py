@@ -1,14 +1,18 @@
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
-from retinanet import ModelConfig, RetinaNet
-from retinanet.model.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from retinanet import ModelConfig, RetinaNet, load_model, save_model
+from retinanet.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_torch_save, read_checkpoint,
+                                  write_checkpoint)
+from retinanet.cli import main as cli
+from retinanet.model.config import config_to_dict
 
 
 def _small():
-    cfg = ModelConfig(num_classes=3, class_names=["a", "b", "c"])
+    cfg = ModelConfig(num_classes=3, class_names=["a", "b", "c"], category_ids=[1, 5, 9])
     cfg.backbone.depth = 18
     cfg.fpn.out_channels = 32
     cfg.head.num_convs = 1
@@ -16,20 +20,62 @@ def _small():
     return RetinaNet.from_config(cfg)
 
 
+def _weights():
+    return {"w": torch.ones(2)}
+
+
 def test_checkpoint_alone_rebuilds_the_model(tmp_path):
     model = _small().eval()
     with torch.no_grad():
         model.head.cls_score.bias.fill_(0.0)
-    path = model.save(tmp_path / "m.pt")
-    loaded = RetinaNet.from_checkpoint(path).eval()
+    path = save_model(model, tmp_path / "m.pt")
+    loaded = load_model(path).eval()
     assert loaded.config == model.config and loaded.class_names == ["a", "b", "c"]
+    assert loaded.category_ids == [1, 5, 9]
     image = torch.rand(3, 80, 120)
     a, b = model([image])[0], loaded([image])[0]
     assert len(a["boxes"]) > 0 and torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
 
 
-def test_predict_accepts_every_input_kind(tmp_path):
-    import numpy as np
+def test_one_layout_for_every_writer(tmp_path):
+    """Saved, converted and trained checkpoints share one versioned layout."""
+    model = _small()
+    save_model(model, tmp_path / "saved.pt")
+    write_checkpoint(tmp_path / "trained.pt", model.config, model.state_dict(), run_config={"train": {}},
+                     training={"iteration": 3})
+    for name in ("saved.pt", "trained.pt"):
+        raw = torch.load(tmp_path / name, weights_only=True)
+        assert raw["format"] == "retinanet-checkpoint" and raw["version"] == CHECKPOINT_VERSION
+        assert set(raw) >= {"model_config", "weights"} and "config" not in raw and "model" not in raw
+    assert read_checkpoint(tmp_path / "trained.pt").training == {"iteration": 3}
+
+
+def test_newer_version_is_refused_with_a_clear_message(tmp_path):
+    model = _small()
+    path = save_model(model, tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)
+    raw["version"] = CHECKPOINT_VERSION + 1
+    torch.save(raw, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match=r"new\.pt: written by a newer retinanet .*version 3.*upgrade"):
+        read_checkpoint(tmp_path / "new.pt")
+
+
+def test_version_1_files_are_upgraded(tmp_path):
+    """The layout of the first release: `config` (model or full) + `model`, a bool clip flag."""
+    model = _small()
+    model_dict = config_to_dict(model.config)
+    model_dict["inference"]["clip_boxes"] = False
+    torch.save({"format": "retinanet-checkpoint", "version": 1, "config": {"model": model_dict, "train": {}},
+                "model": model.state_dict(), "iteration": 7, "optimizer": {}}, tmp_path / "v1.pt")
+    checkpoint = read_checkpoint(tmp_path / "v1.pt")
+    assert checkpoint.model_config.inference.clip_boxes == "none"
+    assert checkpoint.training["iteration"] == 7 and checkpoint.run_config["train"] == {}
+    loaded = load_model(tmp_path / "v1.pt")
+    assert torch.equal(loaded.head.cls_score.weight, model.head.cls_score.weight)
+
+
+def test_predict_accepts_tensors_and_arrays(tmp_path):
+    from retinanet import read_image
     from PIL import Image
 
     model = _small()
@@ -37,8 +83,7 @@ def test_predict_accepts_every_input_kind(tmp_path):
         model.head.cls_score.bias.fill_(0.0)
     array = (np.random.rand(60, 90, 3) * 255).astype(np.uint8)
     Image.fromarray(array).save(tmp_path / "x.png")
-    outs = [model.predict(x) for x in (array, Image.fromarray(array), torch.from_numpy(array).permute(2, 0, 1),
-                                       tmp_path / "x.png", str(tmp_path / "x.png"))]
+    outs = [model.predict(x) for x in (array, torch.from_numpy(array).permute(2, 0, 1), read_image(tmp_path / "x.png"))]
     for out in outs:
         assert set(out) == {"boxes", "scores", "labels", "class_names"}
         assert torch.equal(out["boxes"], outs[0]["boxes"])
@@ -46,10 +91,13 @@ def test_predict_accepts_every_input_kind(tmp_path):
         assert (out["boxes"][:, 2] <= 90).all() and (out["boxes"][:, 3] <= 60).all()  # original pixels
     assert len(model.predict([array, array])) == 2
     assert model.training  # predict restores the mode
+    with pytest.raises(TypeError, match="retinanet.read_image"):
+        model.predict(str(tmp_path / "x.png"))  # the model reads no files
 
 
 def test_write_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
-    path = write_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.ones(2)}})
+    model = _small()
+    path = write_checkpoint(tmp_path / "last.pt", model.config, _weights())
     original = path.read_bytes()
 
     def broken_save(obj, f):
@@ -58,13 +106,13 @@ def test_write_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        write_checkpoint(path, {"model": {"w": torch.zeros(2)}})
+        write_checkpoint(path, model.config, {"w": torch.zeros(2)})
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
 def test_truncated_file_gives_a_clear_error(tmp_path):
-    path = write_checkpoint(tmp_path / "m.pt", {"model": {"w": torch.ones(1000)}})
+    path = write_checkpoint(tmp_path / "m.pt", _small().config, {"w": torch.ones(1000)})
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CheckpointError, match="m.pt: cannot be read"):
         read_checkpoint(path)
@@ -73,6 +121,8 @@ def test_truncated_file_gives_a_clear_error(tmp_path):
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        read_checkpoint(tmp_path)
     torch.save({"backbone.body.conv1.weight": torch.ones(1)}, tmp_path / "tv.pth")
     with pytest.raises(CheckpointError, match="convert them first"):
         read_checkpoint(tmp_path / "tv.pth")
@@ -83,19 +133,26 @@ class _Evil:
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
 
 
-def test_code_in_a_checkpoint_never_runs(tmp_path, monkeypatch):
+def test_code_in_a_weight_file_never_runs(tmp_path, monkeypatch, capsys):
+    """A payload that runs code on unpickling, fed to every loader we have."""
     monkeypatch.chdir(tmp_path)
-    torch.save({"format": "retinanet-checkpoint", "model": {}, "payload": _Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="weights-only"):
-        RetinaNet.from_checkpoint(tmp_path / "evil.pt")
-    assert not (tmp_path / "PWNED").exists()
+    atomic_torch_save({"format": "retinanet-checkpoint", "version": 2, "model_config": {}, "weights": {},
+                       "payload": _Evil()}, tmp_path / "evil.pt")
     with open(tmp_path / "evil.pkl", "wb") as f:
-        pickle.dump(_Evil(), f)
+        pickle.dump({"head.cls_score.weight": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_model(tmp_path / "evil.pt")
+    assert cli(["predict", "--weights", "evil.pt", "x.jpg", "--output-dir", "out"]) == 2
+    assert cli(["eval", "--weights", "evil.pt"]) == 2
+    for source, name in [("torchvision", "evil.pt"), ("detectron2", "evil.pkl"), ("paddle", "evil.pkl"),
+                         ("detectron2", "evil.pt")]:
+        assert cli(["convert", "--from", source, name, f"out_{source}.pt"]) == 2, source
+        assert "--trust" in capsys.readouterr().err  # refused, with the way to override named
     assert not (tmp_path / "PWNED").exists()
 
 
 def test_category_ids_follow_the_model_config():
     model = _small()
-    assert model.category_ids == [0, 1, 2]  # no stored ids: the label is the id (torchvision's COCO layout)
-    model.config.category_ids = [1, 5, 9]
     assert model.category_ids == [1, 5, 9]
+    model.config.category_ids = []
+    assert model.category_ids == [0, 1, 2]  # no stored ids: the label is the id (torchvision's COCO layout)

@@ -11,6 +11,7 @@ import torchvision
 
 from retinanet.convert import convert_file
 from retinanet.convert.common import ConversionError
+from retinanet import load_model
 from retinanet.model.detector import RetinaNet
 from retinanet.model.fpn import FPN
 from retinanet.model.head import RetinaNetHead
@@ -68,7 +69,7 @@ def test_every_key_consumed_and_every_parameter_filled(d2_pickle, tmp_path):
     assert config.backbone.stride_in_1x1 and config.input.channel_order == "BGR"
     assert config.input.pixel_scale == 255.0 and config.loss.normalization == "ema"
     assert config.fpn.p6_source == "c5" and config.class_names[0] == "person" and config.category_ids[-1] == 90
-    model = RetinaNet.from_checkpoint(tmp_path / "ours.pt")
+    model = load_model(tmp_path / "ours.pt")
     ours = model.state_dict()
     consumed = {}
     for key, value in source.items():
@@ -106,7 +107,7 @@ def test_two_stage_detector_is_refused(tmp_path):
 def test_fewer_classes_keep_backbone_and_fpn(d2_pickle, tmp_path):
     path, source = d2_pickle
     config = convert_file("detectron2", path, tmp_path / "ours.pt", num_classes=3)
-    model = RetinaNet.from_checkpoint(tmp_path / "ours.pt")
+    model = load_model(tmp_path / "ours.pt")
     assert config.num_classes == 3 and model.head.cls_score.out_channels == 27
     assert torch.equal(model.fpn.p6.weight, source["backbone.top_block.p6.weight"])
 

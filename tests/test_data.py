@@ -39,7 +39,7 @@ def test_reads_boxes_labels_crowd_and_drops_degenerate(tmp_path, caplog):
     assert image.shape == (3, 30, 40) and image.dtype == torch.uint8
     assert target["boxes"].tolist() == [[1, 2, 11, 7], [0, 0, 20, 20], [30, 20, 40, 30]]
     assert target["labels"].tolist() == [1, 0, 0] and target["iscrowd"].tolist() == [False, True, False]
-    assert ds.label_to_category_id(1) == 5 and ds.class_names == ["a", "b"]
+    assert ds.category_ids[1] == 5 and ds.class_names == ["a", "b"]
 
 
 def test_images_without_boxes_are_kept(tmp_path):

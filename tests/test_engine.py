@@ -57,18 +57,17 @@ def test_exact_resume_after_interruption(shapes_data, tmp_path, monkeypatch):
     straight.run()
 
     interrupted = Trainer(config(tmp_path / "b"), progress=False)
-    monkeypatch.setattr(train_module._StopRequest, "requested", lambda self: interrupted.iteration == 3)
+    monkeypatch.setattr(train_module.StopOnSignal, "requested", lambda self: interrupted.iteration == 3)
     assert interrupted.run()["status"] == "interrupted"
     monkeypatch.undo()
     resumed = Trainer(config(tmp_path / "b"), resume=True, progress=False)
     assert resumed.iteration == 0  # loaded in run()
     resumed.run()
     assert resumed.iteration == 6
-    a, b = straight.state(), resumed.state()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["train_model"]:
-        assert torch.equal(a["train_model"][key], b["train_model"][key]), key
+    for a, b in [(straight.final_model, resumed.final_model), (straight.model, resumed.model)]:
+        a, b = a.state_dict(), b.state_dict()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
 
 
 def test_linear_scaling_rule_and_schedule():
@@ -96,7 +95,7 @@ def test_ddp_two_processes_equal_one_process(shapes_data, tmp_path):
         "cfg = tiny_config(data, out, train__max_iter=3, train__optimizer='sgd', train__base_lr=0.02,\n"
         "                  train__schedule='step', train__warmup_iters=0, model__backbone__norm='gn',\n"
         "                  data__horizontal_flip=0.0, data__val_annotations=\"''\", train__threads=1)\n"
-        "trainer = Trainer(cfg, out, device='cpu')\n"
+        "trainer = Trainer(cfg, out, device='cpu').setup()\n"
         "import os; os.makedirs(out, exist_ok=True)\n"
         "if trainer.dist.is_main: torch.save(trainer.model.state_dict(), out + '/init.pt')\n"
         "trainer.run()\n" % str(Path(__file__).parent)
@@ -117,8 +116,8 @@ def test_ddp_two_processes_equal_one_process(shapes_data, tmp_path):
 
     for (c1, b1), (c2, b2) in zip(losses("one"), losses("two"), strict=True):
         assert c1 == pytest.approx(c2, rel=1e-4) and b1 == pytest.approx(b2, rel=1e-4)
-    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
-    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["weights"]
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["weights"]
     init = torch.load(tmp_path / "one" / "init.pt", weights_only=True)
     moved = 0
     for key in one:

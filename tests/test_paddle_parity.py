@@ -18,7 +18,7 @@ pytest.importorskip("ppdet", reason="paddledet is not installed: pip install --n
 
 from retinanet.cli import main as cli  # noqa: E402
 from retinanet.data.image_io import read_image  # noqa: E402
-from retinanet.model.detector import RetinaNet  # noqa: E402
+from retinanet import load_model  # noqa: E402
 
 
 def build_paddle_retinanet():
@@ -69,7 +69,7 @@ def pair(tmp_path_factory):
     peer = build_paddle_retinanet()
     paddle.save(peer.state_dict(), str(folder / "retinanet.pdparams"))
     assert cli(["convert", "--from", "paddle", str(folder / "retinanet.pdparams"), str(folder / "ours.pt")]) == 0
-    ours = RetinaNet.from_checkpoint(folder / "ours.pt").eval()
+    ours = load_model(folder / "ours.pt").eval()
     return peer, ours
 
 

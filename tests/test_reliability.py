@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from retinanet.checkpoint import read_checkpoint
 from retinanet.cli import main as cli
 from retinanet.engine.train import Trainer, TrainingError
 
@@ -21,8 +22,8 @@ def _poison(trainer, at_iteration):
     """Make the model's loss NaN from `at_iteration` on."""
     forward = trainer.model.forward
 
-    def poisoned(images, targets=None):
-        out = forward(images, targets)
+    def poisoned(images, targets=None, **kwargs):
+        out = forward(images, targets, **kwargs)
         if trainer.iteration >= at_iteration:
             out = {k: v * float("nan") for k, v in out.items()}
         return out
@@ -32,18 +33,19 @@ def _poison(trainer, at_iteration):
 
 def test_nan_loss_stops_with_iteration_and_intact_checkpoint(shapes_data, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(tiny_config(shapes_data, out, train__max_iter=6, train__checkpoint_period=2), progress=False)
+    trainer = Trainer(tiny_config(shapes_data, out, train__max_iter=6, train__checkpoint_period=2),
+                      progress=False).setup()
     _poison(trainer, 3)
     with pytest.raises(TrainingError, match=r"non-finite loss at iteration 4.*last\.pt is left intact"):
         trainer.run()
-    saved = torch.load(out / "last.pt", weights_only=True)
-    assert saved["iteration"] == 2
-    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    saved = read_checkpoint(out / "last.pt")
+    assert saved.training["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in saved.weights.values() if v.is_floating_point())
 
 
 def test_nan_loss_can_be_skipped(shapes_data, tmp_path):
     trainer = Trainer(tiny_config(shapes_data, tmp_path / "run", train__max_iter=4, train__nonfinite_loss="skip",
-                                  data__val_annotations="''"), progress=False)
+                                  data__val_annotations="''"), progress=False).setup()
     _poison(trainer, 2)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     summary = trainer.run()
@@ -72,11 +74,11 @@ def test_signal_saves_a_checkpoint_and_resume_continues(shapes_data, tmp_path, s
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "continue with --resume" in err
-    stopped_at = torch.load(out / "last.pt", weights_only=True)["iteration"]
+    stopped_at = read_checkpoint(out / "last.pt").training["iteration"]
     assert stopped_at >= 3
     code = cli(["train", "--config", str(cfg_path), "--resume", f"train.max_iter={stopped_at + 2}"])
     assert code == 0
-    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == stopped_at + 2
+    assert read_checkpoint(out / "last.pt").training["iteration"] == stopped_at + 2
 
 
 def test_damaged_last_checkpoint_is_reported_on_resume(shapes_data, tmp_path, capsys):

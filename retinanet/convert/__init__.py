@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..model.checkpoint import write_checkpoint
-from ..model.config import ModelConfig, config_to_dict
+from ..checkpoint import write_checkpoint
+from ..model.config import ModelConfig
 from .common import ConversionError
 from .safe_pickle import load_pickle, load_torch_state
 
@@ -32,8 +32,14 @@ def convert_state(source: str, state: dict, num_classes: int | None = None):
 def read_source(source: str, path: str | Path, trust: bool = False) -> dict:
     """Load a source file without running code in it (unless `trust`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a folder, not a weight file")
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch zip, or a pickle (protocol >= 2)
+        raise ConversionError(f"{path}: not a weight file (neither a torch checkpoint nor a pickle)")
     if source == "torchvision" or path.suffix in (".pth", ".pt"):
         state = load_torch_state(path, trust)
     else:
@@ -48,12 +54,22 @@ def read_source(source: str, path: str | Path, trust: bool = False) -> dict:
 
 
 def convert_file(source: str, src: str | Path, dst: str | Path, num_classes: int | None = None,
-                 trust: bool = False) -> ModelConfig:
+                 trust: bool = False, force: bool = False) -> ModelConfig:
+    """Convert `src` into our checkpoint `dst`. Never writes over `src`; writes over an
+    existing `dst` only with `force`."""
+    src, dst = Path(src), Path(dst)
+    if num_classes is not None and num_classes < 1:
+        raise ConversionError(f"--num-classes must be at least 1, got {num_classes}")
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ConversionError(f"{dst}: the destination is the source file; choose another name")
+    if dst.is_dir():
+        raise ConversionError(f"{dst}: is a folder; give the checkpoint file to write")
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst}: already exists; pass --force to replace it")
     state = read_source(source, src, trust)
     try:
         config, weights = convert_state(source, state, num_classes)
     except ConversionError as err:
         raise ConversionError(f"{src}: {err}") from None
-    write_checkpoint(dst, {"config": {"model": config_to_dict(config)}, "model": weights,
-                           "converted_from": {"source": source, "file": str(src)}})
+    write_checkpoint(dst, config, weights, meta={"converted_from": {"source": source, "file": str(src)}})
     return config

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Callable, Union
+
 import torch
 
 from ..model.config import ModelConfig
@@ -10,6 +13,29 @@ from ..model.detector import RetinaNet
 
 class ConversionError(ValueError):
     """The source file is not what the converter expects; the message says why."""
+
+
+# A renaming rule: a regular expression matched against the whole source key, and what the
+# key becomes: a `re` replacement template, a function of the match, or None (drop the key).
+RenameRule = tuple[str, Union[str, Callable[[re.Match], str], None]]
+
+
+def rename_keys(keys, rules: list[RenameRule]) -> dict[str, str]:
+    """`{source key: our key}` for every key the first matching rule keeps. Keys that no rule
+    matches keep their name (and are then reported as unused by `fill_state_dict`)."""
+    compiled = [(re.compile(pattern), target) for pattern, target in rules]
+    out = {}
+    for key in keys:
+        for pattern, target in compiled:
+            match = pattern.fullmatch(key)
+            if match is None:
+                continue
+            if target is not None:
+                out[key] = target(match) if callable(target) else match.expand(target)
+            break
+        else:
+            out[key] = key
+    return out
 
 
 _DEPTH_BY_RES4_BLOCKS = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}
@@ -44,7 +70,7 @@ def fill_state_dict(config: ModelConfig, weights: dict[str, torch.Tensor], num_c
     initialised (for fine-tuning) and the config's class count changed.
     """
     if num_classes is not None and num_classes != config.num_classes:
-        config.num_classes, config.class_names = num_classes, []
+        config.num_classes, config.class_names, config.category_ids = num_classes, [], []
         weights = {k: v for k, v in weights.items() if not k.startswith("head.cls_score.")}
     model = RetinaNet.from_config(config)
     state = model.state_dict()

@@ -1,19 +1,33 @@
 """detectron2 RetinaNet weights (model-zoo `.pkl` or a `.pth` with the same keys).
 
-detectron2's semantics, reproduced through the config: an MSRA ResNet (stride on the first
-1x1 conv of a bottleneck), BGR input in [0, 255] with the pixel mean subtracted and std 1,
-P6 from C5, anchors with offset 0 in size-major order (the same as ours, so no channel
-permutation), smooth-L1 with beta 0.1, and the loss normaliser as a moving average.
+detectron2's behaviour is reproduced through the config. Where each setting comes from
+(detectron2's `config/defaults.py`, overridden by `configs/Base-RetinaNet.yaml`, which every
+`retinanet_R_*_FPN_*` model-zoo config inherits):
+- backbone: `RESNETS.STRIDE_IN_1X1: True` (MSRA ResNet: stride on the first 1x1 conv),
+  `FREEZE_AT: 2`, FrozenBN; depth read from the weights.
+- input: `PIXEL_MEAN [103.53, 116.28, 123.675]`, `PIXEL_STD [1, 1, 1]` on BGR in [0, 255]
+  (the file's own `pixel_mean`/`pixel_std` when stored), `MIN_SIZE_TRAIN (640..800)`,
+  `MIN_SIZE_TEST 800`, `MAX_SIZE 1333`, size divisibility 32 (FPN).
+- FPN: P6 from C5 (`LastLevelP6P7` on `res5`); read from the weights' P6 input channels.
+- anchors: Base-RetinaNet's sizes `x * 2^(i/3)` for x in 32..512, ratios 0.5/1/2,
+  `ANCHOR_GENERATOR.OFFSET: 0.0`, size-major order (as ours: no channel permutation).
+- matching: `RETINANET.IOU_THRESHOLDS [0.4, 0.5]`, `IOU_LABELS [0, -1, 1]`, low-quality
+  matches allowed; `BBOX_REG_WEIGHTS (1, 1, 1, 1)`, scale clamp log(1000/16).
+- loss: `FOCAL_LOSS_ALPHA 0.25`, `GAMMA 2.0`; `BBOX_REG_LOSS_TYPE smooth_l1` with
+  `SMOOTH_L1_LOSS_BETA: 0.0` from Base-RetinaNet.yaml (defaults.py says 0.1, which the
+  published configs override): an L1 loss; normaliser: a moving average of the foreground
+  count (momentum 0.9, initial 100, `loss_normalizer` in `retinanet.py`).
+- inference: `SCORE_THRESH_TEST 0.05`, `TOPK_CANDIDATES_TEST 1000`, `NMS_THRESH_TEST 0.5`,
+  `TEST.DETECTIONS_PER_IMAGE 100`; NMS on unclipped boxes, then clipping to the original
+  image and dropping empty boxes (`detector_postprocess`).
 """
 
 from __future__ import annotations
 
-import re
-
-
-from ..model.config import AnchorConfig, BackboneConfig, FPNConfig, HeadConfig, InputConfig, LossConfig, ModelConfig
+from ..model.config import (AnchorConfig, BackboneConfig, FPNConfig, HeadConfig, InferenceConfig, InputConfig,
+                            LossConfig, ModelConfig)
 from .coco_names import COCO_80_IDS, COCO_80_NAMES
-from .common import ConversionError, anchors_per_location, fill_state_dict, resnet_depth
+from .common import ConversionError, RenameRule, anchors_per_location, fill_state_dict, rename_keys, resnet_depth
 from .safe_pickle import to_tensors
 
 _STAGE = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
@@ -28,36 +42,33 @@ def detectron2_config(depth: int, num_classes: int, p6_source: str, pixel_mean=N
         fpn=FPNConfig(p6_source=p6_source),
         head=HeadConfig(norm="none"),
         anchors=AnchorConfig(offset=0.0),
-        loss=LossConfig(box_loss="smooth_l1", smooth_l1_beta=0.1, normalization="ema"),
+        loss=LossConfig(box_loss="smooth_l1", smooth_l1_beta=0.0, normalization="ema", ema_momentum=0.9,
+                        ema_initial=100.0),
+        inference=InferenceConfig(score_threshold=0.05, topk_candidates=1000, nms_threshold=0.5,
+                                  detections_per_image=100, clip_boxes="after_nms"),
         input=InputConfig(train_min_sizes=[640, 672, 704, 736, 768, 800], test_min_size=800, max_size=1333,
                           pixel_mean=list(pixel_mean or [103.53, 116.28, 123.675]),
                           pixel_std=list(pixel_std or [1.0, 1.0, 1.0]), pixel_scale=255.0, channel_order="BGR"),
     )
 
 
-def rename_key(key: str) -> str | None:
-    """detectron2 name -> ours (None: not a weight we keep)."""
-    if key in ("pixel_mean", "pixel_std") or key.endswith("num_batches_tracked"):
-        return None
-    m = re.match(r"^backbone\.bottom_up\.stem\.conv1\.(norm\.)?(\w+)$", key)
-    if m:
-        return f"backbone.{'bn1' if m.group(1) else 'conv1'}.{m.group(2)}"
-    m = re.match(r"^backbone\.bottom_up\.(res[2-5])\.(\d+)\.(conv\d|shortcut)\.(norm\.)?(\w+)$", key)
-    if m:
-        stage, block, layer, norm, param = m.groups()
-        if layer == "shortcut":
-            name = "downsample.1" if norm else "downsample.0"
-        else:
-            name = f"bn{layer[-1]}" if norm else layer
-        return f"backbone.{_STAGE[stage]}.{block}.{name}.{param}"
-    m = re.match(r"^backbone\.fpn_(lateral|output)([345])\.(\w+)$", key)
-    if m:
-        kind = "lateral_convs" if m.group(1) == "lateral" else "output_convs"
-        return f"fpn.{kind}.{int(m.group(2)) - 3}.{m.group(3)}"
-    m = re.match(r"^backbone\.top_block\.(p6|p7)\.(\w+)$", key)
-    if m:
-        return f"fpn.{m.group(1)}.{m.group(2)}"
-    return key  # the head's names are ours already; unknown keys are reported as unused
+RULES: list[RenameRule] = [
+    (r"pixel_(mean|std)|.*num_batches_tracked", None),
+    (r"backbone\.bottom_up\.stem\.conv1\.norm\.(\w+)", r"backbone.bn1.\1"),
+    (r"backbone\.bottom_up\.stem\.conv1\.(\w+)", r"backbone.conv1.\1"),
+    (r"backbone\.bottom_up\.(res[2-5])\.(\d+)\.shortcut\.norm\.(\w+)",
+     lambda m: f"backbone.{_STAGE[m[1]]}.{m[2]}.downsample.1.{m[3]}"),
+    (r"backbone\.bottom_up\.(res[2-5])\.(\d+)\.shortcut\.(\w+)",
+     lambda m: f"backbone.{_STAGE[m[1]]}.{m[2]}.downsample.0.{m[3]}"),
+    (r"backbone\.bottom_up\.(res[2-5])\.(\d+)\.conv(\d)\.norm\.(\w+)",
+     lambda m: f"backbone.{_STAGE[m[1]]}.{m[2]}.bn{m[3]}.{m[4]}"),
+    (r"backbone\.bottom_up\.(res[2-5])\.(\d+)\.conv(\d)\.(\w+)",
+     lambda m: f"backbone.{_STAGE[m[1]]}.{m[2]}.conv{m[3]}.{m[4]}"),
+    (r"backbone\.fpn_lateral([345])\.(\w+)", lambda m: f"fpn.lateral_convs.{int(m[1]) - 3}.{m[2]}"),
+    (r"backbone\.fpn_output([345])\.(\w+)", lambda m: f"fpn.output_convs.{int(m[1]) - 3}.{m[2]}"),
+    (r"backbone\.top_block\.(p6|p7)\.(\w+)", r"fpn.\1.\2"),
+    # the head's names (head.cls_subnet.*, head.cls_score.*, ...) are ours already
+]
 
 
 def convert_detectron2(state: dict, num_classes: int | None = None):
@@ -77,9 +88,6 @@ def convert_detectron2(state: dict, num_classes: int | None = None):
     mean = state["pixel_mean"].flatten().tolist() if "pixel_mean" in state else None
     std = state["pixel_std"].flatten().tolist() if "pixel_std" in state else None
     config = detectron2_config(depth, source_classes, p6_source, mean, std)
-    renamed = {}
-    for key, value in state.items():
-        new = rename_key(key)
-        if new is not None:
-            renamed[new] = value.float() if value.is_floating_point() else value
+    renamed = {new: state[key].float() if state[key].is_floating_point() else state[key]
+               for key, new in rename_keys(state, RULES).items()}
     return fill_state_dict(config, renamed, num_classes, source="detectron2")

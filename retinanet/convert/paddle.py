@@ -14,7 +14,7 @@ import re
 
 from ..model.config import BackboneConfig, FPNConfig, HeadConfig, InferenceConfig, LossConfig, ModelConfig
 from .coco_names import COCO_80_IDS, COCO_80_NAMES
-from .common import ConversionError, anchors_per_location, fill_state_dict, resnet_depth
+from .common import ConversionError, RenameRule, anchors_per_location, fill_state_dict, rename_keys, resnet_depth
 from .safe_pickle import to_tensors
 
 _BN = {"weight": "weight", "bias": "bias", "_mean": "running_mean", "_variance": "running_var"}
@@ -31,7 +31,7 @@ def paddle_config(depth: int, num_classes: int, num_convs: int = 4) -> ModelConf
         loss=LossConfig(box_loss="l1", normalization="batch"),
         inference=InferenceConfig(score_threshold=0.05, topk_candidates=1000, candidates="per_anchor",
                                   nms_pre_per_class=1000, nms_threshold=0.5, detections_per_image=100,
-                                  clip_boxes=False),
+                                  clip_boxes="none"),
     )
 
 
@@ -41,35 +41,27 @@ def _block_index(name: str) -> int:
     return int(number) if number else ord(letter) - ord("a")
 
 
-def rename_key(key: str) -> str:
-    m = re.match(r"^backbone\.conv1\.conv1\.(conv|norm)\.(\w+)$", key)
-    if m:
-        return f"backbone.conv1.{m.group(2)}" if m.group(1) == "conv" else f"backbone.bn1.{_BN[m.group(2)]}"
-    m = re.match(r"^backbone\.res([2-5])\.(res\d\w+)\.(branch2[abc]|short)\.(conv|norm)\.(\w+)$", key)
-    if m:
-        stage, block, branch, kind, param = m.groups()
-        prefix = f"backbone.layer{int(stage) - 1}.{_block_index(block)}"
-        if branch == "short":
-            return f"{prefix}.downsample.{0 if kind == 'conv' else 1}.{param if kind == 'conv' else _BN[param]}"
-        n = "abc".index(branch[-1]) + 1
-        return f"{prefix}.conv{n}.{param}" if kind == "conv" else f"{prefix}.bn{n}.{_BN[param]}"
-    m = re.match(r"^neck\.fpn_inner_res([345])_sum(?:_lateral)?\.(\w+)$", key)
-    if m:
-        return f"fpn.lateral_convs.{int(m.group(1)) - 3}.{m.group(2)}"
-    m = re.match(r"^neck\.fpn_res([345])_sum\.(\w+)$", key)
-    if m:
-        return f"fpn.output_convs.{int(m.group(1)) - 3}.{m.group(2)}"
-    m = re.match(r"^neck\.fpn_([67])\.(\w+)$", key)
-    if m:
-        return f"fpn.p{m.group(1)}.{m.group(2)}"
-    m = re.match(r"^head\.conv_feat\.fcos_head_(cls|reg)_tower_conv_(\d+)\.conv\.(\w+)$", key)
-    if m:
-        subnet = "cls_subnet" if m.group(1) == "cls" else "bbox_subnet"
-        return f"head.{subnet}.{2 * int(m.group(2))}.{m.group(3)}"
-    m = re.match(r"^head\.retina_(cls|reg)\.(\w+)$", key)
-    if m:
-        return f"head.{'cls_score' if m.group(1) == 'cls' else 'bbox_pred'}.{m.group(2)}"
-    return key  # unknown: reported as unused by fill_state_dict
+def _backbone_block(m: re.Match) -> str:
+    stage, block, branch, kind, param = m.groups()
+    prefix = f"backbone.layer{int(stage) - 1}.{_block_index(block)}"
+    if branch == "short":
+        return f"{prefix}.downsample.{0 if kind == 'conv' else 1}.{param if kind == 'conv' else _BN[param]}"
+    n = "abc".index(branch[-1]) + 1
+    return f"{prefix}.conv{n}.{param}" if kind == "conv" else f"{prefix}.bn{n}.{_BN[param]}"
+
+
+RULES: list[RenameRule] = [
+    (r"backbone\.conv1\.conv1\.conv\.(\w+)", r"backbone.conv1.\1"),
+    (r"backbone\.conv1\.conv1\.norm\.(\w+)", lambda m: f"backbone.bn1.{_BN[m[1]]}"),
+    (r"backbone\.res([2-5])\.(res\d\w+)\.(branch2[abc]|short)\.(conv|norm)\.(\w+)", _backbone_block),
+    (r"neck\.fpn_inner_res([345])_sum(?:_lateral)?\.(\w+)", lambda m: f"fpn.lateral_convs.{int(m[1]) - 3}.{m[2]}"),
+    (r"neck\.fpn_res([345])_sum\.(\w+)", lambda m: f"fpn.output_convs.{int(m[1]) - 3}.{m[2]}"),
+    (r"neck\.fpn_([67])\.(\w+)", r"fpn.p\1.\2"),
+    (r"head\.conv_feat\.fcos_head_(cls|reg)_tower_conv_(\d+)\.conv\.(\w+)",
+     lambda m: f"head.{'cls' if m[1] == 'cls' else 'bbox'}_subnet.{2 * int(m[2])}.{m[3]}"),
+    (r"head\.retina_cls\.(\w+)", r"head.cls_score.\1"),
+    (r"head\.retina_reg\.(\w+)", r"head.bbox_pred.\1"),
+]
 
 
 def convert_paddle(state: dict, num_classes: int | None = None):
@@ -89,5 +81,6 @@ def convert_paddle(state: dict, num_classes: int | None = None):
     if any(".norm." in k for k in state if k.startswith("head.conv_feat.")):
         raise ConversionError("a RetinaFeat with normalisation layers is not the reference head; not supported")
     config = paddle_config(depth, state["head.retina_cls.weight"].shape[0] // num_anchors, num_convs)
-    renamed = {rename_key(k): v.float() if v.is_floating_point() else v for k, v in state.items()}
+    renamed = {new: state[key].float() if state[key].is_floating_point() else state[key]
+               for key, new in rename_keys(state, RULES).items()}
     return fill_state_dict(config, renamed, num_classes, source="PaddleDetection")

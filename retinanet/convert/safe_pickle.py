@@ -47,9 +47,13 @@ def load_pickle(path: str | Path, trust: bool = False):
                 return pickle.load(f, encoding="latin1")  # the user vouched for this file
             return RestrictedUnpickler(f, encoding="latin1").load()
         except pickle.UnpicklingError as err:
+            if trust or not str(err).startswith("refused"):
+                raise ConversionError(f"{path}: not a weight file (not a readable pickle: {err})") from None
             raise ConversionError(f"{path}: {err}. If you trust this file, pass --trust") from None
-        except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as err:
-            raise ConversionError(f"{path}: not a readable pickle of weights ({type(err).__name__}: {err})") from None
+        except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
+                OverflowError, MemoryError) as err:
+            raise ConversionError(f"{path}: not a weight file (not a readable pickle: {type(err).__name__}: "
+                                  f"{err})") from None
 
 
 def load_torch_state(path: str | Path, trust: bool = False) -> dict:
@@ -58,6 +62,8 @@ def load_torch_state(path: str | Path, trust: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
+        if trust or "Weights only load failed" not in str(err):
+            raise ConversionError(f"{path}: not a weight file ({str(err).splitlines()[0]})") from None
         raise ConversionError(f"{path}: refused by the weights-only loader ({str(err).splitlines()[0]}). "
                               "If you trust this file, pass --trust") from None
     except RuntimeError:

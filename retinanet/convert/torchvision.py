@@ -9,13 +9,11 @@ the predictors' output channels are permuted.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ..model.config import AnchorConfig, BackboneConfig, FPNConfig, HeadConfig, InferenceConfig, LossConfig, ModelConfig
 from .coco_names import COCO_91_NAMES
-from .common import ConversionError, fill_state_dict, permute_anchor_channels
+from .common import ConversionError, RenameRule, fill_state_dict, permute_anchor_channels, rename_keys
 
 TORCHVISION_ANCHOR_SIZES = [[x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))] for x in (32, 64, 128, 256, 512)]
 
@@ -51,33 +49,22 @@ def convert_torchvision(state: dict[str, torch.Tensor], num_classes: int | None 
     norm = version == 2
     step = 3 if norm else 2  # position of conv j inside our subnet Sequential
 
-    def rename(key: str) -> str | None:
-        if key.endswith("num_batches_tracked"):
-            return None
-        rules = [
-            (r"^backbone\.body\.", "backbone."),
-            (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?", r"fpn.lateral_convs.\1."),
-            (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?", r"fpn.output_convs.\1."),
-            (r"^backbone\.fpn\.extra_blocks\.", "fpn."),
-            (r"^head\.classification_head\.cls_logits\.", "head.cls_score."),
-            (r"^head\.regression_head\.bbox_reg\.", "head.bbox_pred."),
-        ]
-        for pattern, repl in rules:
-            if re.match(pattern, key):
-                return re.sub(pattern, repl, key)
-        m = re.match(r"^head\.(classification|regression)_head\.conv\.(\d+)\.(\d)\.(weight|bias)$", key)
-        if m:
-            subnet = "cls_subnet" if m.group(1) == "classification" else "bbox_subnet"
-            index = int(m.group(2)) * step + int(m.group(3))
-            return f"head.{subnet}.{index}.{m.group(4)}"
-        return key
-
+    rules: list[RenameRule] = [
+        (r".*num_batches_tracked", None),
+        (r"backbone\.body\.(.+)", r"backbone.\1"),
+        (r"backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(\w+)", r"fpn.lateral_convs.\1.\2"),
+        (r"backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(\w+)", r"fpn.output_convs.\1.\2"),
+        (r"backbone\.fpn\.extra_blocks\.(.+)", r"fpn.\1"),
+        (r"head\.classification_head\.cls_logits\.(\w+)", r"head.cls_score.\1"),
+        (r"head\.regression_head\.bbox_reg\.(\w+)", r"head.bbox_pred.\1"),
+        (r"head\.(classification|regression)_head\.conv\.(\d+)\.(\d)\.(weight|bias)",
+         lambda m: f"head.{'cls' if m[1] == 'classification' else 'bbox'}_subnet."
+                   f"{int(m[2]) * step + int(m[3])}.{m[4]}"),
+    ]
     perm = _ratio_major_to_size_major(len(config.anchors.sizes[0]), len(config.anchors.aspect_ratios))
     renamed = {}
-    for key, value in state.items():
-        new = rename(key)
-        if new is None:
-            continue
+    for key, new in rename_keys(state, rules).items():
+        value = state[key]
         if new.startswith("head.cls_score."):
             value = permute_anchor_channels(value, perm, source_classes)
         elif new.startswith("head.bbox_pred."):

@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
-    """The dataset cannot be used as given; the message names the file and the problem."""
+    """The dataset cannot be used as given; the message names the file and the problem(s).
+    `problems` lists every problem found, one line each."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass
@@ -46,7 +51,7 @@ class DatasetReport:
 class CocoDetection(Dataset):
     """Images and boxes from a COCO json.
 
-    Category ids map to contiguous labels `0..K-1` in id order (`label_to_category_id` maps
+    Category ids map to contiguous labels `0..K-1` in id order (`category_ids[label]` maps
     back). Crowd boxes are kept (`iscrowd`) for the matcher to ignore. Degenerate boxes
     (width or height <= 1 px after clipping to the image, or outside it) are dropped with
     one summary warning. Images without boxes stay, as background. An item is
@@ -73,9 +78,6 @@ class CocoDetection(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
-
-    def label_to_category_id(self, label: int) -> int:
-        return self.category_ids[label]
 
     def aspect_ratios(self) -> list[float]:
         """Width / height of every image, from the annotation file (no decoding)."""
@@ -110,34 +112,28 @@ class CocoDetection(Dataset):
         return image, target
 
     def _parse(self, data: dict) -> tuple[list[ImageRecord], DatasetReport]:
+        """Records of every image; all problems of the file are collected and raised together."""
         source = self.annotation_file
         report = DatasetReport()
-        records: dict[int, ImageRecord] = {}
+        records: dict = {}
+        problems: list[str] = []
         for i, image in enumerate(data["images"]):
-            try:
-                image_id, file_name = image["id"], image["file_name"]
-                width, height = int(image["width"]), int(image["height"])
-            except (KeyError, TypeError, ValueError):
-                raise DatasetError(f"{source}: images[{i}] needs id, file_name, width and height") from None
-            if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
-                raise DatasetError(f"{source}: images[{i}] has id {image_id!r}; ids must be integers or strings")
-            if width <= 0 or height <= 0:
-                raise DatasetError(f"{source}: image {image_id} ({file_name}) has size {width}x{height}")
-            if image_id in records:
-                raise DatasetError(f"{source}: image id {image_id} appears twice")
-            records[image_id] = ImageRecord(image_id, file_name, width, height, [], [], [])
+            record = _image_record(image, i, records, problems)
+            if record is not None:
+                records[record.image_id] = record
         for j, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
-                raise DatasetError(f"{source}: annotations[{j}] needs image_id, category_id and bbox")
+                problems.append(f"annotations[{j}] needs image_id, category_id and bbox")
+                continue
             record = records.get(ann["image_id"]) if isinstance(ann["image_id"], (int, str)) else None
             if record is None:
-                raise DatasetError(f"{source}: annotation {ann.get('id', j)} refers to unknown image id {ann['image_id']}")
-            label = self.category_to_label.get(ann["category_id"])
+                problems.append(f"annotation {ann.get('id', j)} refers to unknown image id {ann['image_id']!r}")
+                continue
+            label = self.category_to_label.get(ann["category_id"]) if _hashable(ann["category_id"]) else None
             if label is None:
-                raise DatasetError(
-                    f"{source}: annotation {ann.get('id', j)} has category id {ann['category_id']}, "
-                    f"which is not among the file's categories {self.category_ids[:10]}..."
-                )
+                problems.append(f"annotation {ann.get('id', j)} has category id {ann['category_id']!r}, which is "
+                                f"not among the file's categories {self.category_ids[:10]}")
+                continue
             box = _valid_box(ann.get("bbox"), record.width, record.height)
             if box is None:
                 report.dropped_boxes += 1
@@ -147,6 +143,11 @@ class CocoDetection(Dataset):
             record.boxes.append(box)
             record.labels.append(label)
             record.crowd.append(bool(ann.get("iscrowd", 0)))
+        if problems:
+            more = f" (and {len(problems) - 3} more problems; retinanet check-data lists them all)" \
+                if len(problems) > 3 else ""
+            raise DatasetError(f"{source}: " + "; ".join(problems[:3]) + more,
+                               [f"{source}: {p}" for p in problems])
         report.num_images = len(records)
         report.num_boxes = sum(len(r.boxes) for r in records.values())
         report.num_crowd = sum(sum(r.crowd) for r in records.values())
@@ -155,6 +156,29 @@ class CocoDetection(Dataset):
             log.warning("%s: dropped %d degenerate boxes (w or h <= 1 px, or outside the image), e.g. %s",
                         source, report.dropped_boxes, "; ".join(report.dropped_examples[:3]))
         return list(records.values()), report
+
+
+def _hashable(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _image_record(image, i: int, records: dict, problems: list[str]) -> ImageRecord | None:
+    """The record of `images[i]`, or None with the problem appended."""
+    try:
+        image_id, file_name = image["id"], image["file_name"]
+        width, height = int(image["width"]), int(image["height"])
+    except (KeyError, TypeError, ValueError):
+        problems.append(f"images[{i}] needs id, file_name, width and height")
+        return None
+    if not _hashable(image_id):
+        problems.append(f"images[{i}] has id {image_id!r}; ids must be integers or strings")
+    elif width <= 0 or height <= 0:
+        problems.append(f"image {image_id} ({file_name}) has size {width}x{height}")
+    elif image_id in records:
+        problems.append(f"image id {image_id} appears twice")
+    else:
+        return ImageRecord(image_id, file_name, width, height, [], [], [])
+    return None
 
 
 def load_coco_json(path: Path) -> dict:

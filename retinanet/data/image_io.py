@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +23,30 @@ def read_image(path: str | Path) -> torch.Tensor:
     """Read an image file as an RGB `(3, H, W)` uint8 tensor.
 
     EXIF orientation is applied; grayscale, palette, RGBA, CMYK and 16-bit images become
-    8-bit RGB. A missing, truncated or non-image file raises `ImageReadError`.
+    8-bit RGB. A missing, truncated or non-image file, a folder, or an image larger than
+    Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 179 megapixels;
+    `retinanet predict --max-pixels` raises it) raises `ImageReadError`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(path, "is a folder, not an image file")
     if not path.is_file():
         raise ImageReadError(path, "file not found")
     # Some libraries switch PIL to silently pad truncated files; a damaged image must fail here.
     tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with Image.open(path) as image:
-            image.load()  # decode fully now: a truncated file fails here, not later
-            image = ImageOps.exif_transpose(image)
-            array = to_rgb_array(image)
+        with warnings.catch_warnings():  # sizes up to the limit are fine: no raw Pillow warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode fully now: a truncated file fails here, not later
+                image = ImageOps.exif_transpose(image)
+                array = to_rgb_array(image)
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(found[1]):,} pixels" if found else "its size"
+        raise ImageReadError(path, f"{size} is over Pillow's decompression-bomb limit of "
+                                   f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels; if you trust the file, raise the "
+                                   "limit (retinanet predict --max-pixels N)") from None
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as err:

@@ -1,18 +1,14 @@
-"""Training checkpoints: everything needed to continue a run exactly where it stopped.
-
-Files are written atomically (temporary file + rename) and read with `weights_only=True`.
-RNG states are stored as tensors and plain tuples so that no pickled object is needed.
-"""
+"""RNG states for training checkpoints, as tensors and plain tuples (no pickled objects),
+so that `--resume` continues exactly. The file format itself is `retinanet.checkpoint`."""
 
 from __future__ import annotations
 
 import random
+
 import numpy as np
 import torch
 
-from ..model.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-
-__all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint", "capture_rng", "restore_rng"]
+__all__ = ["capture_rng", "restore_rng"]
 
 
 def capture_rng() -> dict:

@@ -7,41 +7,48 @@ import time
 from pathlib import Path
 
 
+from ..checkpoint import load_model
 from ..config import Config, apply_overrides, load_config
 from ..data.coco import CocoDetection
 from ..data.synthetic import SHAPE_CLASSES, generate_dataset
 from ..model.detector import RetinaNet
 from .predict import draw_detections
-from .train import train
-
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+from .train import TrainingError, train
 
 
 def demo_config(output_dir: str | Path, minutes: float | None = None, overrides: list[str] | None = None,
                 num_train: int = 8000, num_val: int = 300, seed: int = 0) -> Config:
     output_dir = Path(output_dir)
     t0 = time.perf_counter()
-    cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, overrides)
+    budget = [f"train.max_minutes={minutes}"] if minutes is not None else []
+    cfg = load_config("demo", list(overrides or []) + budget)  # shipped inside the package; checked before any work
     size = cfg.model.input.test_min_size
     paths = generate_dataset(output_dir / "data", num_train=num_train, num_val=num_val, image_size=size, seed=seed)
     print(f"data: {num_train} train / {num_val} val images in {output_dir / 'data'} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    cfg = apply_overrides(cfg, [f"data.{k}={v}" for k, v in paths.items()] + [f"output_dir={output_dir / 'run'}"]
-                          + ([f"train.max_minutes={minutes}"] if minutes is not None else []))
+    cfg = apply_overrides(cfg, [f"data.{k}={v}" for k, v in paths.items()] + [f"output_dir={output_dir / 'run'}"])
     cfg.model.class_names = list(SHAPE_CLASSES)
     return cfg
 
 
 def run_demo(output_dir: str | Path = "demo_output", minutes: float | None = None,
-             overrides: list[str] | None = None, num_train: int = 8000, num_val: int = 300) -> dict:
+             overrides: list[str] | None = None, num_train: int = 8000, num_val: int = 300,
+             overwrite: bool = False) -> dict:
+    """Generate, train, evaluate, draw. A folder holding an earlier demo run is refused
+    before any work unless `overwrite`."""
     start = time.perf_counter()
+    if (Path(output_dir) / "run").exists() and not overwrite:
+        raise TrainingError(f"{output_dir} holds an earlier demo run: pass --overwrite to replace it, or choose "
+                            "another --output-dir")
     cfg = demo_config(output_dir, minutes, overrides, num_train, num_val)
-    summary = train(cfg, cfg.output_dir)
+    summary = train(cfg, cfg.output_dir, overwrite=overwrite)
+    if summary["status"] == "interrupted":
+        return {"status": "interrupted", "signal": summary["signal"], "iterations": summary["iteration"]}
     metrics = summary["metrics"] or {}
-    model = RetinaNet.from_checkpoint(Path(cfg.output_dir) / "model_final.pt")
+    model = load_model(Path(cfg.output_dir) / "model_final.pt")
     drawn = draw_examples(model, cfg, Path(output_dir) / "predictions")
     elapsed = time.perf_counter() - start
-    result = {"AP": metrics.get("AP"), "AP50": metrics.get("AP50"), "iterations": summary["iteration"],
+    result = {"status": "finished", "AP": metrics.get("AP"), "AP50": metrics.get("AP50"), "iterations": summary["iteration"],
               "images_seen": summary["iteration"] * cfg.train.batch_size, "minutes": round(elapsed / 60, 2),
               "drawn": [str(p) for p in drawn]}
     (Path(output_dir) / "demo_result.json").write_text(json.dumps(result, indent=2))

@@ -9,6 +9,21 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(RuntimeError):
+    """The requested device does not exist here; the message says which and what to use."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` -> CUDA when available, else CPU; an unavailable device is a `DeviceError`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DeviceError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(device)
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -23,19 +38,15 @@ class DistInfo:
 
 def setup(device: str = "auto") -> DistInfo:
     """Join the process group that `torchrun` describes in the environment, if any."""
-    want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
+    if dev.type == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local, dev)
 
 
@@ -61,6 +72,29 @@ def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
         t = t.cuda()
     dist.all_reduce(t)
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def sum_over_processes(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`(value summed over all processes, number of processes)`; the trainer hands this to
+    the model's loss, which runs no collective itself."""
+    if not is_distributed():
+        return value, 1
+    total = value.detach().clone()
+    if dist.get_backend() == "nccl":
+        total = total.cuda()
+    dist.all_reduce(total)
+    return total.to(value.device), dist.get_world_size()
+
+
+def any_over_processes(flag: bool) -> bool:
+    """True on every process when `flag` is true on any of them."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([float(flag)])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def barrier() -> None:

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from ..data.coco import CocoDetection, collate
+from ..data.coco import CocoDetection, DatasetError, collate
 from . import distributed
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,40 @@ log = logging.getLogger(__name__)
 SUMMARY_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
+def amp_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of a `train.amp` setting (None: full precision)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
+def check_categories(model, dataset: CocoDetection) -> None:
+    """Stop when the model's categories are not the dataset's: every dataset category id
+    must be one of the model's, under the same name (when the model has names)."""
+    names = dict(zip(model.category_ids, model.class_names))
+    named = bool(model.config is not None and model.config.class_names)
+    problems = []
+    for cid, name in zip(dataset.category_ids, dataset.class_names):
+        if cid not in names:
+            problems.append(f"id {cid} ({name}) is not among the model's")
+        elif named and names[cid].strip().lower() != name.strip().lower():
+            problems.append(f"id {cid} is {name!r} in the data but {names[cid]!r} in the model")
+    if problems:
+        raise DatasetError(
+            f"{dataset.annotation_file}: its categories do not match the model's "
+            f"({model.num_classes} classes, ids {_span(model.category_ids)}): " + "; ".join(problems[:4])
+            + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            + ". Evaluate with the dataset the model was trained for, or fine-tune it on this one")
+
+
+def _span(ids: list[int]) -> str:
+    return f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else str(ids[:8])
+
+
 @torch.inference_mode()
 def predict_dataset(model, dataset: CocoDetection, batch_size: int = 8, num_workers: int = 0,
-                    max_images: int = 0, amp_dtype: torch.dtype | None = None) -> tuple[list[dict], list[str]]:
+                    max_images: int = 0, amp: str = "none") -> tuple[list[dict], list[str]]:
     """Detections for this process's share of `dataset` in COCO results format
-    (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images."""
+    (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images.
+    `amp` is the run's `train.amp`: evaluation runs in the precision training used."""
     rank = torch.distributed.get_rank() if distributed.is_distributed() else 0
     world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
@@ -37,11 +66,12 @@ def predict_dataset(model, dataset: CocoDetection, batch_size: int = 8, num_work
     was_training = model.training
     model.eval()
     results, skipped = [], []
+    dtype = amp_dtype(amp)
     for images, targets, bad in loader:
         skipped.extend(bad)
         if not images:
             continue
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             outputs = model([im.to(device, non_blocking=True) for im in images])
         for target, output in zip(targets, outputs):
             results.extend(to_coco_results(output, target["image_id"], category_ids))
@@ -117,10 +147,14 @@ def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str
 
 
 def evaluate(model, dataset: CocoDetection, output_dir: str | Path | None = None, batch_size: int = 8,
-             num_workers: int = 0, max_images: int = 0, verbose: bool = True) -> dict | None:
+             num_workers: int = 0, max_images: int = 0, verbose: bool = True, amp: str = "none") -> dict | None:
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
-    `metrics.json` and `detections.json` into `output_dir`. Other ranks get None."""
-    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images)
+    `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. A
+    dataset without images, or whose categories are not the model's, is an error."""
+    if len(dataset) == 0:
+        raise DatasetError(f"{dataset.annotation_file}: the evaluation set has no images")
+    check_categories(model, dataset)
+    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp)
     gathered = distributed.all_gather_objects((results, skipped))
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
         return None

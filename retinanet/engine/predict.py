@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import sys
 from pathlib import Path
@@ -11,37 +12,83 @@ from PIL import Image, ImageDraw
 
 from ..data.image_io import ImageReadError, read_image
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
-def predict_files(model, paths: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
+
+def collect_images(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files as given, folders searched recursively for images, glob patterns expanded.
+    Returns the image paths (in order, without repeats) and one error line per bad input."""
+    paths, errors, seen = [], [], set()
+    for item in map(str, inputs):
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                errors.append(f"{path}: a folder without image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        elif path.exists() or not glob.has_magic(item):
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not found:
+                errors.append(f"{item}: no file matches this pattern")
+        for p in found:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                paths.append(p)
+    return paths, errors
+
+
+def drawn_names(paths: list[Path], output_dir: Path) -> dict[Path, Path]:
+    """A distinct output file for each input's drawing, never one of the inputs themselves:
+    `photo.jpg` -> `photo.jpg` in `output_dir`; same stems get `_2`, `_3`, ..."""
+    inputs = {p.resolve() for p in paths}
+    taken: set[Path] = set()
+    out = {}
+    for path in paths:
+        n, candidate = 1, output_dir / f"{path.stem}.jpg"
+        while candidate.resolve() in taken or candidate.resolve() in inputs:
+            n += 1
+            candidate = output_dir / f"{path.stem}_{n}.jpg"
+        taken.add(candidate.resolve())
+        out[path] = candidate
+    return out
+
+
+def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
                   draw: bool = True, batch_size: int = 4) -> tuple[list[dict], list[str]]:
-    """Detect in every readable file; bad files are reported (one line each) and skipped.
+    """Detect in every readable image; bad inputs are reported (one line each) and skipped.
 
     Writes `output_dir/predictions.json` (`file_name`, `category_id`, `category_name`,
-    `bbox` [x, y, w, h], `score`) and, with `draw`, `output_dir/<stem>.jpg` with boxes.
-    Category ids come from `model.category_ids`. Returns the predictions and the error lines.
+    `bbox` [x, y, w, h], `score`) and, with `draw`, a drawn copy of each image (never over
+    an input). Returns the predictions and the error lines.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    category_ids = model.category_ids
-    predictions, errors = [], []
-    readable: list[tuple[Path, torch.Tensor]] = []
-    for path in map(Path, paths):
+    paths, errors = collect_images(inputs)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    targets = drawn_names(paths, output_dir)
+    predictions: list[dict] = []
+    batch: list[tuple[Path, torch.Tensor]] = []
+    for i, path in enumerate(paths):
         try:
-            readable.append((path, read_image(path)))
-        except ImageReadError as err:
-            errors.append(f"error: {err}")
+            image = read_image(path)
+            model.preprocessor.check_size(tuple(image.shape[-2:]), name=str(path))
+            batch.append((path, image))
+        except (ImageReadError, ValueError) as err:
+            errors.append(str(err))
             print(f"error: {err}", file=sys.stderr)
-        if len(readable) == batch_size:
-            predictions.extend(_run(model, readable, output_dir, score_threshold, draw, category_ids))
-            readable = []
-    if readable:
-        predictions.extend(_run(model, readable, output_dir, score_threshold, draw, category_ids))
+        if batch and (len(batch) == batch_size or i == len(paths) - 1):
+            predictions.extend(_run(model, batch, targets if draw else None, score_threshold))
+            batch = []
     (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
     return predictions, errors
 
 
-def _run(model, items, output_dir: Path, score_threshold, draw: bool, category_ids: list[int]) -> list[dict]:
+def _run(model, items, targets: dict[Path, Path] | None, score_threshold) -> list[dict]:
     outputs = model.predict([image for _, image in items], score_threshold=score_threshold)
+    category_ids = model.category_ids
     records = []
     for (path, image), det in zip(items, outputs):
         for box, score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
@@ -50,8 +97,8 @@ def _run(model, items, output_dir: Path, score_threshold, draw: bool, category_i
             records.append({"file_name": str(path), "category_id": category_ids[label], "category_name": name,
                             "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                             "score": round(score, 5)})
-        if draw:
-            draw_detections(image, det).save(output_dir / f"{path.stem}.jpg", quality=92)
+        if targets is not None:
+            draw_detections(image, det).save(targets[path], quality=92)
     return records
 
 

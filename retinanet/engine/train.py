@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import sys
 import time
@@ -19,13 +20,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from ..config import Config, config_to_dict, save_config
-from ..data.coco import CocoDetection, collate
+from ..data.coco import CocoDetection, DatasetError, collate
 from ..data.sampler import TrainBatchSampler
 from ..model.detector import RetinaNet
 from . import distributed
-from .checkpoint import CheckpointError, capture_rng, read_checkpoint, restore_rng, write_checkpoint
-from .evaluate import evaluate
+from .checkpoint import capture_rng, restore_rng
+from .evaluate import amp_dtype, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,16 @@ class Schedule:
     max_iter: int
     steps: list[int]
     warmup_iters: int
+
+
+def describe_scaling(cfg, schedule: Schedule) -> str | None:
+    """One line saying what the linear scaling rule changed, or None when nothing."""
+    if cfg.batch_size == cfg.reference_batch_size:
+        return None
+    return (f"linear scaling rule: batch {cfg.batch_size} vs the config's reference batch "
+            f"{cfg.reference_batch_size}: lr {cfg.base_lr:g} -> {schedule.lr:g}, max_iter {cfg.max_iter} -> "
+            f"{schedule.max_iter}, steps {cfg.steps} -> {schedule.steps}, warmup_iters {cfg.warmup_iters} -> "
+            f"{schedule.warmup_iters} (set train.reference_batch_size={cfg.batch_size} to keep them)")
 
 
 def scaled_schedule(cfg) -> Schedule:
@@ -140,59 +152,221 @@ def load_pretrained_backbone(model: RetinaNet, source: str) -> None:
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-# ------------------------------------------------------------------------------ the loop
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between iterations."""
+# ------------------------------------------------------------------------------ output folder
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "model_final.pt", "metrics.jsonl", "skipped_images.txt")
+
+
+def check_output_dir(output_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, to mix a new run into a folder that holds one,
+    and to resume from a missing checkpoint or one of another architecture."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingError(f"{output_dir}: the output folder is a file")
+    last = output_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise TrainingError(f"--resume: no checkpoint at {last} (nothing was written)")
+        stored = read_checkpoint(last).model_config
+        differences = model_config_differences(config_to_dict(stored), config_to_dict(cfg.model))
+        if differences:
+            raise TrainingError(f"--resume: the config differs from {last} in " + "; ".join(differences[:5])
+                                + " (nothing was written; resume with the run's own config.yaml)")
+        return
+    existing = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise TrainingError(f"{output_dir} holds a training run already ({', '.join(existing)}): pass --resume "
+                            f"to continue it, --overwrite to replace it, or choose another --output-dir")
+
+
+def model_config_differences(stored: dict, wanted: dict, where: str = "model") -> list[str]:
+    """`key: stored -> wanted` for every model setting that differs. Class names and
+    category ids left empty in `wanted` are filled from the data and do not count."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += model_config_differences(a, b, f"{where}.{key}")
+        elif a != b and not (key in ("class_names", "category_ids") and not b):
+            out.append(f"{where}.{key}: {a!r} in the checkpoint, {b!r} in the config")
+    return out
+
+
+def clear_run_files(output_dir: Path) -> None:
+    for name in RUN_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ hooks
+class Hook:
+    """A periodic action of the training loop (detectron2's HookBase, reduced)."""
+
+    def after_step(self, trainer: "Trainer", losses: dict | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TimeBudget(Hook):
+    """Shortens max_iter so that training ends within `max_minutes` of wall clock, from the
+    average iteration time so far (re-fitted every 25 iterations; never above the config's)."""
+
+    def __init__(self, minutes: float, start_iter: int):
+        self.minutes, self.start_iter, self.start = minutes, start_iter, time.perf_counter()
+
+    def after_step(self, trainer, losses):
+        done = trainer.iteration - self.start_iter
+        if done % 25:
+            return
+        elapsed = time.perf_counter() - self.start
+        remaining = self.minutes * 60 - elapsed
+        fitted = trainer.iteration + max(0, int(remaining / max(elapsed / done, 1e-6)))
+        configured = trainer.configured_max_iter
+        fitted = min(distributed.all_gather_objects(fitted)[0], configured)
+        if fitted != trainer.schedule.max_iter:
+            if trainer.schedule.max_iter == configured:
+                log.info("time budget %.1f min: max_iter %d -> %d", self.minutes, configured, fitted)
+            trainer.schedule.max_iter = fitted
+
+
+class MetricsLogger(Hook):
+    """Loss lines in `metrics.jsonl`, TensorBoard and the console (a progress bar on a TTY)."""
+
+    def __init__(self, trainer: "Trainer", period: int):
+        self.period = period
+        self.timer = _Timer()
+        self.writer = trainer.writer
+        self.bar = None
+        if trainer.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.schedule.max_iter, initial=trainer.iteration, dynamic_ncols=True,
+                            desc="train")
+
+    def after_step(self, trainer, losses):
+        self.timer.tick()
+        if self.bar is not None:
+            self.bar.total = trainer.schedule.max_iter
+            self.bar.update(1)
+            if losses:
+                self.bar.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)
+        if losses is None or not (trainer.iteration % self.period == 0 or trainer.iteration == 1):
+            return
+        values = distributed.mean_over_processes(losses)
+        if not trainer.dist.is_main:
+            return
+        per_iter = self.timer.recent()
+        record = {"iteration": trainer.iteration, **{k: round(v, 6) for k, v in values.items()},
+                  "seconds_per_iter": round(per_iter, 4),
+                  "images_per_second": round(trainer.cfg.train.batch_size / max(per_iter, 1e-9), 2),
+                  "eta_seconds": round(per_iter * (trainer.schedule.max_iter - trainer.iteration))}
+        trainer.append_jsonl(record)
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(f"train/{k}", v, trainer.iteration)
+        if trainer.progress and self.bar is None:
+            print(f"iter {trainer.iteration}/{trainer.schedule.max_iter} loss {values['loss']:.4f} "
+                  f"(cls {values['loss_cls']:.4f} box {values['loss_box']:.4f}) lr {values.get('lr', 0):.2e} "
+                  f"{per_iter:.2f}s/it eta {record['eta_seconds'] // 60:.0f} min", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PeriodicCheckpoint(Hook):
+    def __init__(self, period: int):
+        self.period = period
+
+    def after_step(self, trainer, losses):
+        if trainer.iteration % self.period == 0:
+            trainer.save_last()
+
+
+class PeriodicEval(Hook):
+    def __init__(self, period: int):
+        self.period = period
+
+    def after_step(self, trainer, losses):
+        if trainer.iteration % self.period == 0 and trainer.iteration < trainer.schedule.max_iter:
+            trainer.evaluate()
+
+
+class StopOnSignal(Hook):
+    """Turns SIGINT/SIGTERM into a stop between iterations, agreed by every process."""
 
     def __init__(self):
         self.signal: int | None = None
         self._previous = {}
-
-    def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
-        return self
 
     def _handle(self, signum, frame):
         self.signal = signum
 
-    def __exit__(self, *exc):
+    def requested(self) -> bool:
+        return distributed.any_over_processes(self.signal is not None)
+
+    def after_step(self, trainer, losses):
+        if self.requested():
+            trainer.stop_signal = self.signal or signal.SIGINT
+
+    def close(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def requested(self) -> bool:
-        flag = torch.tensor([float(self.signal is not None)])
-        if distributed.is_distributed():
-            if torch.distributed.get_backend() == "nccl":
-                flag = flag.cuda()
-            torch.distributed.all_reduce(flag)
-        return bool(flag.item() > 0)
 
-
+# ------------------------------------------------------------------------------ the trainer
 class Trainer:
     """One training run. `run()` returns a summary dict; files go to `output_dir`:
     `config.yaml`, `last.pt` (resumable), `best.pt` (best AP), `model_final.pt`,
-    `metrics.jsonl`, TensorBoard events, and `eval/` outputs."""
+    `metrics.jsonl`, TensorBoard events, and `eval/` outputs.
+
+    Construction only stores its arguments (the caller's config is copied, never changed);
+    `setup()` has the side effects: the process group, seeds, thread count, reading the
+    data and building the model. `run()` calls it when needed.
+    """
 
     def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
-                 device: str = "auto", progress: bool = True):
-        self.cfg = cfg
+                 device: str = "auto", progress: bool = True, overwrite: bool = False):
+        self.cfg = copy.deepcopy(cfg)
         self.output_dir = Path(output_dir or cfg.output_dir)
-        self.resume = resume
-        self.dist = distributed.setup(device)
-        self.progress = progress and self.dist.is_main
-        t = cfg.train
+        self.resume, self.device, self.overwrite = resume, device, overwrite
+        self.progress = progress
+        self.ready = False
+        self.iteration = 0
+        self.best_ap = -1.0
+        self.skipped_images: list[str] = []
+        self.nonfinite_skipped = 0
+        self.stop_signal: int | None = None
+        self.writer = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        if self.ready:
+            return self
+        cfg, t = self.cfg, self.cfg.train
+        check_output_dir(self.output_dir, cfg, self.resume, self.overwrite)
+        self.dist = distributed.setup(self.device)
+        self.progress = self.progress and self.dist.is_main
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         random.seed(t.seed + self.dist.rank)
         np.random.seed(t.seed + self.dist.rank)
+        self.size_generator = torch.Generator().manual_seed(t.seed * 1009 + self.dist.rank)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        if cfg.model.backbone.norm == "bn" and t.batch_size // self.dist.world_size < 2:
+            raise TrainingError("model.backbone.norm=bn (trainable BatchNorm) needs at least 2 images per process, "
+                                f"got train.batch_size={t.batch_size} over {self.dist.world_size} process(es); "
+                                "use norm frozen_bn or gn, or a larger batch")
 
+        if not cfg.data.train_annotations:
+            raise TrainingError("no training data: set data.train_annotations (and data.train_images)")
         self.train_set = CocoDetection(cfg.data.train_images, cfg.data.train_annotations, strict=cfg.data.strict)
         if len(self.train_set) == 0:
             raise TrainingError(f"{cfg.data.train_annotations}: the training set has no images")
@@ -206,6 +380,8 @@ class Trainer:
             cfg.model.category_ids = list(self.train_set.category_ids)
         self.val_set = (CocoDetection(cfg.data.val_images, cfg.data.val_annotations, strict=cfg.data.strict)
                         if cfg.data.val_annotations else None)
+        if self.val_set is not None and len(self.val_set) == 0:
+            raise DatasetError(f"{cfg.data.val_annotations}: the validation set has no images")
 
         self.model = RetinaNet.from_config(cfg.model)
         if t.pretrained_backbone:
@@ -215,126 +391,156 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
             self.model.channels_last = True
         self.schedule = scaled_schedule(t)
+        self.configured_max_iter = self.schedule.max_iter
+        scaling = describe_scaling(t, self.schedule)
+        if scaling and self.dist.is_main:
+            log.info(scaling)
         self.optimizer = build_optimizer(self.model, t, self.schedule.lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and self.dist.device.type == "cuda")
         self.ema = ModelEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.ddp_model = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.dist.local_rank]
                                                               if self.dist.device.type == "cuda" else None)
                           if self.dist.world_size > 1 else self.model)
-        self.iteration = 0
-        self.best_ap = -1.0
-        self.skipped_images: list[str] = []
-        self.nonfinite_skipped = 0
-        self._stop_signal: int | None = None
+        self.ready = True
+        return self
+
+    @property
+    def final_model(self) -> RetinaNet:
+        """The model to evaluate and export: the EMA of the weights when EMA is on."""
+        return self.ema.module if self.ema else self.model
 
     # ------------------------------------------------------------------ state
-    def state(self) -> dict:
-        model_state = (self.ema.module if self.ema else self.model).state_dict()
+    def training_state(self) -> dict:
+        """Everything besides the weights that `--resume` needs. Collective under DDP: every
+        process's RNG states are gathered, so that each gets its own back on resume."""
         state = {
-            "config": config_to_dict(self.cfg),
-            "model": model_state,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
             "max_iter": self.schedule.max_iter,
             "best_ap": self.best_ap,
-            "rng": capture_rng(),
+            "rng_per_rank": distributed.all_gather_objects(
+                {**capture_rng(), "sizes": self.size_generator.get_state()}),
         }
         if self.ema:
             state["train_model"] = self.model.state_dict()
             state["ema_updates"] = self.ema.updates
         return state
 
-    def save(self, name: str) -> Path | None:
-        if not self.dist.is_main:
-            return None
-        return write_checkpoint(self.output_dir / name, self.state())
+    def save_last(self) -> None:
+        """Write `last.pt` (called on every process: it gathers RNG states)."""
+        training = self.training_state()
+        if self.dist.is_main:
+            write_checkpoint(self.output_dir / "last.pt", self.cfg.model, self.final_model.state_dict(),
+                             run_config=config_to_dict(self.cfg), training=training)
+
+    def save_weights(self, name: str) -> None:
+        if self.dist.is_main:
+            write_checkpoint(self.output_dir / name, self.cfg.model, self.final_model.state_dict(),
+                             run_config=config_to_dict(self.cfg))
 
     def load(self, path: Path) -> None:
-        data = read_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors
-        if "optimizer" not in data:
+        checkpoint = read_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors
+        training = checkpoint.training
+        if not training or "optimizer" not in training:
             raise CheckpointError(f"{path}: holds weights only, not a training state to resume")
-        self.model.load_state_dict(data.get("train_model", data["model"]))
+        self.model.load_state_dict(training.get("train_model", checkpoint.weights))
         if self.ema:
-            self.ema.module.load_state_dict(data["model"])
-            self.ema.updates = data.get("ema_updates", 0)
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scaler.load_state_dict(data["scaler"])
-        self.iteration = data["iteration"]
+            self.ema.module.load_state_dict(checkpoint.weights)
+            self.ema.updates = training.get("ema_updates", 0)
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scaler.load_state_dict(training["scaler"])
+        self.iteration = training["iteration"]
         if self.cfg.train.max_minutes > 0:  # a time-budgeted run keeps the length it had fitted
-            self.schedule.max_iter = data["max_iter"]
-        self.best_ap = data["best_ap"]
-        restore_rng(data["rng"])
+            self.schedule.max_iter = training["max_iter"]
+        self.best_ap = training["best_ap"]
+        states = training.get("rng_per_rank") or [training["rng"]]
+        if len(states) != self.dist.world_size:
+            log.warning("%s was written by %d process(es), resuming with %d: random streams will differ",
+                        path, len(states), self.dist.world_size)
+        rng = states[self.dist.rank % len(states)]
+        restore_rng(rng)
+        if "sizes" in rng:
+            self.size_generator.set_state(rng["sizes"])
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
+        self.setup()
+        if self.resume:
+            self.load(self.output_dir / "last.pt")
+        elif self.overwrite and self.dist.is_main:
+            clear_run_files(self.output_dir)
+        distributed.barrier()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             save_config(self.cfg, self.output_dir / "config.yaml")
-        last = self.output_dir / "last.pt"
-        if self.resume:
-            if not last.is_file():
-                raise TrainingError(f"--resume: no checkpoint at {last}")
-            self.load(last)
-        writer = self._tensorboard()
+        self.writer = self._tensorboard()
         metrics = None
         try:
-            status = self._loop(writer)
-            self.save("last.pt")
+            status = self._loop()
+            self.save_last()
             if status == "interrupted":
                 if self.dist.is_main:
-                    print(f"interrupted at iteration {self.iteration}: saved {last}; continue with --resume",
-                          file=sys.stderr)
-                return {"status": status, "iteration": self.iteration, "signal": self._stop_signal}
+                    print(f"interrupted at iteration {self.iteration}: saved {self.output_dir / 'last.pt'}; "
+                          "continue with --resume", file=sys.stderr)
+                return {"status": status, "iteration": self.iteration, "signal": self.stop_signal}
+            self.save_weights("model_final.pt")
             if self.val_set is not None:
-                metrics = self._evaluate(writer)
-            if self.dist.is_main:
-                final_model = self.ema.module if self.ema else self.model
-                write_checkpoint(self.output_dir / "model_final.pt",
-                                 {"config": config_to_dict(self.cfg), "model": final_model.state_dict()})
+                metrics = self.evaluate()
         finally:
-            if writer:
-                writer.close()
+            if self.writer:
+                self.writer.close()
         distributed.barrier()
         return {"status": status, "iteration": self.iteration, "metrics": metrics,
                 "skipped_images": self.skipped_images, "nonfinite_skipped": self.nonfinite_skipped}
 
-    def _loop(self, writer) -> str:
-        """Iterate until max_iter ("finished") or a stop signal ("interrupted")."""
+    def _hooks(self) -> list[Hook]:
         t = self.cfg.train
+        hooks: list[Hook] = []
+        if t.max_minutes > 0:
+            hooks.append(TimeBudget(t.max_minutes, self.iteration))
+        hooks += [MetricsLogger(self, t.log_period), PeriodicCheckpoint(t.checkpoint_period)]
+        if t.eval_period and self.val_set is not None:
+            hooks.append(PeriodicEval(t.eval_period))
+        hooks.append(StopOnSignal())
+        return hooks
+
+    def _loop(self) -> str:
+        """Iterate until max_iter ("finished") or a stop signal ("interrupted")."""
         batches = iter(self._loader())
-        bar = self._progress_bar()
-        timer = _Timer()
-        start_time, start_iter = time.perf_counter(), self.iteration
+        hooks = self._hooks()
         try:
-            with _StopRequest() as stop:
-                while self.iteration < self.schedule.max_iter:
-                    images, targets, skipped = next(batches)
-                    self._note_skipped(skipped)
-                    losses = self.step(images, targets)
-                    self.iteration += 1
-                    timer.tick()
-                    if t.max_minutes > 0 and (self.iteration - start_iter) % 25 == 0:
-                        self._fit_budget(start_time, self.iteration - start_iter)
-                    if bar is not None:
-                        bar.total = self.schedule.max_iter
-                        bar.update(1)
-                        if losses:
-                            bar.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)
-                    if losses is not None and (self.iteration % t.log_period == 0 or self.iteration == 1):
-                        self._log(losses, timer, writer)
-                    if self.iteration % t.checkpoint_period == 0:
-                        self.save("last.pt")
-                    if t.eval_period and self.iteration % t.eval_period == 0 and self.iteration < self.schedule.max_iter:
-                        self._evaluate(writer)
-                    if stop.requested():
-                        self._stop_signal = stop.signal or signal.SIGINT
-                        return "interrupted"
+            while self.iteration < self.schedule.max_iter:
+                images, targets, skipped = next(batches)
+                losses = self.step(images, targets) if self._usable_batch(images, skipped) else None
+                self.iteration += 1
+                for hook in hooks:
+                    hook.after_step(self, losses)
+                if self.stop_signal is not None:
+                    return "interrupted"
         finally:
-            if bar is not None:
-                bar.close()
+            for hook in hooks:
+                hook.close()
         return "finished"
+
+    def _usable_batch(self, images: list, skipped: list[str]) -> bool:
+        """Record unreadable images; False (on every process alike) when some process got
+        no readable image at all, so that all skip the step together."""
+        if distributed.is_distributed():
+            gathered = distributed.all_gather_objects((bool(images), skipped))
+            empty = not all(ok for ok, _ in gathered)
+            skipped = [s for _, part in gathered for s in part]
+        else:
+            empty = not images
+        if skipped:
+            self.skipped_images.extend(skipped)
+            if self.dist.is_main:
+                with open(self.output_dir / "skipped_images.txt", "a") as f:
+                    f.write("".join(s + "\n" for s in skipped))
+        if empty:
+            log.warning("iteration %d: no readable image in the batch; step skipped", self.iteration + 1)
+        return not empty
 
     def step(self, images: list[torch.Tensor], targets: list[dict]) -> dict | None:
         """One optimisation step; returns the logged loss values (None if skipped)."""
@@ -346,9 +552,10 @@ class Trainer:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in tg.items()}
                    for tg in targets]
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            losses = self.ddp_model(images, targets)
+        dtype = amp_dtype(t.amp)
+        reducer = distributed.sum_over_processes if distributed.is_distributed() else None
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses = self.ddp_model(images, targets, generator=self.size_generator, reduce_foreground=reducer)
         loss = sum(losses.values())
         values = {k: float(v.detach()) for k, v in losses.items()}
         values["loss"] = float(loss.detach())
@@ -366,6 +573,22 @@ class Trainer:
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         return values
 
+    def evaluate(self) -> dict | None:
+        """COCO metrics of the final model on the validation set; keeps `best.pt`."""
+        metrics = evaluate(self.final_model, self.val_set, self.output_dir / "eval",
+                           self.cfg.eval.batch_size // self.dist.world_size or 1, self.cfg.data.num_workers,
+                           self.cfg.eval.max_images, verbose=self.dist.is_main, amp=self.cfg.train.amp)
+        if self.dist.is_main and metrics is not None:
+            self.append_jsonl({"iteration": self.iteration, "eval": {k: v for k, v in metrics.items()
+                                                                     if k != "skipped_images"}})
+            if self.writer:
+                for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+                    self.writer.add_scalar(f"eval/{key}", metrics[key], self.iteration)
+            if metrics["AP"] > self.best_ap:
+                self.best_ap = metrics["AP"]
+                self.save_weights("best.pt")
+        return metrics
+
     # ------------------------------------------------------------------ helpers
     def _nonfinite(self, values: dict) -> None:
         last = self.output_dir / "last.pt"
@@ -378,20 +601,6 @@ class Trainer:
         raise TrainingError(f"non-finite loss at iteration {self.iteration + 1}: {values}; {kept}. "
                             f"Lower train.base_lr, set train.clip_grad_norm, or train.nonfinite_loss=skip")
 
-    def _fit_budget(self, start: float, done: int) -> None:
-        """Set max_iter so that training ends within `max_minutes` of wall clock, from the
-        average iteration time so far (re-fitted as the run goes; never above the config's)."""
-        elapsed = time.perf_counter() - start
-        remaining = self.cfg.train.max_minutes * 60 - elapsed
-        fitted = self.iteration + max(0, int(remaining / max(elapsed / done, 1e-6)))
-        configured = scaled_schedule(self.cfg.train).max_iter
-        fitted = min(distributed.all_gather_objects(fitted)[0], configured)
-        if fitted != self.schedule.max_iter:
-            if self.schedule.max_iter == configured:
-                log.info("time budget %.1f min: max_iter %d -> %d", self.cfg.train.max_minutes,
-                         self.schedule.max_iter, fitted)
-            self.schedule.max_iter = fitted
-
     def _loader(self) -> DataLoader:
         d, t = self.cfg.data, self.cfg.train
         sampler = TrainBatchSampler(self.train_set.aspect_ratios(), t.batch_size, t.seed, self.dist.rank,
@@ -401,50 +610,9 @@ class Trainer:
                           pin_memory=self.dist.device.type == "cuda", persistent_workers=d.num_workers > 0,
                           generator=torch.Generator().manual_seed(t.seed))
 
-    def _evaluate(self, writer) -> dict | None:
-        model = self.ema.module if self.ema else self.model
-        metrics = evaluate(model, self.val_set, self.output_dir / "eval", self.cfg.eval.batch_size //
-                           self.dist.world_size or 1, self.cfg.data.num_workers, self.cfg.eval.max_images,
-                           verbose=self.dist.is_main)
-        if self.dist.is_main and metrics is not None:
-            self._append_jsonl({"iteration": self.iteration, "eval": {k: v for k, v in metrics.items()
-                                                                      if k != "skipped_images"}})
-            if writer:
-                for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-                    writer.add_scalar(f"eval/{key}", metrics[key], self.iteration)
-            if metrics["AP"] > self.best_ap:
-                self.best_ap = metrics["AP"]
-                self.save("best.pt")
-        return metrics
-
-    def _log(self, values: dict, timer: "_Timer", writer) -> None:
-        values = distributed.mean_over_processes(values)
-        if not self.dist.is_main:
-            return
-        per_iter = timer.recent()
-        record = {"iteration": self.iteration, **{k: round(v, 6) for k, v in values.items()},
-                  "seconds_per_iter": round(per_iter, 4),
-                  "images_per_second": round(self.cfg.train.batch_size / max(per_iter, 1e-9), 2),
-                  "eta_seconds": round(per_iter * (self.schedule.max_iter - self.iteration))}
-        self._append_jsonl(record)
-        if writer:
-            for k, v in values.items():
-                writer.add_scalar(f"train/{k}", v, self.iteration)
-        if self.progress and not sys.stderr.isatty():
-            print(f"iter {self.iteration}/{self.schedule.max_iter} loss {values['loss']:.4f} "
-                  f"(cls {values['loss_cls']:.4f} box {values['loss_box']:.4f}) lr {values.get('lr', 0):.2e} "
-                  f"{per_iter:.2f}s/it eta {record['eta_seconds'] // 60:.0f} min", flush=True)
-
-    def _append_jsonl(self, record: dict) -> None:
+    def append_jsonl(self, record: dict) -> None:
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def _note_skipped(self, skipped: list[str]) -> None:
-        if skipped:
-            self.skipped_images.extend(skipped)
-            if self.dist.is_main:
-                with open(self.output_dir / "skipped_images.txt", "a") as f:
-                    f.write("".join(s + "\n" for s in skipped))
 
     def _tensorboard(self):
         if not self.dist.is_main:
@@ -455,13 +623,6 @@ class Trainer:
             log.info("tensorboard is not installed: no event files (pip install tensorboard)")
             return None
         return SummaryWriter(str(self.output_dir / "tensorboard"))
-
-    def _progress_bar(self):
-        if not self.progress or not sys.stderr.isatty():
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.schedule.max_iter, initial=self.iteration, dynamic_ncols=True, desc="train")
 
 
 class _Timer:
@@ -481,8 +642,9 @@ class _Timer:
         return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
 
 
-def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, device: str = "auto") -> dict:
-    trainer = Trainer(cfg, output_dir, resume, device)
+def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, device: str = "auto",
+          overwrite: bool = False) -> dict:
+    trainer = Trainer(cfg, output_dir, resume, device, overwrite=overwrite)
     try:
         return trainer.run()
     finally:

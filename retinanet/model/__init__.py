@@ -1,7 +1,7 @@
-"""The RetinaNet model. Imports nothing from the rest of the package."""
+"""The RetinaNet model: tensors in, tensors out. Imports nothing from the rest of the package,
+reads no files and knows no process group."""
 
 from .config import ModelConfig
-from .checkpoint import CheckpointError
 from .detector import RetinaNet
 
-__all__ = ["ModelConfig", "RetinaNet", "CheckpointError"]
+__all__ = ["ModelConfig", "RetinaNet"]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .anchors import AnchorGenerator
 from .backbone import ResNetBackbone
 from .box_coding import BoxCoder
-from .config import ConfigError, ModelConfig, config_from_dict
-from .checkpoint import CheckpointError
+from .config import ModelConfig
 from .detector import RetinaNet
 from .fpn import FPN
 from .head import RetinaNetHead
@@ -19,8 +16,6 @@ from .preprocess import Preprocessor
 
 
 def build_retinanet(cfg: ModelConfig) -> RetinaNet:
-    if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
-        raise ConfigError(f"model.class_names has {len(cfg.class_names)} names for num_classes={cfg.num_classes}")
     backbone = ResNetBackbone(cfg.backbone.depth, cfg.backbone.norm, cfg.backbone.freeze_at, cfg.backbone.stride_in_1x1)
     fpn = FPN(backbone.out_channels, cfg.fpn.out_channels, cfg.fpn.p6_source)
     a = cfg.anchors
@@ -46,14 +41,3 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
     model.config = cfg
     return model
 
-
-def model_config_from_checkpoint(data: dict, path: str | Path = "checkpoint") -> ModelConfig:
-    """The `ModelConfig` inside a checkpoint (stored alone or as `model` of a full config)."""
-    config = data.get("config")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: the checkpoint carries no config")
-    model_dict = config.get("model", config) if "backbone" not in config else config
-    try:
-        return config_from_dict(ModelConfig, model_dict, "model")
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: stored config is invalid: {err}") from err

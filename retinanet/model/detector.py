@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -10,14 +9,13 @@ import torch
 from torch import nn
 
 from .anchors import AnchorGenerator
-from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from .config import config_to_dict
 from .fpn import FPN
 from .head import RetinaNetHead
-from .losses import RetinaNetLoss
+from .losses import ForegroundReducer, RetinaNetLoss
 from .matching import AnchorMatcher
-from .postprocess import PostProcessor
+from .postprocess import PostProcessor, clip_and_drop_empty
 from .preprocess import ImageBatch, Preprocessor, scale_boxes
+
 
 class RetinaNet(nn.Module):
     """RetinaNet (Lin et al. 2017): ResNet + FPN (P3-P7) + shared class/box subnets.
@@ -29,7 +27,8 @@ class RetinaNet(nn.Module):
       - training returns `{"loss_cls", "loss_box"}`; eval returns per image
         `{"boxes" (D, 4) in original-image pixels, "scores" (D,), "labels" (D,)}`.
 
-    Build one with `RetinaNet.from_config(ModelConfig(...))` or `RetinaNet.from_checkpoint(path)`.
+    Build one with `RetinaNet.from_config(ModelConfig(...))`, or load a checkpoint with
+    `retinanet.load_model(path)`.
     """
 
     def __init__(self, backbone: nn.Module, fpn: FPN, head: RetinaNetHead, anchor_generator: AnchorGenerator,
@@ -56,19 +55,6 @@ class RetinaNet(nn.Module):
 
         return build_retinanet(config)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "RetinaNet":
-        """Rebuild the model from the config stored in the checkpoint and load its weights."""
-        from .build import model_config_from_checkpoint
-
-        data = read_checkpoint(path, map_location)
-        model = cls.from_config(model_config_from_checkpoint(data, path))
-        try:
-            model.load_state_dict(data["model"])
-        except RuntimeError as err:
-            raise CheckpointError(f"{path}: weights do not fit the stored config: {err}") from err
-        return model
-
     @property
     def category_ids(self) -> list[int]:
         """The dataset category id of each label: the config's, else the label itself
@@ -76,21 +62,18 @@ class RetinaNet(nn.Module):
         stored = self.config.category_ids if self.config is not None else []
         return list(stored) if stored else list(range(self.num_classes))
 
-    def save(self, path: str | Path, **extra) -> Path:
-        """Write weights and config (atomically) so that `from_checkpoint` rebuilds this model."""
-        if self.config is None:
-            raise ValueError("this model was not built from a config; build it with RetinaNet.from_config")
-        return write_checkpoint(path, {"config": {"model": config_to_dict(self.config)},
-                                       "model": self.state_dict(), **extra})
-
     # ------------------------------------------------------------------ forward
-    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None,
+                generator: torch.Generator | None = None, reduce_foreground: ForegroundReducer | None = None):
+        """`generator` draws the multi-scale training sizes (torch's default generator when
+        None); `reduce_foreground` sums the foreground count over processes (the trainer's
+        all-reduce under DDP; this module runs no collective itself)."""
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
-        batch, targets = self.preprocessor(images, targets, training=self.training)
+        batch, targets = self.preprocessor(images, targets, training=self.training, generator=generator)
         logits, deltas, anchors = self.run_network(batch.tensor)
         if self.training:
-            return self.forward_training(logits, deltas, anchors, targets)
+            return self.forward_training(logits, deltas, anchors, targets, reduce_foreground)
         return self.forward_inference(logits, deltas, anchors, batch)
 
     def run_network(self, x: torch.Tensor):
@@ -104,28 +87,33 @@ class RetinaNet(nn.Module):
         return logits, deltas, anchors
 
     def forward_training(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
-                         targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+                         targets: list[dict[str, torch.Tensor]],
+                         reduce_foreground: ForegroundReducer | None = None) -> dict[str, torch.Tensor]:
         all_anchors = torch.cat(anchors)
         gt_boxes, gt_labels, gt_valid, gt_crowd = pack_targets(targets, all_anchors.device)
         matches = self.matcher(all_anchors, gt_boxes, gt_valid, gt_crowd)
-        return self.loss(torch.cat(logits, 1), torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels)
+        return self.loss(torch.cat(logits, 1), torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels,
+                         reduce_foreground)
 
     def forward_inference(self, logits, deltas, anchors, batch: ImageBatch,
                           score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
         results = self.postprocessor(logits, deltas, anchors, batch.image_sizes, score_threshold)
         for result, size, original in zip(results, batch.image_sizes, batch.original_sizes):
             result["boxes"] = scale_boxes(result["boxes"], size, original)
+            if self.postprocessor.clip_boxes == "after_nms":
+                result.update(clip_and_drop_empty(result, original))
         return results
 
     # ------------------------------------------------------------------ convenience
     @torch.inference_mode()
     def predict(self, images: Any, score_threshold: float | None = None,
-                batch_size: int = 4) -> list[dict[str, Any]]:
+                batch_size: int = 4) -> list[dict[str, Any]] | dict[str, Any]:
         """Detect objects in one image or a list of them.
 
-        Accepts file paths, PIL images, numpy arrays `(H, W, 3)` uint8 RGB, or tensors
-        `(3, H, W)`. Returns per image `{"boxes" (D, 4) xyxy, "scores" (D,), "labels" (D,),
-        "class_names": [str] * D}` in original-image pixels, on the CPU.
+        Images are `(3, H, W)` uint8 RGB tensors (float in [0, 1] also works) or `(H, W, 3)`
+        uint8 RGB arrays; read files with `retinanet.read_image(path)`. Returns per image
+        `{"boxes" (D, 4) xyxy, "scores" (D,), "labels" (D,), "class_names": [str] * D}` in
+        original-image pixels, on the CPU.
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -169,20 +157,14 @@ def pack_targets(targets: list[dict[str, torch.Tensor]], device: torch.device):
 
 
 def to_image_tensor(image: Any) -> torch.Tensor:
-    """A path, PIL image, `(H, W, 3)` uint8 array or `(3, H, W)` tensor as an RGB tensor."""
+    """A `(3, H, W)` tensor, or an `(H, W, 3)` / `(H, W)` uint8 array, as an RGB tensor."""
     if isinstance(image, torch.Tensor):
         return image
-    if isinstance(image, (str, Path)):
-        from PIL import Image, ImageOps
-
-        with Image.open(image) as pil:
-            image = ImageOps.exif_transpose(pil).convert("RGB")
-    if hasattr(image, "convert"):  # PIL
-        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) array, got shape {image.shape}")
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    raise TypeError(f"cannot read an image from {type(image).__name__}")
+    raise TypeError(f"cannot take an image from {type(image).__name__}: pass a tensor or an array "
+                    "(files: retinanet.read_image(path))")

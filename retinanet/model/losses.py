@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,9 @@ from .matching import BACKGROUND, FOREGROUND, Matches
 
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
 NORMALIZATIONS = ("batch", "ema", "per_image")
+
+# Sums a count over all training processes: `(local count) -> (global count, number of processes)`.
+ForegroundReducer = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
@@ -37,22 +42,25 @@ def focal_loss_per_anchor(logits: torch.Tensor, fg: torch.Tensor, fg_labels: tor
     """Focal loss summed over classes for every anchor: `(B, A)` from logits `(B, A, K)`.
 
     The same numbers as `sigmoid_focal_loss(logits, one_hot_targets).sum(-1)`, computed the
-    cheap way: every element is first charged as a negative (four passes over the big
-    tensor instead of a dozen), then the few positive elements, `fg (B, A)` with class
-    `fg_labels (N,)`, are switched to the positive term.
+    cheap way: every element is charged as a negative (four passes over the big tensor
+    instead of a dozen) except the few positive elements, `fg (B, A)` with class
+    `fg_labels (N,)`, which get the positive term.
     """
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     p = torch.sigmoid(x)
     w_neg, w_pos = (1 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
-    p_gamma = p * p if gamma == 2 else p**gamma
-    per_anchor = (F.softplus(x) * p_gamma).sum(-1) * w_neg  # -log(1 - p) * p^gamma
-    if fg.any():
-        xf, pf = x[fg, fg_labels], p[fg, fg_labels]
-        q = 1 - pf
-        negative = w_neg * F.softplus(xf) * (pf * pf if gamma == 2 else pf**gamma)
-        positive = w_pos * F.softplus(-xf) * (q * q if gamma == 2 else q**gamma)
-        per_anchor = per_anchor.index_put((fg.nonzero(as_tuple=True)), positive - negative, accumulate=True)
-    return per_anchor
+    negative = F.softplus(x) * (p * p if gamma == 2 else p**gamma)  # -log(1 - p) * p^gamma
+    if not fg.any():
+        return negative.sum(-1) * w_neg
+    fg_index = fg.nonzero(as_tuple=True)
+    # The positive elements are zeroed, not subtracted later: subtracting their (possibly
+    # huge) negative term again would cancel the small positive term away in float32.
+    negative.index_put_((*fg_index, fg_labels), negative.new_zeros(()))
+    per_anchor = negative.sum(-1) * w_neg
+    xf = x[fg_index + (fg_labels,)]
+    q = 1 - torch.sigmoid(xf)
+    positive = w_pos * F.softplus(-xf) * (q * q if gamma == 2 else q**gamma)  # -log(p) * (1 - p)^gamma
+    return per_anchor.index_put(fg_index, positive, accumulate=True)
 
 
 def smooth_l1(x: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
@@ -70,8 +78,9 @@ class RetinaNetLoss(nn.Module):
       - "batch": by the number of foreground anchors in the whole (global, under DDP) batch,
       - "ema": by an exponential moving average of that number (detectron2),
       - "per_image": each image by its own count, then averaged over images (torchvision).
-    Under DDP (`world_size > 1`, counts all-reduced) the losses are scaled so that DDP's
-    gradient averaging yields exactly the single-process gradient of the global batch.
+    With `reduce_foreground` (the trainer's all-reduce under DDP) the count is the global
+    one and the losses are scaled so that DDP's gradient averaging yields exactly the
+    single-process gradient of the global batch. The module itself runs no collective.
     """
 
     def __init__(self, box_coder: BoxCoder, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
@@ -89,11 +98,13 @@ class RetinaNetLoss(nn.Module):
         self.register_buffer("ema_num_foreground", torch.tensor(float(ema_initial)))
 
     def forward(self, logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor, matches: Matches,
-                gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+                gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+                reduce_foreground: ForegroundReducer | None = None) -> dict[str, torch.Tensor]:
         """
         Args:
             logits: `(B, A, K)` class logits; deltas: `(B, A, 4)`; anchors: `(A, 4)`.
             matches: from `AnchorMatcher`; gt_boxes `(B, G, 4)`, gt_labels `(B, G)` in [0, K).
+            reduce_foreground: sums the foreground count over processes (None: one process).
         """
         fg = matches.labels == FOREGROUND
         valid = fg | (matches.labels == BACKGROUND)
@@ -103,7 +114,7 @@ class RetinaNetLoss(nn.Module):
         cls = (cls * valid).sum(-1)  # (B,)
 
         box = self._box_loss(deltas, anchors, gt_boxes[batch_idx, matches.gt_index], fg)  # (B,)
-        norm = self._normalizer(fg)
+        norm = self._normalizer(fg, reduce_foreground)
         return {
             "loss_cls": (cls / norm).sum(),
             "loss_box": self.box_loss_weight * (box / norm).sum(),
@@ -125,16 +136,14 @@ class RetinaNetLoss(nn.Module):
             loss = smooth_l1(pred, target, beta).sum(-1)
         return per_image.index_add(0, image_of, loss)
 
-    def _normalizer(self, fg: torch.Tensor) -> torch.Tensor:
+    def _normalizer(self, fg: torch.Tensor, reduce_foreground: ForegroundReducer | None) -> torch.Tensor:
         """Per-image divisors `(B,)` such that summing `loss / divisor` over images is the loss."""
-        world = torch.distributed.get_world_size() if _distributed() else 1
         per_image = fg.sum(-1).float()
         if self.normalization == "per_image":
             return per_image.clamp(min=1) * fg.shape[0]
-        total = per_image.sum()
-        if world > 1:
-            total = total.clone()
-            torch.distributed.all_reduce(total)
+        total, world = per_image.sum(), 1
+        if reduce_foreground is not None:
+            total, world = reduce_foreground(total.detach().clone())
         if self.normalization == "batch":
             divisor = total.clamp(min=1) / world
         else:
@@ -144,6 +153,3 @@ class RetinaNetLoss(nn.Module):
             divisor = self.ema_num_foreground.clone()
         return divisor.expand(fg.shape[0])
 
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()

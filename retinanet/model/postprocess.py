@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from .box_coding import BoxCoder
 
@@ -13,7 +13,12 @@ class PostProcessor:
     NMS -> best `detections_per_image` -> drop empty boxes.
 
     All images are processed together: one top-k per level for the whole batch and one
-    NMS call, with boxes of different images never suppressing each other.
+    NMS call, with boxes of different images never suppressing each other, and with
+    detections identical to processing the images one at a time.
+
+    `clip_boxes`: "before_nms" (torchvision, the paper's reproductions), "after_nms"
+    (detectron2: NMS on unclipped boxes; the caller clips in original-image pixels with
+    `clip_and_drop_empty`) or "none" (PaddleDetection).
 
     `candidates="per_class"` takes the top-k (anchor, class) pairs of a level (torchvision,
     detectron2); `"per_anchor"` the top-k anchors by their best class score, with all their
@@ -22,8 +27,10 @@ class PostProcessor:
     """
 
     def __init__(self, box_coder: BoxCoder, score_threshold: float = 0.05, topk_candidates: int = 1000,
-                 nms_threshold: float = 0.5, detections_per_image: int = 100, clip_boxes: bool = True,
+                 nms_threshold: float = 0.5, detections_per_image: int = 100, clip_boxes: str = "before_nms",
                  min_box_size: float = 0.0, candidates: str = "per_class", nms_pre_per_class: int = 0):
+        if clip_boxes not in ("before_nms", "after_nms", "none"):
+            raise ValueError(f"clip_boxes must be 'before_nms', 'after_nms' or 'none', got {clip_boxes!r}")
         if candidates not in ("per_class", "per_anchor"):
             raise ValueError(f"candidates must be 'per_class' or 'per_anchor', got {candidates!r}")
         self.candidates = candidates
@@ -58,11 +65,12 @@ class PostProcessor:
         boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)  # (B, C, ...)
 
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) as (h, w)
-        if self.clip_boxes:
+        keep = scores > threshold
+        if self.clip_boxes == "before_nms":
             limit = sizes.flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4) as (w, h, w, h)
             boxes = torch.minimum(boxes.clamp(min=0), limit)
-        wh = boxes[..., 2:] - boxes[..., :2]
-        keep = (scores > threshold) & (wh > self.min_box_size).all(-1)
+        if self.clip_boxes != "after_nms":
+            keep &= (boxes[..., 2:] - boxes[..., :2] > self.min_box_size).all(-1)
         image_idx = torch.arange(batch, device=device)[:, None].expand_as(scores)[keep]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
 
@@ -73,14 +81,13 @@ class PostProcessor:
             best_first = _first_n_per_group(best_first, groups[best_first], self.nms_pre_per_class,
                                             batch * num_classes)
             boxes, scores, labels, image_idx, groups = (t[best_first] for t in (boxes, scores, labels, image_idx, groups))
-        kept = batched_nms(boxes, scores, groups, self.nms_threshold)
+        kept = grouped_nms(boxes, scores, groups, self.nms_threshold)
         kept = _first_n_per_group(kept, image_idx[kept], self.detections_per_image, batch)
         results = []
         for i in range(batch):
             idx = kept[image_idx[kept] == i]
             results.append({"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]})
         return results
-
 
     def _level_candidates(self, level_logits: torch.Tensor):
         """Top candidates of one level `(B, A_l, K)`: logits, anchor index and label, each `(B, C)`."""
@@ -96,6 +103,29 @@ class PostProcessor:
         k = min(self.topk_candidates, flat.shape[1])
         top_logits, top_idx = flat.topk(k, dim=1)  # sigmoid is monotonic: select on logits
         return top_logits, top_idx // num_classes, top_idx % num_classes
+
+
+def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """NMS within each group (image x class): indices of the kept boxes, best first.
+
+    Boxes are shifted apart per group in float64: the shifts (up to ~1e6 px for a batch of
+    8 images and 91 classes) leave float32 coordinates exact there, whereas in float32 they
+    would round them to ~0.06 px and make batched results differ from one-at-a-time ones.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    boxes = boxes.double()
+    shift = groups.to(boxes.dtype) * (boxes.max() - boxes.min() + 1).ceil()
+    return nms(boxes + shift[:, None], scores.double(), iou_threshold)
+
+
+def clip_and_drop_empty(result: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Clip one image's detection boxes to `size (h, w)` and drop those left empty."""
+    h, w = size
+    boxes = torch.stack([result["boxes"][:, 0].clamp(0, w), result["boxes"][:, 1].clamp(0, h),
+                         result["boxes"][:, 2].clamp(0, w), result["boxes"][:, 3].clamp(0, h)], dim=1)
+    keep = ((boxes[:, 2:] - boxes[:, :2]) > 0).all(1)
+    return {"boxes": boxes[keep], "scores": result["scores"][keep], "labels": result["labels"][keep]}
 
 
 def _first_n_per_group(order: torch.Tensor, group: torch.Tensor, n: int, num_groups: int) -> torch.Tensor:

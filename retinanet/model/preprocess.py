@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +43,12 @@ class Preprocessor:
         self.size_divisibility = size_divisibility
         self.resize = resize
 
-    def __call__(self, images: list[torch.Tensor], targets: list[dict] | None = None,
-                 training: bool = False) -> tuple[ImageBatch, list[dict] | None]:
+    def __call__(self, images: list[torch.Tensor], targets: list[dict] | None = None, training: bool = False,
+                 generator: torch.Generator | None = None) -> tuple[ImageBatch, list[dict] | None]:
+        """In training, each image's short side is drawn from `train_min_sizes` with
+        `generator` (torch's default generator when None)."""
+        if not images:
+            raise ValueError("no images to process (empty batch)")
         out_images, out_targets, sizes, originals = [], [], [], []
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
@@ -53,7 +56,8 @@ class Preprocessor:
             originals.append((int(image.shape[-2]), int(image.shape[-1])))
             image = self.normalize(image)
             if self.resize:
-                min_size = random.choice(self.train_min_sizes) if training else self.test_min_size
+                min_size = self.draw_min_size(generator) if training else self.test_min_size
+                self.check_size(originals[-1], min_size, f"image {i}")
                 image = self.resize_image(image, min_size)
             new_size = (int(image.shape[-2]), int(image.shape[-1]))
             if targets is not None:
@@ -76,10 +80,29 @@ class Preprocessor:
         std = self.pixel_std.to(image.device)
         return (image - mean) / std
 
+    def draw_min_size(self, generator: torch.Generator | None) -> int:
+        if len(self.train_min_sizes) == 1:
+            return self.train_min_sizes[0]
+        index = int(torch.randint(len(self.train_min_sizes), (1,), generator=generator))
+        return self.train_min_sizes[index]
+
+    def scale_factor(self, size: tuple[int, int], min_size: int) -> float:
+        """The resize factor for an image of `size (h, w)` (computed in float32 like torchvision)."""
+        shape = torch.tensor(size, dtype=torch.float32)
+        return torch.minimum(min_size / shape.min(), self.max_size / shape.max()).item()
+
+    def check_size(self, size: tuple[int, int], min_size: int | None = None, name: str = "image") -> None:
+        """Raise `ValueError` for an image so elongated that resizing leaves a side of 0 pixels."""
+        if not self.resize:
+            return
+        scale = self.scale_factor(size, self.test_min_size if min_size is None else min_size)
+        if min(math.floor(size[0] * scale), math.floor(size[1] * scale)) < 1:
+            raise ValueError(f"{name}: {size[1]}x{size[0]} px is too elongated for an input of at most "
+                             f"{self.max_size} px (a side would be 0 px after resizing); crop or tile it")
+
     def resize_image(self, image: torch.Tensor, min_size: int) -> torch.Tensor:
-        """Bilinear resize by one scale factor (computed in float32 like torchvision)."""
-        shape = torch.tensor(image.shape[-2:], dtype=torch.float32)
-        scale = torch.minimum(min_size / shape.min(), self.max_size / shape.max()).item()
+        """Bilinear resize by one scale factor."""
+        scale = self.scale_factor(tuple(image.shape[-2:]), min_size)
         return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
                              recompute_scale_factor=True, align_corners=False)[0]
 
