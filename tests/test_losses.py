@@ -5,7 +5,7 @@ import torch
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
 from retinanet.model.box_coding import BoxCoder
-from retinanet.model.losses import RetinaNetLoss, sigmoid_focal_loss, smooth_l1
+from retinanet.model.losses import RetinaNetLoss, focal_loss_per_anchor, sigmoid_focal_loss, smooth_l1
 from retinanet.model.matching import BACKGROUND, FOREGROUND, IGNORE, Matches
 
 
@@ -93,11 +93,31 @@ def test_per_image_and_ema_normalisation():
 def test_no_foreground_gives_finite_losses_and_gradients():
     labels = [[BACKGROUND] * 4, [BACKGROUND] * 4]
     logits, deltas, anchors, matches, gt_boxes, gt_labels = _setup(labels)
+    logits.requires_grad_(True)
     deltas.requires_grad_(True)
     for kind in ("smooth_l1", "giou"):
+        logits.grad = deltas.grad = None
         out = RetinaNetLoss(BoxCoder(), box_loss=kind)(logits, deltas, anchors, matches, gt_boxes, gt_labels)
         assert out["loss_box"].item() == 0.0 and math.isfinite(out["loss_cls"].item())
-        out["loss_box"].backward()
+        (out["loss_box"] + out["loss_cls"]).backward()
+        assert deltas.grad is not None and torch.equal(deltas.grad, torch.zeros_like(deltas))
+        assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gamma", [2.0, 1.5])
+def test_focal_loss_float32_keeps_the_positive_term_for_confident_logits(gamma):
+    """For |x| up to 1e4 the float32 per-anchor loss equals a float64 reference, positives included."""
+    x = torch.tensor([-1e4, -1e3, -30.0, -2.0, 0.5, 8.0, 1e3, 1e4, 1e6])
+    num = len(x)
+    logits = torch.full((1, num, 3), -5.0)
+    logits[0, :, 1] = x  # the positive class of every anchor
+    fg = torch.ones(1, num, dtype=torch.bool)
+    fg_labels = torch.ones(num, dtype=torch.long)
+    got = focal_loss_per_anchor(logits, fg, fg_labels, 0.25, gamma)
+    targets = torch.zeros(1, num, 3, dtype=torch.float64)
+    targets[0, :, 1] = 1
+    expected = sigmoid_focal_loss(logits.double(), targets, 0.25, gamma).sum(-1)
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=0), (got, expected)
 
 
 def test_giou_loss_is_zero_for_perfect_boxes():

@@ -59,3 +59,69 @@ def test_nothing_over_threshold():
     post = PostProcessor(BoxCoder())
     out = post([torch.full((2, 4, 3), -10.0)], [torch.zeros(2, 4, 4)], [ANCHORS], [(100, 100)] * 2)
     assert all(len(o["boxes"]) == 0 for o in out)
+
+
+def test_batched_detections_equal_one_image_at_a_time():
+    """Batch 8, 91 classes, 800x1216-sized coordinates: the whole-batch NMS gives the same
+    detections, bit for bit, as running each image alone."""
+    from retinanet.model.anchors import AnchorGenerator
+
+    generator = torch.Generator().manual_seed(0)
+    anchor_gen = AnchorGenerator([[32.0, 40.3, 50.8], [64.0, 80.6, 101.6]], [0.5, 1.0, 2.0], [8, 16])
+    sizes = [(100, 152), (50, 76)]
+    anchors = anchor_gen(sizes, (800, 1216), torch.device("cpu"))
+    batch, classes = 8, 91
+    logits = [torch.randn(batch, len(a), classes, generator=generator) * 2 - 4 for a in anchors]
+    deltas = [torch.randn(batch, len(a), 4, generator=generator) * 0.3 for a in anchors]
+    image_sizes = [(800 - 16 * i, 1216 - 8 * i) for i in range(batch)]
+    post = PostProcessor(BoxCoder(), score_threshold=0.05, topk_candidates=1000, detections_per_image=100)
+    together = post(logits, deltas, anchors, image_sizes)
+    for i in range(batch):
+        alone = post([l[i : i + 1] for l in logits], [d[i : i + 1] for d in deltas], anchors, [image_sizes[i]])[0]
+        assert len(alone["scores"]) == 100
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(together[i][key], alone[key]), (i, key)
+
+
+def test_clip_after_nms_like_detectron2():
+    """`after_nms`: NMS sees the unclipped boxes (here two overlapping boxes that clipping
+    would make identical survive), clipping and the empty-box drop come afterwards."""
+    from retinanet.model.postprocess import clip_and_drop_empty
+
+    anchors = torch.tensor([[80.0, 0, 140, 40], [80, 60, 140, 100], [120, 0, 150, 10], [0, 0, 10, 10]])
+    logits = _level({(0, 0): 0.9, (1, 0): 0.8, (2, 1): 0.7})
+    args = ([logits], [torch.zeros(1, 4, 4)], [anchors], [(100, 100)])
+    before = PostProcessor(BoxCoder(), clip_boxes="before_nms")(*args)[0]
+    after = PostProcessor(BoxCoder(), clip_boxes="after_nms")(*args)[0]
+    assert len(before["boxes"]) == 2  # anchor 2 clipped to zero width and dropped before NMS
+    assert len(after["boxes"]) == 3 and after["boxes"].max() == 150  # unclipped until the caller clips
+    clipped = clip_and_drop_empty(after, (100, 100))
+    assert clipped["boxes"].max() == 100 and len(clipped["boxes"]) == 2
+
+
+def test_batched_nms_is_exact_near_the_iou_threshold():
+    """Pairs of boxes at IoU 0.5 +- 1e-4, far from the origin, in the last image and class of
+    a batch of 8 x 91: shifting groups apart must not round their coordinates (in float32
+    the shift rounds them to ~0.06 px and flips the suppressions)."""
+    from torchvision.ops import nms
+
+    generator = torch.Generator().manual_seed(0)
+    pairs = []
+    for i in range(200):
+        x, y, w = 1000.3 + (i % 20) * 7.77, 700.1 + (i // 20) * 9.13, 10.0
+        d = w / 3 + (torch.rand(1, generator=generator).item() - 0.5) * 2e-4  # IoU (w-d)/(w+d) ~ 0.5
+        pairs += [[x, y, x + w, y + w], [x + d, y, x + w + d, y + w]]
+    anchors = torch.tensor(pairs)
+    logits = torch.full((8, len(anchors), 91), -10.0)
+    logits[7, 0::2, 90], logits[7, 1::2, 90] = 3.0, 2.0
+    deltas = torch.zeros(8, len(anchors), 4)
+    post = PostProcessor(BoxCoder(), detections_per_image=1000)
+    together = post([logits], [deltas], [anchors], [(800, 1216)] * 8)[7]
+    alone = post([logits[7:]], [deltas[7:]], [anchors], [(800, 1216)])[0]
+    scores = torch.sigmoid(logits[7, :, 90])
+    boxes = BoxCoder().decode(deltas[7], anchors)
+    exact = nms(boxes.double(), scores.double(), 0.5)  # one class, no shift at all
+    assert len(together["scores"]) == len(alone["scores"]) == len(exact)
+    assert torch.equal(together["boxes"], alone["boxes"])
+    # equal scores (ties) may come in any order: compare the kept sets
+    assert torch.equal(torch.unique(together["boxes"], dim=0), torch.unique(boxes[exact], dim=0))
