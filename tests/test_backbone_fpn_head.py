@@ -97,3 +97,67 @@ def test_group_norm_head_has_no_conv_bias():
     head = RetinaNetHead(32, 9, 3, norm="gn")
     convs = [m for m in head.cls_subnet if isinstance(m, nn.Conv2d)]
     assert all(c.bias is None for c in convs) and any(isinstance(m, nn.GroupNorm) for m in head.cls_subnet)
+
+
+def test_multiscale_sizes_come_from_the_given_generator():
+    """The preprocessor draws training sizes from the generator it is given, not from Python's
+    global `random`: the same seed gives the same sizes, whatever the global state."""
+    import random
+
+    from retinanet.model.preprocess import Preprocessor
+
+    pre = Preprocessor([64, 80, 96, 112], 96, 200, [0.5] * 3, [0.25] * 3)
+    images = [torch.rand(3, 50, 60) for _ in range(12)]
+
+    def sizes(seed):
+        random.seed(seed)  # must not matter
+        batch, _ = pre(images, [{"boxes": torch.zeros(0, 4)}] * 12, training=True,
+                       generator=torch.Generator().manual_seed(7))
+        return [s[0] for s in batch.image_sizes]
+
+    assert sizes(1) == sizes(2)
+    assert len(set(sizes(1))) > 1
+    state = random.getstate()
+    pre(images, None, training=True, generator=torch.Generator().manual_seed(7))
+    assert random.getstate() == state
+
+
+def test_training_forward_runs_no_collective(monkeypatch):
+    """Inside a process group the model's forward runs no collective by itself; the
+    foreground count is reduced only through the function the trainer hands in."""
+    import torch.distributed as dist
+
+    from retinanet import ModelConfig, RetinaNet
+
+    cfg = ModelConfig(num_classes=3)
+    cfg.backbone.depth, cfg.fpn.out_channels, cfg.head.num_convs = 18, 32, 1
+    cfg.input.train_min_sizes, cfg.input.max_size = [96], 128
+    model = RetinaNet.from_config(cfg).train()
+    images = [torch.rand(3, 90, 100), torch.rand(3, 80, 96)]
+    targets = [{"boxes": torch.tensor([[10.0, 10, 60, 70]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 20, 50, 60], [30, 30, 90, 70]]), "labels": torch.tensor([0, 2])}]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        def forbidden(*args, **kwargs):
+            raise AssertionError("the model ran a collective")
+
+        monkeypatch.setattr(dist, "all_reduce", forbidden)
+        torch.manual_seed(0)
+        plain = model(images, targets)
+        calls = []
+
+        def reducer(count):  # as if a second process had twice this batch's foreground anchors
+            calls.append(float(count))
+            return count * 3, 2
+
+        torch.manual_seed(0)
+        reduced = model(images, targets, reduce_foreground=reducer)
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+    assert len(calls) == 1 and calls[0] > 0
+    # per process the loss is divided by (global count / processes) = 1.5x this batch's count
+    assert torch.allclose(reduced["loss_cls"] * 1.5, plain["loss_cls"], rtol=1e-5)
+    assert torch.allclose(reduced["loss_box"] * 1.5, plain["loss_box"], rtol=1e-5)
