@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .model.config import ConfigError, ModelConfig, check_config, config_from_dict, config_to_dict
+from .model.config import (ConfigError, ModelConfig, apply_overrides, check_config, config_from_dict,
+                           config_to_dict)
 from .model.detector import RetinaNet
 
 CHECKPOINT_FORMAT = "retinanet-checkpoint"
@@ -140,10 +141,12 @@ def _upgrade_v1(data: dict) -> dict:
     return out
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> RetinaNet:
-    """Rebuild the model from the config stored in a checkpoint and load its weights."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               overrides: list[str] | None = None) -> RetinaNet:
+    """Rebuild the model from the config stored in a checkpoint and load its weights.
+    `overrides` are `key=value` strings on the model config (e.g. `inference.score_threshold=0.3`)."""
     checkpoint = read_checkpoint(path, map_location)
-    model = RetinaNet.from_config(checkpoint.model_config)
+    model = RetinaNet.from_config(apply_overrides(checkpoint.model_config, overrides or []))
     try:
         model.load_state_dict(checkpoint.weights)
     except RuntimeError as err:

@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", help="where metrics.json and detections.json go (default: a new folder "
                                         "eval_<weights>[_N] beside the weights)")
     p.add_argument("--device", default="auto", type=_device)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides; model.* ones apply to the checkpoint's model (e.g. "
+                        "model.inference.score_threshold=0.01)")
 
     p = commands.add_parser("predict", help="detect objects in image files, folders or glob patterns")
     p.add_argument("--weights", required=True)
@@ -224,7 +226,8 @@ def cmd_eval(args) -> int:
         raise OutputError("no validation set: set data.val_images and data.val_annotations (or pass --config)")
     dataset = CocoDetection(cfg.data.val_images, cfg.data.val_annotations, strict=cfg.data.strict)
     info = distributed.setup(args.device)
-    model = load_model(args.weights, map_location=info.device).to(info.device)
+    model_overrides = [o[len("model."):] for o in args.overrides if o.startswith("model.")]
+    model = load_model(args.weights, info.device, model_overrides).to(info.device)
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
                        cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main, amp=cfg.train.amp)
     if info.is_main:

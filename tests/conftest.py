@@ -1,4 +1,6 @@
+import importlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,18 @@ from retinanet.config import Config, apply_overrides, load_config
 from retinanet.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def require_peer(module: str, install: str):
+    """Import a peer library for a parity test. Without it the test is skipped on a
+    developer's machine, but under CI (`CI=true`) a missing or broken peer fails the run."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        try:
+            return importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - any import failure of the peer must be loud in CI
+            pytest.fail(f"parity peer {module!r} cannot be imported under CI ({type(err).__name__}: {err}); "
+                        f"{install}", pytrace=False)
+    return pytest.importorskip(module, reason=f"{module} is not installed: {install}")
 
 
 @pytest.fixture(autouse=True)

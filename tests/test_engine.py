@@ -36,8 +36,20 @@ def test_tiny_end_to_end_train_eval_predict(shapes_data, tmp_path, capsys):
     assert all({"loss", "loss_cls", "loss_box", "lr", "eta_seconds"} <= set(l) for l in lines if "loss" in l)
 
     # the CLI evaluates the checkpoint with its stored config, and predicts on files
-    assert cli(["eval", "--weights", str(out / "model_final.pt"), "--output-dir", str(tmp_path / "ev")]) == 0
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["AP"] == pytest.approx(metrics["AP"])
+    assert cli(["eval", "--weights", str(out / "model_final.pt"), "--output-dir", str(tmp_path / "ev"),
+                "model.inference.score_threshold=0.0"]) == 0
+    cli_metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    detections = json.loads((tmp_path / "ev" / "detections.json").read_text())
+    assert detections and cli_metrics["num_images"] == 8
+    # scored by pycocotools itself, from the files alone
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(shapes_data["val_annotations"])
+    evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+    evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert cli_metrics["AP"] == pytest.approx(float(evaluator.stats[0]), abs=1e-9)
+    assert cli_metrics["AP50"] == pytest.approx(float(evaluator.stats[1]), abs=1e-9)
     images = sorted(Path(shapes_data["val_images"]).glob("*.jpg"))[:2]
     assert cli(["predict", "--weights", str(out / "model_final.pt"), *map(str, images), "--output-dir",
                 str(tmp_path / "pred"), "--score-threshold", "0.0"]) == 0

@@ -98,11 +98,53 @@ def test_coco_reader_never_crashes_unexpectedly(tmp_path, annotations, extra_ima
     data = {"images": images, "annotations": annotations, "categories": [{"id": 1}, {"id": 2}]}
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(data))
+    image_ids = {1, 2}
+    valid_image = not extra_image or _valid_extra(extra_image)
+    if extra_image and valid_image:
+        image_ids.add(dict({"id": 3}, **extra_image)["id"])
+    valid_image = valid_image and all(a["image_id"] in image_ids for a in annotations)
     try:
         ds = CocoDetection(tmp_path, path)
     except DatasetError as err:
         assert str(path) in str(err)
+        # bad image entries and references to unknown images are fatal; bad boxes are dropped
+        assert not valid_image, f"a valid file was rejected: {err}"
         return
+    assert valid_image, "an invalid image entry was accepted"
+    assert len(ds) == len(images)
+    kept = sum(len(r.boxes) for r in ds.records)
+    assert kept + ds.report.dropped_boxes == len(annotations)
     for record in ds.records:
         for x0, y0, x1, y1 in record.boxes:
             assert 0 <= x0 < x1 <= record.width and 0 <= y0 < y1 <= record.height
+
+
+def _valid_extra(extra: dict) -> bool:
+    """Whether image 3, `{"id": 3, "file_name": "c.jpg", "width": 5, "height": 5}` updated
+    with `extra`, is a usable COCO image entry."""
+    image = dict({"id": 3, "file_name": "c.jpg", "width": 5, "height": 5}, **extra)
+    try:
+        width, height = int(image["width"]), int(image["height"])
+    except (TypeError, ValueError, OverflowError):
+        return False
+    ok_id = isinstance(image["id"], (int, str)) and not isinstance(image["id"], bool) and image["id"] not in (1, 2)
+    return ok_id and width > 0 and height > 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2]), st.floats(0, 20), st.floats(0, 10),
+                          st.floats(2, 20), st.floats(2, 20)), max_size=8))
+def test_valid_coco_files_always_load_with_every_box(tmp_path, boxes):
+    images = [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+              {"id": 2, "file_name": "b.jpg", "width": 60, "height": 50}]
+    annotations = [{"id": i, "image_id": img, "category_id": cat, "bbox": [x, y, w, h]}
+                   for i, (img, cat, x, y, w, h) in enumerate(boxes)]
+    path = tmp_path / "valid.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    ds = CocoDetection(tmp_path, path)
+    assert len(ds) == 2 and ds.report.dropped_boxes == 0
+    for record in ds.records:
+        expected = [b for b in boxes if b[0] == record.image_id]
+        assert record.labels == [b[1] - 1 for b in expected]
+        assert record.boxes == [[x, y, x + w, y + h] for _, _, x, y, w, h in expected]

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-paddle = pytest.importorskip("paddle", reason="PaddlePaddle is not installed: pip install paddlepaddle==3.3.1")
-pytest.importorskip("ppdet", reason="paddledet is not installed: pip install --no-deps paddledet==2.6.0")
+from conftest import require_peer  # noqa: E402
+
+paddle = require_peer("paddle", "pip install paddlepaddle==3.3.1 (see .ci/run)")
+require_peer("ppdet", "pip install --no-deps paddledet==2.6.0 (see .ci/run)")
 
 from retinanet.cli import main as cli  # noqa: E402
 from retinanet.data.image_io import read_image  # noqa: E402
@@ -109,3 +111,31 @@ def test_head_outputs_and_detections_match(pair, photo_path):
         assert match is not None, f"no PaddleDetection detection equals ours: {label}, {score}, {box}"
         unused.remove(match)
     assert torch.allclose(got["scores"], expected[:, 1].sort(descending=True).values, atol=1e-4, rtol=0)
+
+
+def test_training_losses_match_at_batch_2(pair, photo_path):
+    """PaddleDetection's RetinaHead.get_loss (MaxIoUAssigner with its low-quality rule, focal
+    and L1 losses normalised by the batch's positives) on two images with different box
+    counts, against our training forward on the same network input."""
+    peer, ours = pair
+    image = read_image(photo_path)
+    images = [image, image[:, 40:360, 100:420].flip(-1).contiguous()]  # 400x600 and 320x320
+    targets = [{"boxes": torch.tensor([[100.0, 80, 300, 250], [350, 100, 580, 390], [10, 10, 40, 60]]),
+                "labels": torch.tensor([1, 5, 17])},
+               {"boxes": torch.tensor([[20.0, 30, 200, 290]]), "labels": torch.tensor([44])}]
+    batch, scaled = ours.preprocessor(images, targets, training=True, generator=torch.Generator().manual_seed(0))
+    x = batch.tensor
+    with torch.no_grad():
+        logits, deltas, anchors = ours.run_network(x)
+        got = ours.forward_training(logits, deltas, anchors, scaled)
+
+    px = paddle.to_tensor(x.numpy())
+    with paddle.no_grad():
+        head_outputs = peer.head(peer.neck(peer.backbone({"image": px})))
+        expected = peer.head.get_loss(head_outputs, {
+            "gt_bbox": [paddle.to_tensor(t["boxes"].numpy()) for t in scaled],
+            "gt_class": [paddle.to_tensor(t["labels"].numpy().astype("int32")[:, None]) for t in scaled]})
+    loss_cls, loss_reg = float(expected["loss_cls"]), float(expected["loss_reg"])
+    assert loss_cls > 0 and loss_reg > 0
+    assert abs(float(got["loss_cls"]) - loss_cls) <= 1e-4 * loss_cls
+    assert abs(float(got["loss_box"]) - loss_reg) <= 1e-4 * loss_reg

@@ -167,7 +167,7 @@ def _image_record(image, i: int, records: dict, problems: list[str]) -> ImageRec
     try:
         image_id, file_name = image["id"], image["file_name"]
         width, height = int(image["width"]), int(image["height"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         problems.append(f"images[{i}] needs id, file_name, width and height")
         return None
     if not _hashable(image_id):
