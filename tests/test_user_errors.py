@@ -167,6 +167,36 @@ def test_trainable_batchnorm_at_one_image_per_process_is_refused(shapes_data, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_large_images_under_the_limit_print_no_raw_pillow_warning(tmp_path, monkeypatch, recwarn):
+    from retinanet import read_image
+
+    path = _photo(tmp_path / "big.png", size=(300, 200))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # 60,000 px: over the limit, under twice it
+    assert read_image(path).shape == (3, 200, 300)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_trainable_batchnorm_batch_shrunk_to_one_is_skipped(shapes_data, tmp_path):
+    """Batch 2 whose other image is unreadable, with a 1x1 C5 (32 px input): BatchNorm would
+    fail on one value per channel; the step is skipped instead."""
+    from retinanet.data.coco import CocoDetection
+    from retinanet.data.sampler import TrainBatchSampler
+    from retinanet.engine.train import Trainer
+
+    cfg = tiny_config(shapes_data, tmp_path / "run", train__max_iter=2, train__batch_size=2,
+                      train__reference_batch_size=2, model__backbone__norm="bn", model__fpn__out_channels=64,
+                      model__input__train_min_sizes=[32], model__input__max_size=32, data__val_annotations="''")
+    dataset = CocoDetection(shapes_data["train_images"], shapes_data["train_annotations"])
+    first = next(iter(TrainBatchSampler(dataset.aspect_ratios(), 2, cfg.train.seed, flip_prob=0.5)))
+    images = tmp_path / "images"
+    shutil.copytree(shapes_data["train_images"], images)
+    (images / dataset.records[first[1][0]].file_name).unlink()  # the first batch keeps one image
+    cfg.data.train_images = str(images)
+    summary = Trainer(cfg, progress=False).run()
+    assert summary["status"] == "finished" and summary["iteration"] == 2
+    assert len(summary["skipped_images"]) == 1
+
+
 def test_a_batch_without_readable_images_is_skipped(shapes_data, tmp_path):
     from retinanet.engine.train import Trainer
 

@@ -526,20 +526,22 @@ class Trainer:
 
     def _usable_batch(self, images: list, skipped: list[str]) -> bool:
         """Record unreadable images; False (on every process alike) when some process got
-        no readable image at all, so that all skip the step together."""
+        too few readable images (none; or one, for trainable BatchNorm), so that all skip
+        the step together."""
+        needed = 2 if self.cfg.model.backbone.norm == "bn" else 1
         if distributed.is_distributed():
-            gathered = distributed.all_gather_objects((bool(images), skipped))
+            gathered = distributed.all_gather_objects((len(images) >= needed, skipped))
             empty = not all(ok for ok, _ in gathered)
             skipped = [s for _, part in gathered for s in part]
         else:
-            empty = not images
+            empty = len(images) < needed
         if skipped:
             self.skipped_images.extend(skipped)
             if self.dist.is_main:
                 with open(self.output_dir / "skipped_images.txt", "a") as f:
                     f.write("".join(s + "\n" for s in skipped))
         if empty:
-            log.warning("iteration %d: no readable image in the batch; step skipped", self.iteration + 1)
+            log.warning("iteration %d: too few readable images in the batch; step skipped", self.iteration + 1)
         return not empty
 
     def step(self, images: list[torch.Tensor], targets: list[dict]) -> dict | None:
