@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   retinanet predict --weights model.pt photo.jpg photos/ "shots/*.png" --output-dir out
   retinanet convert --from torchvision retinanet_resnet50_fpn_coco.pth model.pt
   retinanet check-data --config my_config.yaml
+  retinanet analyze --config my_config.yaml        # do the anchors cover my boxes? suggested anchors
+  retinanet plot runs/a runs/b --output curves.png
 """
 
 
@@ -56,6 +58,14 @@ def _positive_minutes(text: str) -> float:
     if not (value > 0 and value < 60 * 24 * 7):  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes > 0")
     return value
+
+
+def _point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not x,y") from None
+    return x, y
 
 
 def _device(text: str) -> str:
@@ -126,6 +136,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--decode", action="store_true", help="also decode every image (slow, finds damaged files)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = commands.add_parser("analyze", help="dataset statistics, anchor coverage and suggested anchors")
+    p.add_argument("--config", required=True, help=_config_help())
+    p.add_argument("--split", choices=["train", "val"], default="train")
+    p.add_argument("--output-dir", default="analysis", help="gets report.json and the plots (default: analysis)")
+    p.add_argument("--max-images", type=_positive_int, help="analyse a fixed random sample of this many images")
+    p.add_argument("--no-plots", action="store_true", help="report.json and the console table only")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = commands.add_parser("anchors", help="draw the anchors of one location and the anchor grid of a level")
+    p.add_argument("--config", required=True, help=_config_help())
+    p.add_argument("--image", help="draw over this image, resized as the network sees it (default: a blank canvas)")
+    p.add_argument("--level", type=int, default=0, help="0 = P3 (stride 8), 1 = P4, ...")
+    p.add_argument("--location", type=_point, help="x,y in image pixels (default: the centre)")
+    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = commands.add_parser("assign", help="draw one training image with the anchors the matcher assigns")
+    p.add_argument("--config", required=True, help=_config_help())
+    p.add_argument("--image-id", required=True, help="the image's id in the annotation file")
+    p.add_argument("--split", choices=["train", "val"], default="train")
+    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = commands.add_parser("plot", help="loss, learning-rate and AP curves of one or more runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (with metrics.jsonl)")
+    p.add_argument("--output", default="training_curves.png", help="PNG to write")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -286,8 +323,56 @@ def cmd_check_data(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_analyze(args) -> int:
+    from .config import load_config
+    from .engine.analyze import analyze, format_report
+
+    cfg = load_config(args.config, args.overrides)
+    report = analyze(cfg, args.split, _output_folder(args.output_dir), args.max_images or 0, plots=not args.no_plots)
+    print(format_report(report))
+    print(f"-> {Path(args.output_dir) / 'report.json'}")
+    return 0
+
+
+def cmd_anchors(args) -> int:
+    from .config import load_config
+    from .engine.analyze import anchors_view
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        path = anchors_view(cfg, args.output, args.image, args.level, args.location)
+    except ValueError as err:
+        raise OutputError(str(err)) from None
+    print(f"-> {path}")
+    return 0
+
+
+def cmd_assign(args) -> int:
+    from .config import load_config
+    from .engine.analyze import assign_view
+
+    cfg = load_config(args.config, args.overrides)
+    summary = assign_view(cfg, args.image_id, args.output, args.split)
+    print(f"{summary['boxes']} boxes ({summary['uncovered']} uncovered, drawn red), "
+          f"{summary['positive_anchors']} positive and {summary['ignored_anchors']} ignored anchors; "
+          f"positives per box {summary['positives_per_box']} -> {args.output}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .analysis.plots import plot_runs
+
+    runs = [Path(r) for r in args.runs]
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:
+        raise OutputError(f"{', '.join(missing)}: no metrics.jsonl (not a training output folder)")
+    print(f"-> {plot_runs(runs, Path(args.output))}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert": cmd_convert,
-            "demo": cmd_demo, "check-data": cmd_check_data}
+            "demo": cmd_demo, "check-data": cmd_check_data, "analyze": cmd_analyze, "anchors": cmd_anchors,
+            "assign": cmd_assign, "plot": cmd_plot}
 
 
 if __name__ == "__main__":

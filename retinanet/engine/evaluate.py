@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -92,13 +93,15 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids
 
 
 def coco_metrics(gt: COCO, results: list[dict], image_ids: list[int] | None = None,
-                 class_names: list[str] | None = None, verbose: bool = True) -> dict:
-    """COCO box metrics: the 12 summary numbers (fractions in [0, 1]) and per-class AP."""
+                 class_names: list[str] | None = None, verbose: bool = True, return_precision: bool = False):
+    """COCO box metrics: the 12 summary numbers (fractions in [0, 1]), per-class AP and the
+    error breakdown; with `return_precision`, also COCOeval's precision array (for plots)."""
     if not results:
         log.warning("no detections: every metric is 0")
         metrics = {k: 0.0 for k in SUMMARY_KEYS}
         metrics["per_class_AP"] = {name: 0.0 for name in (class_names or [])}
-        return metrics
+        metrics["error_breakdown"] = None
+        return (metrics, None) if return_precision else metrics
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
     evaluator = COCOeval(gt, dt, "bbox")
@@ -121,7 +124,45 @@ def coco_metrics(gt: COCO, results: list[dict], image_ids: list[int] | None = No
         p = p[p > -1]
         per_class[name] = float(p.mean()) if p.size else None  # no ground truth of this class
     metrics["per_class_AP"] = per_class
-    return metrics
+    metrics["error_breakdown"] = error_breakdown(gt, dt, evaluator)
+    return (metrics, precision) if return_precision else metrics
+
+
+def error_breakdown(gt: COCO, dt, evaluator: COCOeval) -> dict:
+    """The COCO analysis tool's cumulative precisions (area all, 100 detections): `C75` and
+    `C50` (AP at those IoUs), `Loc` (IoU 0.1: localisation errors forgiven), `Oth` (also class
+    confusions forgiven: class-agnostic), `BG` (also background detections removed: the
+    recall reached), `FN` (everything found: 1). The gaps are what each kind of error costs."""
+    def run(iou: float, use_cats: bool) -> COCOeval:
+        e = COCOeval(gt, dt, "bbox")
+        e.params.imgIds = evaluator.params.imgIds
+        e.params.iouThrs = np.array([iou])
+        e.params.useCats = int(use_cats)
+        with contextlib.redirect_stdout(io.StringIO()):
+            e.evaluate()
+            e.accumulate()
+        return e
+
+    def mean_precision(e: COCOeval) -> float:
+        p = e.eval["precision"][0, :, :, 0, -1]
+        p = p[p > -1]
+        return float(p.mean()) if p.size else 0.0
+
+    precision = evaluator.eval["precision"]
+    c75, c50 = (float(np.mean(v[v > -1])) if (v > -1).any() else 0.0
+                for v in (precision[5, :, :, 0, -1], precision[0, :, :, 0, -1]))
+    loc = mean_precision(run(0.1, True))
+    agnostic = run(0.1, False)
+    oth = mean_precision(agnostic)
+    recall = float(agnostic.eval["recall"][0, 0, 0, -1])
+    bg = (np.floor(max(recall, 0.0) * 100) + 1) / 101 if recall > 0 else 0.0
+    levels = {"C75": c75, "C50": c50, "Loc": loc, "Oth": oth, "BG": float(bg), "FN": 1.0}
+    levels = {k: round(v, 4) for k, v in levels.items()}
+    levels["costs"] = {"localisation": round(levels["Loc"] - levels["C50"], 4),
+                       "confusion": round(levels["Oth"] - levels["Loc"], 4),
+                       "background": round(levels["BG"] - levels["Oth"], 4),
+                       "missed": round(levels["FN"] - levels["BG"], 4)}
+    return levels
 
 
 def load_coco_ground_truth(path: str | Path) -> COCO:
@@ -163,14 +204,32 @@ def evaluate(model, dataset: CocoDetection, output_dir: str | Path | None = None
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     image_ids = [dataset.records[i].image_id for i in range(count)]
     gt = load_coco_ground_truth(dataset.annotation_file)
-    metrics = coco_metrics(gt, results, image_ids, dataset.class_names, verbose)
+    metrics, precision = coco_metrics(gt, results, image_ids, dataset.class_names, verbose, return_precision=True)
     metrics["num_images"] = count - len(skipped)
     metrics["skipped_images"] = skipped
     if verbose:
         print(format_per_class_table(metrics["per_class_AP"]))
+        if metrics.get("error_breakdown"):
+            costs = metrics["error_breakdown"]["costs"]
+            print("AP50 lost to: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        metrics["plots"] = write_plots(metrics, precision, dataset.class_names, output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (output_dir / "detections.json").write_text(json.dumps(results))
     return metrics
+
+
+def write_plots(metrics: dict, precision, class_names: list[str], output_dir: Path) -> list[str]:
+    """Per-class precision-recall curves and the error breakdown as PNGs (needs matplotlib)."""
+    if precision is None or metrics.get("error_breakdown") is None:
+        return []
+    try:
+        from ..analysis.plots import plot_error_breakdown, plot_pr_curves
+
+        return [str(plot_pr_curves(precision, class_names, output_dir / "pr_curves.png")),
+                str(plot_error_breakdown(metrics["error_breakdown"], output_dir / "error_breakdown.png"))]
+    except ImportError as err:
+        log.info("no plots: %s", err)
+        return []

@@ -26,6 +26,7 @@ from ..data.coco import CocoDetection, DatasetError, collate
 from ..data.sampler import TrainBatchSampler
 from ..model.detector import RetinaNet
 from . import distributed
+from .analyze import coverage_warning
 from .checkpoint import capture_rng, restore_rng
 from .evaluate import amp_dtype, evaluate
 
@@ -378,6 +379,10 @@ class Trainer:
             cfg.model.class_names = list(self.train_set.class_names)
         if not cfg.model.category_ids:
             cfg.model.category_ids = list(self.train_set.category_ids)
+        if self.dist.is_main:
+            warning = coverage_warning(cfg, self.train_set)
+            if warning:
+                log.warning(warning)
         self.val_set = (CocoDetection(cfg.data.val_images, cfg.data.val_annotations, strict=cfg.data.strict)
                         if cfg.data.val_annotations else None)
         if self.val_set is not None and len(self.val_set) == 0:
@@ -573,6 +578,9 @@ class Trainer:
         if self.ema:
             self.ema.update(self.model)
         values["lr"] = self.optimizer.param_groups[0]["lr"]
+        stats = self.model.assignment_stats
+        if stats:
+            values["positives_per_box"] = float(stats["foreground"]) / max(1.0, float(stats["boxes"]))
         return values
 
     def evaluate(self) -> dict | None:

@@ -12,7 +12,7 @@ from .anchors import AnchorGenerator
 from .fpn import FPN
 from .head import RetinaNetHead
 from .losses import ForegroundReducer, RetinaNetLoss
-from .matching import AnchorMatcher
+from .matching import FOREGROUND, AnchorMatcher
 from .postprocess import PostProcessor, clip_and_drop_empty
 from .preprocess import ImageBatch, Preprocessor, scale_boxes
 
@@ -47,6 +47,7 @@ class RetinaNet(nn.Module):
         self.class_names = list(class_names) or [str(i) for i in range(self.num_classes)]
         self.channels_last = False
         self.config: Any = None  # the ModelConfig this model was built from, when known
+        self.assignment_stats: dict[str, torch.Tensor] = {}  # of the last training forward
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -92,6 +93,9 @@ class RetinaNet(nn.Module):
         all_anchors = torch.cat(anchors)
         gt_boxes, gt_labels, gt_valid, gt_crowd = pack_targets(targets, all_anchors.device)
         matches = self.matcher(all_anchors, gt_boxes, gt_valid, gt_crowd)
+        # for the training log (read, and so synchronised, only when logged)
+        self.assignment_stats = {"foreground": (matches.labels == FOREGROUND).sum().detach(),
+                                 "boxes": (gt_valid & ~gt_crowd).sum().detach()}
         return self.loss(torch.cat(logits, 1), torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels,
                          reduce_foreground)
 
