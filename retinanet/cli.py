@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("demo", help="generate a shapes dataset, train from scratch, evaluate, draw")
     p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--minutes", type=_positive_minutes, help="training time budget (default: the demo config's)")
+    p.add_argument("--minutes", type=_positive_minutes, help="train for this wall-clock budget instead of the demo config's fixed 1500 iterations")
     p.add_argument("--num-train", type=_positive_int, default=8000)
     p.add_argument("--num-val", type=_positive_int, default=300)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in OUTPUT_DIR")
@@ -159,6 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["train", "val"], default="train")
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = commands.add_parser("data", help="dataset tools: convert between COCO, CSV, VOC and YOLO")
+    data_commands = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = data_commands.add_parser("convert", help="rewrite annotations in another format",
+                                 description="Read annotations in one format and write them in another: "
+                                             "COCO json (default) or YOLO txt labels.")
+    p.add_argument("--from", dest="source_format", required=True, choices=["coco", "csv", "voc", "yolo"])
+    p.add_argument("src", help="coco: json; csv: the CSV; voc: folder of XML; yolo: the images folder")
+    p.add_argument("--images", help="image folder (coco, voc; csv: paths are relative to it, default the CSV's "
+                                    "folder; yolo: SRC itself)")
+    p.add_argument("--labels", help="yolo: labels folder (default: SRC with images -> labels)")
+    p.add_argument("--classes", help="class list: YOLO data.yaml / classes.txt, or a classes CSV")
+    p.add_argument("--to", dest="target_format", choices=["coco", "yolo"], default="coco")
+    p.add_argument("--output", required=True, help="coco: the json to write; yolo: the labels folder to fill")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
 
     p = commands.add_parser("plot", help="loss, learning-rate and AP curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (with metrics.jsonl)")
@@ -247,7 +262,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .checkpoint import load_model, read_checkpoint
     from .config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
-    from .data.coco import CocoDetection
+    from .data.formats import open_dataset
     from .engine import distributed
     from .engine.evaluate import evaluate
 
@@ -259,12 +274,12 @@ def cmd_eval(args) -> int:
     else:
         stored = checkpoint.run_config or {"model": config_to_dict(checkpoint.model_config)}
         cfg = apply_overrides(config_from_dict(Config, stored), args.overrides)
-    if not cfg.data.val_annotations:
+    if not cfg.data.val_annotations and not (cfg.data.format == "yolo" and cfg.data.val_images):
         raise OutputError("no validation set: set data.val_images and data.val_annotations (or pass --config)")
-    dataset = CocoDetection(cfg.data.val_images, cfg.data.val_annotations, strict=cfg.data.strict)
     info = distributed.setup(args.device)
     model_overrides = [o[len("model."):] for o in args.overrides if o.startswith("model.")]
     model = load_model(args.weights, info.device, model_overrides).to(info.device)
+    dataset = open_dataset(cfg.data, "val", model.class_names)
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
                        cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main, amp=cfg.train.amp)
     if info.is_main:
@@ -359,6 +374,33 @@ def cmd_assign(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from .config import DataConfig
+    from .data.formats import open_dataset, write_coco, write_yolo
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise OutputError(f"{output}: already exists; pass --force to replace it")
+    src = Path(args.src)
+    images = args.images or (str(src) if args.source_format == "yolo" else "")
+    annotations = args.labels or "" if args.source_format == "yolo" else str(src)
+    cfg = DataConfig(format=args.source_format, train_images=images, train_annotations=annotations,
+                     classes=args.classes or "")
+    if args.source_format == "coco" and not images:
+        cfg.train_images = str(src.parent)
+    dataset = open_dataset(cfg, "train")
+    if output.resolve() in {src.resolve(), Path(images).resolve() if images else None}:
+        raise OutputError(f"{output}: the output would overwrite the input")
+    if args.target_format == "coco":
+        write_coco(dataset, output)
+        print(f"wrote {output}: {len(dataset)} images, {dataset.report.num_boxes} boxes, "
+              f"{dataset.num_classes} classes (image folder: {dataset.image_dir})")
+    else:
+        labels, classes = write_yolo(dataset, output)
+        print(f"wrote {len(dataset)} label files into {labels} and the class list {classes}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .analysis.plots import plot_runs
 
@@ -372,7 +414,7 @@ def cmd_plot(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert": cmd_convert,
             "demo": cmd_demo, "check-data": cmd_check_data, "analyze": cmd_analyze, "anchors": cmd_anchors,
-            "assign": cmd_assign, "plot": cmd_plot}
+            "assign": cmd_assign, "plot": cmd_plot, "data": cmd_data}
 
 
 if __name__ == "__main__":

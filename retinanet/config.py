@@ -23,10 +23,13 @@ __all__ = ["Config", "DataConfig", "TrainConfig", "EvalConfig", "ConfigError", "
 
 @dataclass
 class DataConfig:
+    format: Literal["coco", "csv", "voc", "yolo"] = "coco"  # how the annotations are written
     train_images: str = ""  # folder of training images
-    train_annotations: str = ""  # COCO-format json
+    train_annotations: str = ""  # coco: json; csv: the CSV file; voc: folder of XML; yolo: labels folder
     val_images: str = ""
     val_annotations: str = ""
+    classes: str = ""  # class list (yolo: data.yaml or classes.txt; csv: classes CSV); else the names found
+    voc_difficult: Literal["ignore", "train", "drop"] = "ignore"  # VOC `difficult` objects
     horizontal_flip: Fraction = 0.5  # probability
     aspect_ratio_grouping: bool = True  # batches of only landscape or only portrait images
     num_workers: NonNegativeInt = 4  # data-loading processes per GPU (0: load in the main process)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from .coco import CocoDetection, DatasetError
+from .dataset import DatasetError
+from .formats import open_dataset
 from .image_io import ImageReadError, read_image
 
 
-def check_dataset(image_dir: str, annotation_file: str, num_classes: int | None = None,
-                  decode: bool = False) -> tuple[bool, list[str]]:
-    """Returns `(ok, report lines)`: every problem found, not only the first. Problems
-    that stop training (no readable image, a malformed file) make `ok` False."""
-    lines = [f"{annotation_file}:"]
+def check_dataset(data_cfg, split: str, num_classes: int | None = None, decode: bool = False,
+                  class_names: list[str] | None = None) -> tuple[bool, list[str], list[str] | None]:
+    """Returns `(ok, report lines, class names)`: every problem found, not only the first.
+    Problems that stop training (no readable image, a malformed file) make `ok` False."""
+    source = getattr(data_cfg, f"{split}_annotations") or getattr(data_cfg, f"{split}_images")
+    lines = [f"{source} ({data_cfg.format}, {split}):"]
     try:
-        dataset = CocoDetection(image_dir, annotation_file)
+        dataset = open_dataset(data_cfg, split, class_names)
     except DatasetError as err:
-        return False, lines + [f"  ERROR {problem}" for problem in err.problems] + ["  FAILED"]
+        return False, lines + [f"  ERROR {problem}" for problem in err.problems] + ["  FAILED"], None
     r = dataset.report
     errors: list[str] = []
     lines.append(f"  {r.num_images} images, {r.num_boxes} boxes ({r.num_crowd} crowd), "
@@ -27,7 +29,11 @@ def check_dataset(image_dir: str, annotation_file: str, num_classes: int | None 
         lines.append(f"  warning: {r.dropped_boxes} degenerate boxes will be dropped, e.g. "
                      + "; ".join(r.dropped_examples[:3]))
     missing = [rec.file_name for rec in dataset.records if not (dataset.image_dir / rec.file_name).is_file()]
-    if missing and len(missing) == len(dataset.records):
+    missing += r.missing_images
+    if missing and not dataset.records:
+        errors.append(f"none of the {len(missing)} image files exists or can be read in {dataset.image_dir}, "
+                      f"e.g. {missing[:3]}")
+    elif missing and len(missing) == len(dataset.records):
         errors.append(f"none of the {len(missing)} image files exists in {dataset.image_dir}, e.g. {missing[:3]}")
     elif missing:
         lines.append(f"  warning: {len(missing)} image files are missing (skipped in training), e.g. {missing[:3]}")
@@ -56,23 +62,22 @@ def check_dataset(image_dir: str, annotation_file: str, num_classes: int | None 
             errors.append("no image of the dataset can be read")
     lines.extend(f"  ERROR {e}" for e in errors)
     lines.append("  FAILED" if errors else "  OK")
-    return not errors, lines
+    return not errors, lines, dataset.class_names
 
 
 def check_datasets(data_cfg, num_classes: int | None = None, decode: bool = False) -> bool:
     """Check the training and validation sets of a `DataConfig`; False when any fails or
     when no dataset is configured at all."""
-    pairs = [("data.train_annotations", data_cfg.train_images, data_cfg.train_annotations),
-             ("data.val_annotations", data_cfg.val_images, data_cfg.val_annotations)]
-    pairs = [p for p in pairs if p[2]]
-    if not pairs:
+    splits = [split for split in ("train", "val") if getattr(data_cfg, f"{split}_annotations")
+              or (data_cfg.format == "yolo" and getattr(data_cfg, f"{split}_images"))]
+    if not splits:
         print("ERROR no dataset configured: set data.train_annotations / data.val_annotations "
               "(and the image folders data.train_images / data.val_images)")
         return False
-    ok = True
-    for _, images, annotation_file in pairs:
-        good, lines = check_dataset(images, annotation_file, num_classes, decode)
+    ok, class_names = True, None
+    for split in splits:
+        good, lines, names = check_dataset(data_cfg, split, num_classes, decode, class_names)
+        class_names = class_names or names
         print("\n".join(lines))
         ok = ok and good
     return ok
-

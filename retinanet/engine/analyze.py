@@ -15,14 +15,15 @@ import torch
 from ..analysis.anchor_search import AnchorCandidate, search_anchors
 from ..analysis.coverage import ImageBoxes, anchor_coverage, network_input_size, summarize, _preprocessor
 from ..config import Config
-from ..data.coco import CocoDetection
+from ..data.dataset import DetectionDataset
+from ..data.formats import open_dataset
 
 log = logging.getLogger(__name__)
 
 TARGET_UNCOVERED = 0.05  # the share of uncovered boxes above which the trainer warns
 
 
-def image_boxes(dataset: CocoDetection, max_images: int = 0, seed: int = 0) -> list[ImageBoxes]:
+def image_boxes(dataset: DetectionDataset, max_images: int = 0, seed: int = 0) -> list[ImageBoxes]:
     """Ground truth of the dataset (or of a fixed random sample of `max_images` images)."""
     indices = list(range(len(dataset)))
     if 0 < max_images < len(indices):
@@ -103,13 +104,7 @@ def config_lines(candidate: AnchorCandidate, cfg: Config) -> list[str]:
 def analyze(cfg: Config, split: str = "train", output_dir: str | Path = "analysis", max_images: int = 0,
             plots: bool = True) -> dict:
     """Write `report.json` (and plots) into `output_dir` and return the report."""
-    images_dir, annotations = ((cfg.data.train_images, cfg.data.train_annotations) if split == "train"
-                               else (cfg.data.val_images, cfg.data.val_annotations))
-    if not annotations:
-        from ..data.coco import DatasetError
-
-        raise DatasetError(f"no {split} set configured: set data.{split}_annotations")
-    dataset = CocoDetection(images_dir, annotations)
+    dataset = _open(cfg, split)
     images = image_boxes(dataset, max_images)
     report, coverage = coverage_report(cfg, images, dataset.class_names)
     report["split"], report["images"] = split, len(images)
@@ -130,6 +125,15 @@ def analyze(cfg: Config, split: str = "train", output_dir: str | Path = "analysi
                            + [plot_coverage(report, output_dir / "coverage_by_size.png")]]
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _open(cfg: Config, split: str) -> DetectionDataset:
+    from ..data.dataset import DatasetError
+
+    if not (getattr(cfg.data, f"{split}_annotations") or (cfg.data.format == "yolo"
+                                                          and getattr(cfg.data, f"{split}_images"))):
+        raise DatasetError(f"no {split} set configured: set data.{split}_annotations (and data.{split}_images)")
+    return open_dataset(cfg.data, split)
 
 
 def _size_stats(images: list[ImageBoxes]) -> dict:
@@ -170,7 +174,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def coverage_warning(cfg: Config, dataset: CocoDetection, sample: int = 500) -> str | None:
+def coverage_warning(cfg: Config, dataset: DetectionDataset, sample: int = 500) -> str | None:
     """One line when more than `TARGET_UNCOVERED` of (a sample of) the training boxes have no
     anchor at IoU >= the fg threshold, naming the size range; None otherwise."""
     images = image_boxes(dataset, sample, seed=cfg.train.seed)
@@ -227,17 +231,13 @@ def anchors_view(cfg: Config, output: str | Path, image: str | None = None, leve
 
 def assign_view(cfg: Config, image_id, output: str | Path, split: str = "train") -> dict:
     from ..analysis.views import draw_assignment
-    from ..data.coco import DatasetError
+    from ..data.dataset import DatasetError
     from ..model.matching import AnchorMatcher
 
-    images_dir, annotations = ((cfg.data.train_images, cfg.data.train_annotations) if split == "train"
-                               else (cfg.data.val_images, cfg.data.val_annotations))
-    if not annotations:
-        raise DatasetError(f"no {split} set configured: set data.{split}_annotations")
-    dataset = CocoDetection(images_dir, annotations)
+    dataset = _open(cfg, split)
     record = next((r for r in dataset.records if str(r.image_id) == str(image_id)), None)
     if record is None:
-        raise DatasetError(f"{annotations}: no image with id {image_id}")
+        raise DatasetError(f"{dataset.annotation_file}: no image with id {image_id}")
     picture, sy, sx, sizes = network_input_image(dataset.image_dir / record.file_name, cfg)
     boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4) * torch.tensor([sx, sy, sx, sy])
     m = cfg.model.matcher

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..checkpoint import load_model
 from ..config import Config, apply_overrides, load_config
-from ..data.coco import CocoDetection
+from ..data.formats import open_dataset
 from ..data.synthetic import SHAPE_CLASSES, generate_dataset
 from ..model.detector import RetinaNet
 from .predict import draw_detections
@@ -20,7 +20,7 @@ def demo_config(output_dir: str | Path, minutes: float | None = None, overrides:
                 num_train: int = 8000, num_val: int = 300, seed: int = 0) -> Config:
     output_dir = Path(output_dir)
     t0 = time.perf_counter()
-    budget = [f"train.max_minutes={minutes}"] if minutes is not None else []
+    budget = [f"train.max_minutes={minutes}", "train.max_iter=1000000"] if minutes is not None else []
     cfg = load_config("demo", list(overrides or []) + budget)  # shipped inside the package; checked before any work
     size = cfg.model.input.test_min_size
     paths = generate_dataset(output_dir / "data", num_train=num_train, num_val=num_val, image_size=size, seed=seed)
@@ -59,12 +59,12 @@ def run_demo(output_dir: str | Path = "demo_output", minutes: float | None = Non
 
 def draw_examples(model: RetinaNet, cfg: Config, folder: Path, count: int = 6) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    dataset = CocoDetection(cfg.data.val_images, cfg.data.val_annotations)
+    dataset = open_dataset(cfg.data, "val")
     paths = []
     for i in range(min(count, len(dataset))):
-        image, _ = dataset[i]
+        image, target = dataset[i]
         det = model.predict(image, score_threshold=0.3)
         path = folder / f"val_{i:02d}.png"
-        draw_detections(image, det, scale=3).save(path)
+        draw_detections(image, det, scale=3, ground_truth=target["boxes"]).save(path)
         paths.append(path)
     return paths

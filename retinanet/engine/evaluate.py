@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from ..data.coco import CocoDetection, DatasetError, collate
+from ..data.dataset import DatasetError, DetectionDataset, coco_api, collate
 from . import distributed
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def amp_dtype(amp: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
-def check_categories(model, dataset: CocoDetection) -> None:
+def check_categories(model, dataset: DetectionDataset) -> None:
     """Stop when the model's categories are not the dataset's: every dataset category id
     must be one of the model's, under the same name (when the model has names)."""
     names = dict(zip(model.category_ids, model.class_names))
@@ -51,7 +51,7 @@ def _span(ids: list[int]) -> str:
 
 
 @torch.inference_mode()
-def predict_dataset(model, dataset: CocoDetection, batch_size: int = 8, num_workers: int = 0,
+def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_workers: int = 0,
                     max_images: int = 0, amp: str = "none") -> tuple[list[dict], list[str]]:
     """Detections for this process's share of `dataset` in COCO results format
     (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images.
@@ -166,17 +166,8 @@ def error_breakdown(gt: COCO, dt, evaluator: COCOeval) -> dict:
 
 
 def load_coco_ground_truth(path: str | Path) -> COCO:
-    """pycocotools' COCO for `path`, with the `iscrowd`/`area` fields it needs filled in."""
-    data = json.loads(Path(path).read_text())
-    for ann in data.get("annotations", []):
-        ann.setdefault("iscrowd", 0)
-        if "area" not in ann and isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4:
-            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
-    gt = COCO()
-    gt.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-    return gt
+    """pycocotools' COCO for a COCO json file, with the `iscrowd`/`area` fields it needs filled in."""
+    return coco_api(json.loads(Path(path).read_text()))
 
 
 def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str:
@@ -187,7 +178,7 @@ def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str
     return "\n".join([header, "-" * len(header)] + rows)
 
 
-def evaluate(model, dataset: CocoDetection, output_dir: str | Path | None = None, batch_size: int = 8,
+def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = None, batch_size: int = 8,
              num_workers: int = 0, max_images: int = 0, verbose: bool = True, amp: str = "none") -> dict | None:
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
     `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. A
@@ -203,7 +194,7 @@ def evaluate(model, dataset: CocoDetection, output_dir: str | Path | None = None
     skipped = [s for _, part in gathered for s in part]
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     image_ids = [dataset.records[i].image_id for i in range(count)]
-    gt = load_coco_ground_truth(dataset.annotation_file)
+    gt = dataset.coco_ground_truth()
     metrics, precision = coco_metrics(gt, results, image_ids, dataset.class_names, verbose, return_precision=True)
     metrics["num_images"] = count - len(skipped)
     metrics["skipped_images"] = skipped

@@ -102,12 +102,17 @@ def _run(model, items, targets: dict[Path, Path] | None, score_threshold) -> lis
     return records
 
 
-def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale: int = 1) -> Image.Image:
-    """The image `(3, H, W)` uint8, enlarged `scale` times, with boxes, class names and scores."""
+def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale: int = 1,
+                    ground_truth: torch.Tensor | None = None) -> Image.Image:
+    """The image `(3, H, W)` uint8, enlarged `scale` times, with boxes, class names and scores
+    on a dark label background; `ground_truth (G, 4)` boxes, when given, outlined in white."""
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     if scale != 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.BILINEAR)
     canvas = ImageDraw.Draw(pil)
+    if ground_truth is not None:
+        for box in (ground_truth * scale).tolist():
+            canvas.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], outline=(255, 255, 255), width=1)
     palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
     for box, score, label, name in list(zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
@@ -115,5 +120,8 @@ def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale:
         colour = palette[label % len(palette)]
         box = [v * scale for v in box]
         canvas.rectangle(box, outline=colour, width=2)
-        canvas.text((box[0] + 2, box[1] + 1), f"{name} {score:.2f}", fill=colour)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = canvas.textbbox((box[0] + 2, box[1] + 1), text)
+        canvas.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
+        canvas.text((box[0] + 2, box[1] + 1), text, fill=colour)
     return pil

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from ..config import Config, config_to_dict, save_config
-from ..data.coco import CocoDetection, DatasetError, collate
+from ..data.dataset import DatasetError, collate
+from ..data.formats import open_dataset
 from ..data.sampler import TrainBatchSampler
 from ..model.detector import RetinaNet
 from . import distributed
@@ -366,9 +367,9 @@ class Trainer:
                                 f"got train.batch_size={t.batch_size} over {self.dist.world_size} process(es); "
                                 "use norm frozen_bn or gn, or a larger batch")
 
-        if not cfg.data.train_annotations:
+        if not cfg.data.train_annotations and not (cfg.data.format == "yolo" and cfg.data.train_images):
             raise TrainingError("no training data: set data.train_annotations (and data.train_images)")
-        self.train_set = CocoDetection(cfg.data.train_images, cfg.data.train_annotations, strict=cfg.data.strict)
+        self.train_set = open_dataset(cfg.data, "train")
         if len(self.train_set) == 0:
             raise TrainingError(f"{cfg.data.train_annotations}: the training set has no images")
         if self.train_set.num_classes != cfg.model.num_classes:
@@ -383,8 +384,8 @@ class Trainer:
             warning = coverage_warning(cfg, self.train_set)
             if warning:
                 log.warning(warning)
-        self.val_set = (CocoDetection(cfg.data.val_images, cfg.data.val_annotations, strict=cfg.data.strict)
-                        if cfg.data.val_annotations else None)
+        has_val = cfg.data.val_annotations or (cfg.data.format == "yolo" and cfg.data.val_images)
+        self.val_set = open_dataset(cfg.data, "val", self.train_set.class_names) if has_val else None
         if self.val_set is not None and len(self.val_set) == 0:
             raise DatasetError(f"{cfg.data.val_annotations}: the validation set has no images")
 

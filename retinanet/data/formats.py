@@ -1,0 +1,310 @@
+"""Annotation formats besides COCO: CSV (keras-retinanet's and DeepForest's), Pascal VOC XML
+and YOLO txt. Each reader fills the same `DetectionDataset`, so training, evaluation,
+`check-data` and the diagnostics take any of them unchanged. Bad input gets what COCO input
+gets: every problem of a file named with its line, degenerate boxes dropped with a summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from PIL import Image
+
+from .coco import CocoDetection
+from .dataset import DatasetError, DatasetReport, DetectionDataset, ImageRecord, add_box, finish_report
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("coco", "csv", "voc", "yolo")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """`(width, height)` of an image file as `read_image` will return it (EXIF rotation
+    applied), from its header only; None when the file cannot be opened."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _raise_problems(source, problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 3} more problems; retinanet check-data lists them all)" \
+            if len(problems) > 3 else ""
+        raise DatasetError(f"{source}: " + "; ".join(problems[:3]) + more, [f"{source}: {p}" for p in problems])
+
+
+def _class_map(names_found: list[str], class_names: list[str] | None, source, problems: list[str]) -> list[str]:
+    """The class list: the given one (unknown names are problems), else the names found, sorted."""
+    if class_names:
+        unknown = sorted(set(names_found) - set(class_names))
+        if unknown:
+            problems.append(f"unknown classes {unknown[:10]} (not in the class list {class_names[:10]})")
+        return list(class_names)
+    return sorted(set(names_found))
+
+
+def read_class_list(path: str | Path) -> list[str]:
+    """Class names from a YOLO `data.yaml` (`names:` list or mapping), a `classes.txt` (one per
+    line) or a keras-retinanet classes CSV (`name,id`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: class list not found")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            names = (yaml.safe_load(text) or {}).get("names")
+        except (yaml.YAMLError, AttributeError) as err:
+            raise DatasetError(f"{path}: not a YOLO data.yaml with a 'names' entry ({err})") from None
+        if isinstance(names, dict):
+            names = [names[k] for k in sorted(names)]
+        if not isinstance(names, list) or not names:
+            raise DatasetError(f"{path}: no 'names' list")
+        return [str(n) for n in names]
+    if path.suffix == ".csv":
+        rows = [r for r in csv.reader(text.splitlines()) if r]
+        try:
+            pairs = sorted((int(r[1]), r[0].strip()) for r in rows)
+        except (IndexError, ValueError):
+            raise DatasetError(f"{path}: a classes CSV has lines 'class_name,id'") from None
+        return [name for _, name in pairs]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------ CSV
+def read_csv(csv_file: str | Path, image_dir: str | Path | None = None, class_names: list[str] | None = None,
+             strict: bool = False) -> DetectionDataset:
+    """keras-retinanet's layout (no header; `path,x1,y1,x2,y2,class_name`; an image without
+    objects is `path,,,,,`) or DeepForest's (header `image_path,xmin,ymin,xmax,ymax,label`; an
+    empty image is a row of zeros), told apart by the first line. Paths are relative to
+    `image_dir`, by default the CSV's folder."""
+    csv_file = Path(csv_file)
+    if not csv_file.is_file():
+        raise DatasetError(f"{csv_file}: annotation file not found")
+    root = Path(image_dir) if image_dir else csv_file.parent
+    try:
+        rows = list(csv.reader(csv_file.read_text().splitlines()))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DatasetError(f"{csv_file}: not a readable CSV ({err})") from None
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    deepforest = header[:1] == ["image_path"]
+    start = 1 if deepforest else 0
+    problems, entries = [], []
+    for number, row in enumerate(rows[start:], start + 1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 6:
+            problems.append(f"line {number}: expected 6 fields (path,x1,y1,x2,y2,class), got {len(row)}")
+            continue
+        path, *coords, name = (c.strip() for c in row)
+        empty = all(not c for c in coords + [name]) or (deepforest and all(c in ("0", "0.0") for c in coords))
+        if empty:
+            entries.append((number, path, None, None))
+            continue
+        try:
+            box = [float(c) for c in coords]
+        except ValueError:
+            problems.append(f"line {number}: coordinates {coords} are not numbers")
+            continue
+        if not name:
+            problems.append(f"line {number}: no class name")
+            continue
+        entries.append((number, path, box, name))
+    names = _class_map([e[3] for e in entries if e[3] is not None], class_names, csv_file, problems)
+    label_of = {n: i for i, n in enumerate(names)}
+    records: dict[str, ImageRecord] = {}
+    report = DatasetReport()
+    missing = []
+    for number, path, box, name in entries:
+        record = records.get(path)
+        if record is None:
+            size = image_size(root / path)
+            if size is None:
+                missing.append(path)
+                continue
+            record = records[path] = ImageRecord(len(records) + 1, path, size[0], size[1], [], [], [])
+        if box is not None and name in label_of:
+            add_box(record, report, box, label_of[name], False, f"line {number}")
+    _raise_problems(csv_file, problems)
+    if missing:
+        log.warning("%s: %d image files are missing or unreadable (left out), e.g. %s", csv_file,
+                    len(set(missing)), sorted(set(missing))[:3])
+    report.missing_images = sorted(set(missing))
+    records_list = list(records.values())
+    dataset = DetectionDataset(root, csv_file, records_list, list(range(1, len(names) + 1)), names,
+                               finish_report(records_list, report, csv_file), strict)
+    dataset.format = "csv"
+    return dataset
+
+
+# ------------------------------------------------------------------------------ Pascal VOC
+def read_voc(annotation_dir: str | Path, image_dir: str | Path, class_names: list[str] | None = None,
+             difficult: str = "ignore", strict: bool = False) -> DetectionDataset:
+    """A folder of VOC XML files. Pixel indices are 1-based in VOC: `xmin` and `ymin` lose 1,
+    as detectron2 reads them (`xmax`/`ymax` then are exclusive ends). `difficult` objects are
+    kept as ignored regions (`difficult="ignore"`), trained as ordinary boxes ("train") or
+    dropped ("drop"). Images are looked up in `image_dir` by the XML's `filename`."""
+    annotation_dir, image_dir = Path(annotation_dir), Path(image_dir)
+    if not annotation_dir.is_dir():
+        raise DatasetError(f"{annotation_dir}: VOC annotation folder not found")
+    files = sorted(annotation_dir.glob("*.xml"))
+    if not files:
+        raise DatasetError(f"{annotation_dir}: no .xml files")
+    problems, parsed = [], []
+    for path in files:
+        try:
+            root = ET.parse(path).getroot()
+            file_name = root.findtext("filename", "").strip() or path.stem + ".jpg"
+            width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
+        except ET.ParseError as err:
+            problems.append(f"{path.name}: not valid XML ({err})")
+            continue
+        except (TypeError, ValueError):
+            problems.append(f"{path.name}: needs size/width and size/height")
+            continue
+        objects = []
+        for k, obj in enumerate(root.iter("object")):
+            name = (obj.findtext("name") or "").strip()
+            try:
+                box = [float(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")]
+            except (TypeError, ValueError):
+                problems.append(f"{path.name}: object {k} ({name}) has no numeric bndbox")
+                continue
+            box[0] -= 1.0
+            box[1] -= 1.0
+            objects.append((name, box, (obj.findtext("difficult") or "0").strip() == "1"))
+        parsed.append((path, file_name, width, height, objects))
+    names = _class_map([n for *_, objs in parsed for n, _, _ in objs], class_names, annotation_dir, problems)
+    _raise_problems(annotation_dir, problems)
+    label_of = {n: i for i, n in enumerate(names)}
+    report, records = DatasetReport(), []
+    for image_id, (path, file_name, width, height, objects) in enumerate(parsed, 1):
+        if width <= 0 or height <= 0:
+            raise DatasetError(f"{path}: image size {width}x{height}")
+        record = ImageRecord(image_id, file_name, width, height, [], [], [])
+        for name, box, is_difficult in objects:
+            if is_difficult and difficult == "drop":
+                continue
+            add_box(record, report, box, label_of[name], is_difficult and difficult == "ignore", path.name)
+        records.append(record)
+    dataset = DetectionDataset(image_dir, annotation_dir, records, list(range(1, len(names) + 1)), names,
+                               finish_report(records, report, annotation_dir), strict)
+    dataset.format = "voc"
+    return dataset
+
+
+# ------------------------------------------------------------------------------ YOLO
+def read_yolo(image_dir: str | Path, label_dir: str | Path | None, class_names: list[str],
+              strict: bool = False) -> DetectionDataset:
+    """`images/` with a `labels/` twin (same relative path, `.txt`): one `class cx cy w h` line
+    per object, normalised to [0, 1]. A missing or empty label file is an image without
+    objects. `label_dir` defaults to the image folder with its `images` part replaced by
+    `labels`, as the YOLO tools lay them out."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: image folder not found")
+    label_dir = Path(label_dir) if label_dir else _yolo_label_dir(image_dir)
+    if not class_names:
+        raise DatasetError(f"{label_dir}: YOLO labels need a class list: set data.classes to a data.yaml or "
+                           "classes.txt")
+    images = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    problems, records, report = [], [], DatasetReport()
+    for image_id, path in enumerate(images, 1):
+        relative = path.relative_to(image_dir)
+        size = image_size(path)
+        if size is None:
+            problems.append(f"{relative}: not a readable image")
+            continue
+        record = ImageRecord(image_id, str(relative), size[0], size[1], [], [], [])
+        label_file = (label_dir / relative).with_suffix(".txt")
+        lines = label_file.read_text().splitlines() if label_file.is_file() else []
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{label_file.relative_to(label_dir)}:{number}"
+            try:
+                cls = int(fields[0])
+                cx, cy, w, h = (float(v) for v in fields[1:5])
+            except (ValueError, IndexError):
+                problems.append(f"{where}: expected 'class cx cy w h', got {line.strip()!r}")
+                continue
+            if not 0 <= cls < len(class_names):
+                problems.append(f"{where}: class {cls} is not in the class list (0-{len(class_names) - 1})")
+                continue
+            box = [(cx - w / 2) * size[0], (cy - h / 2) * size[1], (cx + w / 2) * size[0], (cy + h / 2) * size[1]]
+            add_box(record, report, box, cls, False, where)
+        records.append(record)
+    _raise_problems(label_dir, problems)
+    dataset = DetectionDataset(image_dir, label_dir, records, list(range(1, len(class_names) + 1)),
+                               list(class_names), finish_report(records, report, label_dir), strict)
+    dataset.format = "yolo"
+    return dataset
+
+
+def _yolo_label_dir(image_dir: Path) -> Path:
+    parts = list(image_dir.parts)
+    if "images" in parts:
+        index = len(parts) - 1 - parts[::-1].index("images")
+        parts[index] = "labels"
+        return Path(*parts)
+    return image_dir.parent / "labels"
+
+
+# ------------------------------------------------------------------------------ one entry point
+def open_dataset(data_cfg, split: str = "train", class_names: list[str] | None = None) -> DetectionDataset:
+    """The `train` or `val` set of a `DataConfig`, whatever its `format`. `class_names` (the
+    training set's) fixes the label order of a validation set whose format has no ids."""
+    images = getattr(data_cfg, f"{split}_images")
+    annotations = getattr(data_cfg, f"{split}_annotations")
+    listed = read_class_list(data_cfg.classes) if data_cfg.classes else None
+    fmt = data_cfg.format
+    if fmt == "coco":
+        return CocoDetection(images, annotations, strict=data_cfg.strict)
+    if fmt == "csv":
+        return read_csv(annotations, images or None, listed or class_names, strict=data_cfg.strict)
+    if fmt == "voc":
+        return read_voc(annotations, images, listed or class_names, data_cfg.voc_difficult, strict=data_cfg.strict)
+    if fmt == "yolo":
+        return read_yolo(images, annotations or None, listed or class_names or [], strict=data_cfg.strict)
+    raise DatasetError(f"data.format {fmt!r}: choose from {', '.join(FORMATS)}")
+
+
+# ------------------------------------------------------------------------------ writing
+def write_coco(dataset: DetectionDataset, path: str | Path) -> Path:
+    """The dataset as a COCO json; `file_name`s relative to the dataset's image folder, so
+    that it pairs with `data.train_images` = that folder."""
+    data = dataset.coco_dict()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def write_yolo(dataset: DetectionDataset, label_dir: str | Path) -> tuple[Path, Path]:
+    """One `class cx cy w h` txt per image (crowd boxes left out) and a `classes.txt`."""
+    label_dir = Path(label_dir)
+    for record in dataset.records:
+        lines = []
+        for (x0, y0, x1, y1), label, crowd in zip(record.boxes, record.labels, record.crowd):
+            if crowd:
+                continue
+            cx, cy = (x0 + x1) / 2 / record.width, (y0 + y1) / 2 / record.height
+            w, h = (x1 - x0) / record.width, (y1 - y0) / record.height
+            lines.append(f"{label} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+        target = (label_dir / record.file_name).with_suffix(".txt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(line + "\n" for line in lines))
+    classes = label_dir / "classes.txt"
+    classes.write_text("".join(n + "\n" for n in dataset.class_names))
+    return label_dir, classes
