@@ -34,9 +34,9 @@ def _raise_interrupted(signum, frame):
 
 
 def _config_help() -> str:
-    from .config import shipped_configs
+    from . import configs
 
-    return ("YAML config: a file, or the name of a shipped config (" + ", ".join(shipped_configs()) + ")")
+    return "YAML config: a file, or the name of a shipped config (" + ", ".join(configs.names()) + ")"
 
 
 def _score_threshold(text: str) -> float:
@@ -50,6 +50,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1)")
     return value
 
 
@@ -69,6 +76,8 @@ def _point(text: str) -> tuple[float, float]:
 
 
 def _device(text: str) -> str:
+    if text in ("auto", "cpu"):
+        return text  # no torch import for what needs no check
     from .engine.distributed import DeviceError, resolve_device
 
     try:
@@ -111,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pixels", type=_positive_int,
                    help="accept images up to this many pixels (Pillow's decompression-bomb limit; only for "
                         "files you trust)")
+    p.add_argument("--tile", type=_positive_int, help="predict on overlapping tiles of this many pixels at full "
+                                                       "resolution (large images; give the model's input size)")
+    p.add_argument("--overlap", type=_fraction, default=0.2, help="share of a tile that neighbours share (0.2)")
+    p.add_argument("--merge", choices=["nms", "nmm"], default="nms",
+                   help="merge tiles' detections by class-aware NMS, or greedy merging by intersection over the "
+                        "smaller box (nmm: an object cut by a border comes out whole)")
+    p.add_argument("--full-image", action="store_true", help="with --tile: also predict the whole image resized")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: run an exported .onnx given as --weights (no torch needed)")
     p.add_argument("--device", default="auto", type=_device)
 
     p = commands.add_parser("convert", help="convert torchvision / detectron2 / PaddleDetection weights",
@@ -159,6 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["train", "val"], default="train")
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = commands.add_parser("export", help="export a checkpoint to ONNX, post-processing included")
+    p.add_argument("--weights", required=True, help="checkpoint to export")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--height", type=_positive_int, help="input height (default: the model's test size, padded)")
+    p.add_argument("--width", type=_positive_int, help="input width (default: its max size, padded)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size of a fixed-shape graph (1)")
+    p.add_argument("--dynamic", action="store_true", help="batch, height and width may vary at run time")
+    p.add_argument("--opset", type=_positive_int, default=17)
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="raw per-level class logits, box deltas and anchors, for your own NMS")
+    p.add_argument("--simplify", action="store_true", help="fold constants with onnxsim when it is installed")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
     p = commands.add_parser("data", help="dataset tools: convert between COCO, CSV, VOC and YOLO")
     data_commands = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -281,7 +313,8 @@ def cmd_eval(args) -> int:
     model = load_model(args.weights, info.device, model_overrides).to(info.device)
     dataset = open_dataset(cfg.data, "val", model.class_names)
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
-                       cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main, amp=cfg.train.amp)
+                       cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main, amp=cfg.train.amp,
+                       tile=cfg.data.tile)
     if info.is_main:
         print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}  "
               f"-> {output_dir / 'metrics.json'}")
@@ -292,6 +325,8 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from PIL import Image
 
+    if args.backend == "onnxruntime":
+        return _predict_onnxruntime(args)
     from .checkpoint import load_model
     from .engine.distributed import resolve_device
     from .engine.predict import predict_files
@@ -301,12 +336,94 @@ def cmd_predict(args) -> int:
         Image.MAX_IMAGE_PIXELS = args.max_pixels
     device = resolve_device(args.device)
     model = load_model(args.weights, map_location=device).to(device)
+    tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image} \
+        if args.tile else None
     predictions, errors = predict_files(model, args.images, output_dir, args.score_threshold,
-                                        draw=not args.no_draw)
+                                        draw=not args.no_draw, tiling=tiling)
     images = len({p["file_name"] for p in predictions})
     print(f"{len(predictions)} detections in {images} image(s) with detections -> {output_dir / 'predictions.json'}"
           + (f"; {len(errors)} input(s) could not be used" if errors else ""))
     return 1 if errors else 0
+
+
+def _predict_onnxruntime(args) -> int:
+    """predictions.json through onnxruntime, numpy and Pillow only."""
+    import json
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from .export.ort_predict import OnnxDetector
+
+    if args.tile:
+        raise OutputError("--tile runs with the torch backend only")
+    output_dir = _output_folder(args.output_dir)
+    weights = Path(args.weights)
+    if not weights.is_file():
+        raise OutputError(f"{weights}: no such ONNX file")
+    try:
+        detector = OnnxDetector(weights)
+    except Exception as err:  # onnxruntime's own load errors
+        raise OutputError(f"{weights}: cannot be loaded as an exported model ({str(err).splitlines()[0]})") from None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    predictions, errors = [], []
+    for item in args.images:
+        path = Path(item)
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        except (OSError, ValueError) as err:
+            errors.append(f"{path}: not a readable image ({err})")
+            print(f"error: {errors[-1]}", file=sys.stderr)
+            continue
+        det = detector.predict([array])[0]
+        threshold = args.score_threshold or 0.0
+        for box, score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
+                                           det["class_names"]):
+            if score < threshold:
+                continue
+            x0, y0, x1, y1 = box
+            predictions.append({"file_name": str(path), "category_id": detector.category_ids[label],
+                                "category_name": name, "score": round(score, 5),
+                                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]})
+    (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
+    print(f"{len(predictions)} detections (onnxruntime) -> {output_dir / 'predictions.json'}"
+          + (f"; {len(errors)} input(s) could not be used" if errors else ""))
+    return 1 if errors else 0
+
+
+def cmd_export(args) -> int:
+    import math
+
+    from .checkpoint import load_model
+    from .export.onnx import export_onnx
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise OutputError(f"{output}: already exists; pass --force to replace it")
+    if output.resolve() == Path(args.weights).resolve():
+        raise OutputError(f"{output}: the output is the checkpoint itself")
+    model = load_model(args.weights).eval()
+    pre = model.preprocessor
+    d = pre.size_divisibility
+    height = args.height or math.ceil(pre.test_min_size / d) * d
+    width = args.width or math.ceil(pre.max_size / d) * d
+    if height % d or width % d:
+        raise OutputError(f"--height {height} / --width {width}: must be multiples of the size divisibility {d}")
+    export_onnx(model, output, height, width, args.batch, args.dynamic, args.opset, not args.no_postprocess)
+    if args.simplify:
+        try:
+            import onnx
+            from onnxsim import simplify
+        except ImportError:
+            print("onnxsim is not installed: the graph is left as exported (pip install onnxsim)", file=sys.stderr)
+        else:
+            simplified, ok = simplify(onnx.load(str(output)))
+            if ok:
+                onnx.save(simplified, str(output))
+    print(f"wrote {output}: input images (B, 3, {height}, {width}) float32 RGB in [0, 255] and image_sizes (B, 2)"
+          + (" (dynamic batch and size)" if args.dynamic else f" (batch {args.batch})"))
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -414,7 +531,7 @@ def cmd_plot(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert": cmd_convert,
             "demo": cmd_demo, "check-data": cmd_check_data, "analyze": cmd_analyze, "anchors": cmd_anchors,
-            "assign": cmd_assign, "plot": cmd_plot, "data": cmd_data}
+            "assign": cmd_assign, "plot": cmd_plot, "data": cmd_data, "export": cmd_export}
 
 
 if __name__ == "__main__":

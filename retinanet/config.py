@@ -7,18 +7,29 @@ stores the resolved config so that the checkpoint alone rebuilds the run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 
+from . import configs
 from .model.config import (ConfigError, Fraction, ModelConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                            PositiveInt, Range, apply_overrides, check_config, config_from_dict, config_to_dict,
                            config_to_yaml)
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "EvalConfig", "ConfigError", "load_config", "save_config",
            "config_to_dict", "config_from_dict", "check_config", "shipped_configs", "resolve_config"]
+
+
+@dataclass
+class TileConfig:
+    """Cut large images into tiles for training and evaluation (`size` 0: off)."""
+
+    size: NonNegativeInt = 0  # tile side in pixels; give it the model's input size (no resizing)
+    overlap: Annotated[float, Range(0, 1, open_max=True)] = 0.2  # share of a tile that neighbours share
+    min_visible: Fraction = 0.5  # a box cut by a tile border is trained if this much of it is inside
+    empty_ratio: Fraction = 1.0  # share of tiles without objects that are kept
+    merge: Literal["nms", "nmm"] = "nms"  # evaluation: how detections of overlapping tiles are merged
 
 
 @dataclass
@@ -30,6 +41,7 @@ class DataConfig:
     val_annotations: str = ""
     classes: str = ""  # class list (yolo: data.yaml or classes.txt; csv: classes CSV); else the names found
     voc_difficult: Literal["ignore", "train", "drop"] = "ignore"  # VOC `difficult` objects
+    tile: TileConfig = field(default_factory=TileConfig)
     horizontal_flip: Fraction = 0.5  # probability
     aspect_ratio_grouping: bool = True  # batches of only landscape or only portrait images
     num_workers: NonNegativeInt = 4  # data-loading processes per GPU (0: load in the main process)
@@ -83,8 +95,7 @@ class Config:
 
 def shipped_configs() -> list[str]:
     """Names of the configs shipped inside the package (`retinanet/configs/*.yaml`)."""
-    folder = resources.files("retinanet") / "configs"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return configs.names()
 
 
 def resolve_config(name_or_path: str | Path) -> Path:
@@ -94,7 +105,7 @@ def resolve_config(name_or_path: str | Path) -> Path:
         return path
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if str(path) in (name, name + ".yaml") and name in shipped_configs():
-        return Path(str(resources.files("retinanet") / "configs" / f"{name}.yaml"))
+        return configs.path(name)
     raise ConfigError(f"{name_or_path}: no such config file, and not a shipped config "
                       f"(shipped: {', '.join(shipped_configs())})")
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..data.dataset import DatasetError, DetectionDataset, coco_api, collate
 from . import distributed
+from .tiling import predict_tiled
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,11 @@ def _span(ids: list[int]) -> str:
 
 @torch.inference_mode()
 def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_workers: int = 0,
-                    max_images: int = 0, amp: str = "none") -> tuple[list[dict], list[str]]:
+                    max_images: int = 0, amp: str = "none", tile=None) -> tuple[list[dict], list[str]]:
     """Detections for this process's share of `dataset` in COCO results format
     (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images.
-    `amp` is the run's `train.amp`: evaluation runs in the precision training used."""
+    `amp` is the run's `train.amp`: evaluation runs in the precision training used. With a
+    `tile` config of size > 0, each image is predicted on tiles (`engine.tiling`)."""
     rank = torch.distributed.get_rank() if distributed.is_distributed() else 0
     world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
@@ -73,7 +75,12 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
         if not images:
             continue
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            outputs = model([im.to(device, non_blocking=True) for im in images])
+            if tile is not None and tile.size > 0:
+                outputs = [predict_tiled(model, im.to(device), tile.size, tile.overlap, batch_size, tile.merge,
+                                         max_detections=model.postprocessor.detections_per_image)
+                           for im in images]
+            else:
+                outputs = model([im.to(device, non_blocking=True) for im in images])
         for target, output in zip(targets, outputs):
             results.extend(to_coco_results(output, target["image_id"], category_ids))
     model.train(was_training)
@@ -179,14 +186,15 @@ def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str
 
 
 def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = None, batch_size: int = 8,
-             num_workers: int = 0, max_images: int = 0, verbose: bool = True, amp: str = "none") -> dict | None:
+             num_workers: int = 0, max_images: int = 0, verbose: bool = True, amp: str = "none",
+             tile=None) -> dict | None:
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
     `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. A
     dataset without images, or whose categories are not the model's, is an error."""
     if len(dataset) == 0:
         raise DatasetError(f"{dataset.annotation_file}: the evaluation set has no images")
     check_categories(model, dataset)
-    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp)
+    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp, tile)
     gathered = distributed.all_gather_objects((results, skipped))
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
         return None

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data.image_io import ImageReadError, read_image
+from .tiling import predict_tiled
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -56,12 +57,14 @@ def drawn_names(paths: list[Path], output_dir: Path) -> dict[Path, Path]:
 
 
 def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
-                  draw: bool = True, batch_size: int = 4) -> tuple[list[dict], list[str]]:
+                  draw: bool = True, batch_size: int = 4, tiling: dict | None = None) -> tuple[list[dict], list[str]]:
     """Detect in every readable image; bad inputs are reported (one line each) and skipped.
 
     Writes `output_dir/predictions.json` (`file_name`, `category_id`, `category_name`,
     `bbox` [x, y, w, h], `score`) and, with `draw`, a drawn copy of each image (never over
-    an input). Returns the predictions and the error lines.
+    an input). With `tiling` (`tile`, `overlap`, `merge`, `full_image`), each image is
+    predicted on overlapping tiles at full resolution. Returns the predictions and the
+    error lines.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -74,20 +77,26 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     for i, path in enumerate(paths):
         try:
             image = read_image(path)
-            model.preprocessor.check_size(tuple(image.shape[-2:]), name=str(path))
+            if tiling is None:
+                model.preprocessor.check_size(tuple(image.shape[-2:]), name=str(path))
             batch.append((path, image))
         except (ImageReadError, ValueError) as err:
             errors.append(str(err))
             print(f"error: {err}", file=sys.stderr)
         if batch and (len(batch) == batch_size or i == len(paths) - 1):
-            predictions.extend(_run(model, batch, targets if draw else None, score_threshold))
+            predictions.extend(_run(model, batch, targets if draw else None, score_threshold, tiling))
             batch = []
     (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
     return predictions, errors
 
 
-def _run(model, items, targets: dict[Path, Path] | None, score_threshold) -> list[dict]:
-    outputs = model.predict([image for _, image in items], score_threshold=score_threshold)
+def _run(model, items, targets: dict[Path, Path] | None, score_threshold, tiling: dict | None) -> list[dict]:
+    if tiling is not None:
+        outputs = [predict_tiled(model, image, tiling["tile"], tiling["overlap"], merge=tiling["merge"],
+                                 full_image=tiling["full_image"], score_threshold=score_threshold)
+                   for _, image in items]
+    else:
+        outputs = model.predict([image for _, image in items], score_threshold=score_threshold)
     category_ids = model.category_ids
     records = []
     for (path, image), det in zip(items, outputs):

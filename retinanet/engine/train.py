@@ -24,6 +24,7 @@ from ..checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from ..config import Config, config_to_dict, save_config
 from ..data.dataset import DatasetError, collate
 from ..data.formats import open_dataset
+from ..data.tiles import TiledDataset
 from ..data.sampler import TrainBatchSampler
 from ..model.detector import RetinaNet
 from . import distributed
@@ -370,6 +371,10 @@ class Trainer:
         if not cfg.data.train_annotations and not (cfg.data.format == "yolo" and cfg.data.train_images):
             raise TrainingError("no training data: set data.train_annotations (and data.train_images)")
         self.train_set = open_dataset(cfg.data, "train")
+        if cfg.data.tile.size > 0:
+            t_cfg = cfg.data.tile
+            self.train_set = TiledDataset(self.train_set, t_cfg.size, t_cfg.overlap, t_cfg.min_visible,
+                                          t_cfg.empty_ratio)
         if len(self.train_set) == 0:
             raise TrainingError(f"{cfg.data.train_annotations}: the training set has no images")
         if self.train_set.num_classes != cfg.model.num_classes:
@@ -588,7 +593,8 @@ class Trainer:
         """COCO metrics of the final model on the validation set; keeps `best.pt`."""
         metrics = evaluate(self.final_model, self.val_set, self.output_dir / "eval",
                            self.cfg.eval.batch_size // self.dist.world_size or 1, self.cfg.data.num_workers,
-                           self.cfg.eval.max_images, verbose=self.dist.is_main, amp=self.cfg.train.amp)
+                           self.cfg.eval.max_images, verbose=self.dist.is_main, amp=self.cfg.train.amp,
+                           tile=self.cfg.data.tile)
         if self.dist.is_main and metrics is not None:
             self.append_jsonl({"iteration": self.iteration, "eval": {k: v for k, v in metrics.items()
                                                                      if k != "skipped_images"}})

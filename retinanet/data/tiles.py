@@ -1,0 +1,100 @@
+"""Training on images far larger than the network input: every image is cut into
+overlapping tiles on the fly, and each tile is a training item of its own."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .dataset import DetectionDataset, ImageRecord, hflip
+from .image_io import ImageReadError, read_image
+
+
+def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
+    """`(x0, y0, x1, y1)` windows of at most `tile` px that cover the image, neighbours
+    sharing `overlap` of a tile; the last row and column are flush with the image edge."""
+    if tile <= 0 or not 0 <= overlap < 1:
+        raise ValueError(f"tile {tile} must be > 0 and overlap {overlap} in [0, 1)")
+    step = max(1, int(tile * (1 - overlap)))
+
+    def starts(size: int) -> list[int]:
+        if size <= tile:
+            return [0]
+        return list(range(0, size - tile, step)) + [size - tile]
+
+    return [(x, y, min(x + tile, width), min(y + tile, height)) for y in starts(height) for x in starts(width)]
+
+
+def crop_boxes(boxes: torch.Tensor, window: tuple[int, int, int, int], min_visible: float):
+    """Boxes `(N, 4)` seen through `window`, in window pixels: `(boxes, kept, partial)` where
+    `kept` marks boxes with at least `min_visible` of their area inside (trained as usual) and
+    `partial` those cut more than that (kept as ignored regions, so that detecting a part
+    is not punished)."""
+    x0, y0, x1, y1 = window
+    clipped = torch.stack([boxes[:, 0].clamp(x0, x1), boxes[:, 1].clamp(y0, y1),
+                           boxes[:, 2].clamp(x0, x1), boxes[:, 3].clamp(y0, y1)], dim=1)
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).clamp(min=1e-9)
+    visible_wh = clipped[:, 2:] - clipped[:, :2]
+    visible = visible_wh.prod(dim=1) / area
+    inside = (visible_wh > 1).all(dim=1)
+    shifted = clipped - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+    kept = inside & (visible >= min_visible)
+    return shifted, kept, inside & ~kept
+
+
+class TiledDataset(DetectionDataset):
+    """The tiles of every image of `base` as items. Tiles without any kept box are kept for
+    a deterministic `empty_ratio` share of them. The last decoded image is cached, so that the
+    tiles of one image, taken in order, decode it once."""
+
+    def __init__(self, base: DetectionDataset, tile: int, overlap: float = 0.2, min_visible: float = 0.5,
+                 empty_ratio: float = 1.0):
+        self.base, self.tile, self.overlap, self.min_visible = base, tile, overlap, min_visible
+        self.windows: list[tuple[int, tuple[int, int, int, int]]] = []
+        records = []
+        for index, record in enumerate(base.records):
+            boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
+            for window in tile_windows(record.height, record.width, tile, overlap):
+                shifted, kept, partial = crop_boxes(boxes, window, min_visible)
+                if not kept.any() and not _keep_empty(record.file_name, window, empty_ratio):
+                    continue
+                use = kept | partial
+                labels = torch.tensor(record.labels, dtype=torch.long)[use].tolist()
+                crowd = (torch.tensor(record.crowd, dtype=torch.bool) | partial)[use].tolist()
+                x0, y0, x1, y1 = window
+                records.append(ImageRecord(len(records) + 1, f"{record.file_name}@{x0},{y0}", x1 - x0, y1 - y0,
+                                           shifted[use].tolist(), labels, crowd))
+                self.windows.append((index, window))
+        super().__init__(base.image_dir, base.annotation_file, records, base.category_ids, base.class_names,
+                         base.report, base.strict)
+        self.format = base.format
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def __getitem__(self, item):
+        index, flip = item if isinstance(item, tuple) else (item, False)
+        image_index, (x0, y0, x1, y1) = self.windows[index]
+        if self._cache is None or self._cache[0] != image_index:
+            record = self.base.records[image_index]
+            try:
+                image = read_image(self.base.image_dir / record.file_name)
+            except ImageReadError:
+                if self.strict:
+                    raise
+                return ImageReadError(self.base.image_dir / record.file_name, "unreadable (tiled training)")
+            self._cache = (image_index, image)
+        crop = self._cache[1][:, y0:y1, x0:x1]
+        record = self.records[index]
+        target = {"boxes": torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.tensor(record.labels, dtype=torch.long),
+                  "iscrowd": torch.tensor(record.crowd, dtype=torch.bool), "image_id": record.image_id}
+        if flip:
+            crop, target["boxes"] = hflip(crop, target["boxes"])
+        return crop, target
+
+
+def _keep_empty(name: str, window, ratio: float) -> bool:
+    if ratio >= 1:
+        return True
+    digest = hashlib.sha1(f"{name}{window}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < ratio

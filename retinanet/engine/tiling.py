@@ -1,0 +1,82 @@
+"""Images far larger than the network input: prediction on overlapping tiles at full
+resolution, merged back into one set of detections."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms, box_area
+
+from ..data.tiles import tile_windows
+
+__all__ = ["tile_windows", "merge_detections", "predict_tiled"]
+
+
+def merge_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, method: str = "nms",
+                     threshold: float = 0.5) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Merge detections gathered from overlapping tiles.
+
+    `nms`: class-aware NMS at IoU `threshold`; returns the kept `(boxes, scores, labels)`.
+    `nmm`: greedy non-maximum merging: best first, every same-class box whose intersection
+    over the smaller area (IoS) with it is >= `threshold` is merged into it (the union of the
+    boxes, the best score), so that an object cut by a tile border comes out once, whole.
+    """
+    if method == "nms":
+        keep = batched_nms(boxes, scores, labels, threshold)
+        return boxes[keep], scores[keep], labels[keep]
+    if method != "nmm":
+        raise ValueError(f"merge must be 'nms' or 'nmm', got {method!r}")
+    order = scores.argsort(descending=True)
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    alive = torch.ones(len(boxes), dtype=torch.bool)
+    out_boxes, out_scores, out_labels = [], [], []
+    areas = box_area(boxes)
+    for i in range(len(boxes)):
+        if not alive[i]:
+            continue
+        lt = torch.maximum(boxes[i, :2], boxes[:, :2])
+        rb = torch.minimum(boxes[i, 2:], boxes[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=1)
+        ios = inter / torch.minimum(areas[i], areas).clamp(min=1e-9)
+        group = alive & (labels == labels[i]) & (ios >= threshold)
+        group[i] = True
+        members = boxes[group]
+        out_boxes.append(torch.cat([members[:, :2].min(dim=0).values, members[:, 2:].max(dim=0).values]))
+        out_scores.append(scores[i])
+        out_labels.append(labels[i])
+        alive &= ~group
+    if not out_boxes:
+        return boxes[:0], scores[:0], labels[:0]
+    return torch.stack(out_boxes), torch.stack(out_scores), torch.stack(out_labels)
+
+
+@torch.inference_mode()
+def predict_tiled(model, image: torch.Tensor, tile: int, overlap: float = 0.2, batch_size: int = 4,
+                  merge: str = "nms", merge_threshold: float = 0.5, full_image: bool = False,
+                  score_threshold: float | None = None, max_detections: int | None = None) -> dict:
+    """Detections in a large image `(3, H, W)` from overlapping tiles at full resolution
+    (and, with `full_image`, from the whole image resized, as SAHI does), shifted back to
+    image pixels and merged. Tiles run through the model in batches of `batch_size`.
+    Give tiles the size of the model's input (`model.input.test_min_size`) so that they are
+    not resized. Returns `{"boxes", "scores", "labels", "class_names"}` like `model.predict`."""
+    height, width = image.shape[-2:]
+    windows = tile_windows(height, width, tile, overlap)
+    boxes, scores, labels = [], [], []
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        crops = [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in chunk]
+        for (x0, y0, _, _), det in zip(chunk, model.predict(crops, score_threshold=score_threshold,
+                                                             batch_size=batch_size)):
+            boxes.append(det["boxes"] + torch.tensor([x0, y0, x0, y0], dtype=det["boxes"].dtype))
+            scores.append(det["scores"])
+            labels.append(det["labels"])
+    if full_image:
+        det = model.predict(image, score_threshold=score_threshold)
+        boxes.append(det["boxes"]), scores.append(det["scores"]), labels.append(det["labels"])
+    boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    boxes, scores, labels = merge_detections(boxes, scores, labels, merge, merge_threshold)
+    order = scores.argsort(descending=True)
+    if max_detections:
+        order = order[:max_detections]
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    return {"boxes": boxes, "scores": scores, "labels": labels,
+            "class_names": [model.class_names[i] for i in labels.tolist()]}

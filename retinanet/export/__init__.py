@@ -1,0 +1,1 @@
+"""Exporting the model for deployment (ONNX). Builds on `retinanet.model`."""

@@ -1,0 +1,150 @@
+"""Large images: tiles for training and prediction, and merging detections across tiles."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from retinanet.cli import main as cli
+from retinanet.data.tiles import TiledDataset, crop_boxes, tile_windows
+from retinanet.engine.tiling import merge_detections, predict_tiled
+
+from conftest import tiny_config
+
+
+def test_windows_cover_the_image_with_the_overlap():
+    windows = tile_windows(3000, 4000, 800, 0.2)
+    covered = torch.zeros(3000, 4000, dtype=torch.bool)
+    for x0, y0, x1, y1 in windows:
+        assert x1 - x0 == 800 and y1 - y0 == 800
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    xs = sorted({w[0] for w in windows})
+    assert xs[0] == 0 and xs[-1] == 4000 - 800 and all(b - a <= 640 for a, b in zip(xs, xs[1:]))
+    assert tile_windows(300, 500, 800, 0.2) == [(0, 0, 500, 300)]  # smaller than a tile: one window
+
+
+def test_boxes_cut_by_a_border_follow_min_visible():
+    boxes = torch.tensor([[100.0, 100, 140, 140], [780, 100, 840, 140], [790, 300, 900, 340]])
+    shifted, kept, partial = crop_boxes(boxes, (0, 0, 800, 800), min_visible=0.5)
+    assert kept.tolist() == [True, False, False] and partial.tolist() == [False, True, True]
+    assert shifted[1].tolist() == [780.0, 100.0, 800.0, 140.0]
+    shifted, kept, partial = crop_boxes(boxes, (0, 0, 800, 800), min_visible=0.3)
+    assert kept.tolist() == [True, True, False]
+
+
+def test_nmm_merges_an_object_cut_by_a_border_and_nms_keeps_classes_apart():
+    whole = torch.tensor([600.0, 100, 700, 200])  # whole in one tile, cut at x = 640 by the other
+    left = torch.tensor([600.0, 100, 640, 200])
+    boxes = torch.stack([left, whole, whole + 1000])
+    scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1, 1, 1])
+    merged, merged_scores, _ = merge_detections(boxes, scores, labels, "nmm", 0.5)
+    assert len(merged) == 2 and torch.equal(merged[0], whole) and merged_scores[0] == 0.9
+    kept, _, _ = merge_detections(boxes, scores, labels, "nms", 0.5)
+    assert len(kept) == 3  # IoU of the part and the whole is 0.4: NMS keeps both
+    other_class = merge_detections(boxes[:2], scores[:2], torch.tensor([1, 2]), "nmm", 0.5)[0]
+    assert len(other_class) == 2
+
+
+class _ResolutionLimitedOracle:
+    """A stand-in detector for the merging mechanics only: it reports the ground truth it
+    can see in the image it is given, clipped to it, and misses objects smaller than 8 px
+    after the model's resize (as a real detector misses objects that resizing erased)."""
+
+    class_names = ["blob"]
+
+    def __init__(self, boxes: torch.Tensor, max_side: int):
+        self.boxes, self.max_side, self.offset = boxes, max_side, None
+
+    def predict(self, images, score_threshold=None, batch_size=4):
+        single = not isinstance(images, list)
+        out = [self._one(im) for im in ([images] if single else images)]
+        return out[0] if single else out
+
+    def _one(self, image):
+        h, w = image.shape[-2:]
+        x0, y0 = self._locate(image)
+        scale = min(1.0, self.max_side / max(h, w))
+        window = torch.tensor([x0, y0, x0 + w, y0 + h], dtype=torch.float32)
+        shifted, kept, partial = crop_boxes(self.boxes, window.tolist(), 0.0)
+        visible = kept | partial
+        seen = shifted[visible]
+        big = ((seen[:, 2:] - seen[:, :2]) * scale >= 8).all(dim=1)
+        seen = seen[big]
+        return {"boxes": seen, "scores": torch.linspace(0.9, 0.5, len(seen)), "labels": torch.zeros(len(seen),
+                                                                                                   dtype=torch.long)}
+
+    def _locate(self, crop):
+        # tiles are views of the one image tensor: their storage offset gives their position
+        offset, width = crop.storage_offset(), crop.stride(1)
+        return offset % width, offset // width
+
+
+def test_tiled_prediction_finds_each_object_once_and_beats_resizing_whole():
+    """A 4000x3000 image with ~200 objects of 10-40 px, many across tile borders."""
+    generator = torch.Generator().manual_seed(0)
+    windows = tile_windows(3000, 4000, 800, 0.2)
+    edges = sorted({w[2] for w in windows if w[2] < 4000})  # right edges of tiles inside the image
+    boxes = []
+    while len(boxes) < 200:  # objects that do not touch each other
+        size = float(torch.randint(10, 40, (1,), generator=generator))
+        y = float(torch.randint(0, 3000 - 40, (1,), generator=generator))
+        if len(boxes) % 2:  # across a tile border
+            x = edges[len(boxes) % len(edges)] - size / 2
+        else:
+            x = float(torch.randint(0, 4000 - 40, (1,), generator=generator))
+        box = torch.tensor([[x, y, x + size, y + size]])
+        if not boxes or box_iou(box, torch.tensor(boxes)).max() == 0:
+            boxes.append(box[0].tolist())
+    boxes = torch.tensor(boxes)
+
+    def cut(box, window):
+        shifted, kept, partial = crop_boxes(box[None], window, 0.0)
+        return bool(partial[0] or (kept[0] and (shifted[0, 2:] - shifted[0, :2] < box[2:] - box[:2] - 1e-3).any()))
+
+    straddling = sum(any(cut(b, w) for w in windows) for b in boxes)
+    assert straddling >= 100
+    image = torch.zeros(3, 3000, 4000, dtype=torch.uint8)
+    oracle = _ResolutionLimitedOracle(boxes, max_side=1333)
+    tiled = predict_tiled(oracle, image, 800, 0.2, merge="nmm", merge_threshold=0.5)
+    whole = oracle.predict(image)
+    iou = box_iou(tiled["boxes"], tiled["boxes"])
+    iou.fill_diagonal_(0)
+    assert (iou <= 0.5).all(), "an object was reported twice across tiles"
+    recall_tiled = (box_iou(boxes, tiled["boxes"]).max(dim=1).values >= 0.5).float().mean()
+    recall_whole = (box_iou(boxes, whole["boxes"]).max(dim=1).values >= 0.5).float().mean()
+    assert recall_tiled == 1.0 and recall_tiled > recall_whole
+
+
+def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path):
+    from retinanet.data.coco import CocoDetection
+    from retinanet.engine.train import Trainer
+
+    base = CocoDetection(shapes_data["train_images"], shapes_data["train_annotations"])
+    tiled = TiledDataset(base, 64, 0.25, 0.5)
+    assert len(tiled) > len(base)
+    image, target = tiled[0]
+    assert image.shape[-2:] == (64, 64) and (target["boxes"][:, 2:] <= 64).all()
+    index, (x0, y0, x1, y1) = tiled.windows[0]
+    full, _ = base[index]
+    assert torch.equal(image, full[:, y0:y1, x0:x1])
+
+    out = tmp_path / "run"
+    cfg = tiny_config(shapes_data, out, train__max_iter=2, data__tile__size=64, data__tile__overlap=0.25,
+                      model__input__train_min_sizes=[64], model__input__test_min_size=64, model__input__max_size=64,
+                      model__fpn__out_channels=64)
+    summary = Trainer(cfg, progress=False).run()
+    assert summary["status"] == "finished" and summary["metrics"]["num_images"] == 8
+
+    big = tmp_path / "big.png"
+    Image.fromarray((np.random.rand(300, 500, 3) * 255).astype(np.uint8)).save(big)
+    pred = tmp_path / "pred"
+    assert cli(["predict", "--weights", str(out / "model_final.pt"), str(big), "--output-dir", str(pred),
+                "--tile", "64", "--overlap", "0.2", "--merge", "nmm", "--score-threshold", "0.0"]) == 0
+    detections = json.loads((pred / "predictions.json").read_text())
+    assert detections and all(d["bbox"][0] + d["bbox"][2] <= 500.01 and d["bbox"][1] + d["bbox"][3] <= 300.01
+                              for d in detections)
+    assert max(d["bbox"][0] for d in detections) > 64  # boxes shifted back from tiles beyond the first
