@@ -192,6 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simplify", action="store_true", help="fold constants with onnxsim when it is installed")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
+    p = commands.add_parser("serve", help="an HTTP service: POST /predict, GET /health, GET /info")
+    p.add_argument("--weights", required=True, help="a checkpoint, or an exported .onnx (onnxruntime)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--max-bytes", type=_positive_int, default=20 * 1024 * 1024,
+                   help="largest request body accepted (default 20 MiB)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="concurrent requests batched together")
+    p.add_argument("--device", default="auto", type=_device)
+
     p = commands.add_parser("data", help="dataset tools: convert between COCO, CSV, VOC and YOLO")
     data_commands = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data_commands.add_parser("convert", help="rewrite annotations in another format",
@@ -392,6 +401,21 @@ def _predict_onnxruntime(args) -> int:
     return 1 if errors else 0
 
 
+def cmd_serve(args) -> int:
+    weights = Path(args.weights)
+    if not weights.is_file():
+        raise OutputError(f"{weights}: no such checkpoint or ONNX file")
+    from .serve import serve
+
+    device = args.device
+    if weights.suffix != ".onnx":
+        from .engine.distributed import resolve_device
+
+        device = str(resolve_device(args.device))
+    serve(weights, args.host, args.port, device, args.max_bytes, args.max_batch)
+    return 0
+
+
 def cmd_export(args) -> int:
     import math
 
@@ -531,7 +555,8 @@ def cmd_plot(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert": cmd_convert,
             "demo": cmd_demo, "check-data": cmd_check_data, "analyze": cmd_analyze, "anchors": cmd_anchors,
-            "assign": cmd_assign, "plot": cmd_plot, "data": cmd_data, "export": cmd_export}
+            "assign": cmd_assign, "plot": cmd_plot, "data": cmd_data, "export": cmd_export,
+            "serve": cmd_serve}
 
 
 if __name__ == "__main__":

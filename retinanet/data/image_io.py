@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -32,28 +33,39 @@ def read_image(path: str | Path) -> torch.Tensor:
         raise ImageReadError(path, "is a folder, not an image file")
     if not path.is_file():
         raise ImageReadError(path, "file not found")
+    return torch.from_numpy(decode_rgb(path, path)).permute(2, 0, 1).contiguous()
+
+
+def read_image_bytes(data: bytes, name: str = "upload") -> torch.Tensor:
+    """`read_image` for an image held in memory (an upload); errors name it `name`."""
+    if not data:
+        raise ImageReadError(name, "empty")
+    return torch.from_numpy(decode_rgb(io.BytesIO(data), name)).permute(2, 0, 1).contiguous()
+
+
+def decode_rgb(source, name) -> np.ndarray:
+    """Decode a file or file-like object fully as an `(H, W, 3)` uint8 RGB array, EXIF applied."""
     # Some libraries switch PIL to silently pad truncated files; a damaged image must fail here.
     tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with warnings.catch_warnings():  # sizes up to the limit are fine: no raw Pillow warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()  # decode fully now: a truncated file fails here, not later
                 image = ImageOps.exif_transpose(image)
-                array = to_rgb_array(image)
+                return to_rgb_array(image)
     except Image.DecompressionBombError as err:
         found = re.search(r"\((\d+) pixels\)", str(err))
         size = f"{int(found[1]):,} pixels" if found else "its size"
-        raise ImageReadError(path, f"{size} is over Pillow's decompression-bomb limit of "
+        raise ImageReadError(name, f"{size} is over Pillow's decompression-bomb limit of "
                                    f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels; if you trust the file, raise the "
                                    "limit (retinanet predict --max-pixels N)") from None
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image (unrecognised format)") from None
+        raise ImageReadError(name, "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(path, f"damaged or truncated image ({err})") from None
+        raise ImageReadError(name, f"damaged or truncated image ({err})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

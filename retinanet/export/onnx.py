@@ -93,7 +93,7 @@ class ExportedDetector(nn.Module):
             out.append((shifts + cell.to(feature.device).view(1, -1, 4)).reshape(-1, 4))
         return out
 
-    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor):
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None):
         """`image_sizes (B, 2)`: each image's `(h, w)` inside the padded batch, for clipping."""
         x = images.float()
         if self.bgr:
@@ -176,8 +176,8 @@ def export_onnx(model: RetinaNet, path: str | Path, height: int, width: int, bat
         axes.update({name: {0: "batch"} for name in outputs if not name.startswith("anchors")})
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(module, (dummy, dummy_sizes), str(path), input_names=["images", "image_sizes"],
-                          output_names=outputs,
+        args, inputs = ((dummy, dummy_sizes), ["images", "image_sizes"]) if postprocess else ((dummy,), ["images"])
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
     graph = onnx.load(str(path))
     config = model.config

@@ -1,0 +1,168 @@
+"""ONNX export: onnxruntime gives the same detections as PyTorch, in the cases where peers'
+exports break (batch > 1 with different images, dynamic sizes, an image without detections)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from retinanet import load_model, read_image
+from retinanet.cli import main as cli
+
+from conftest import require_peer, tiny_config
+
+ort = require_peer("onnxruntime", "pip install onnxruntime (the test extra)")
+onnx = require_peer("onnx", "pip install onnx onnxscript (the test extra)")
+
+from retinanet.export.onnx import prepare_batch  # noqa: E402
+
+
+def _photos():
+    import skimage.data
+
+    return [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+            for a in (skimage.data.coffee(), skimage.data.chelsea(), skimage.data.astronaut(), skimage.data.rocket())]
+
+
+def _reference(model, images):
+    """PyTorch's own detections in network-input pixels (before scaling back)."""
+    with torch.no_grad():
+        batch, _ = model.preprocessor(images)
+        logits, deltas, anchors = model.run_network(batch.tensor)
+        return model.postprocessor(logits, deltas, anchors, batch.image_sizes)
+
+
+def _run(path, model, images, height=None, width=None):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch, sizes, _ = prepare_batch(model, images, height, width)
+    return session.run(None, {"images": batch.numpy(), "image_sizes": np.array(sizes, dtype=np.int64)})
+
+
+def _assert_same(outputs, expected, min_detections=1):
+    boxes, scores, labels, counts = outputs
+    for i, ref in enumerate(expected):
+        n = int(counts[i])
+        assert n == len(ref["scores"]) and n >= min_detections, (i, n, len(ref["scores"]))
+        # equal scores (ties) may come in either order: pair each detection with an equal one
+        unused = list(range(n))
+        for box, score, label in zip(boxes[i, :n], scores[i, :n], labels[i, :n]):
+            match = next((j for j in unused if int(ref["labels"][j]) == int(label)
+                          and abs(float(ref["scores"][j]) - float(score)) <= 1e-4
+                          and np.abs(ref["boxes"][j].numpy() - box).max() <= 1e-3), None)
+            assert match is not None, f"image {i}: no PyTorch detection equals {label}, {score}, {box}"
+            unused.remove(match)
+        assert np.all(np.diff(scores[i, :n]) <= 0)  # best first
+        assert (scores[i, n:] == 0).all() and (boxes[i, n:] == 0).all()  # padding
+
+
+@pytest.fixture(scope="module")
+def torchvision_checkpoint(tmp_path_factory):
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    folder = tmp_path_factory.mktemp("tv")
+    torch.manual_seed(0)
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+    with torch.no_grad():
+        tv.head.classification_head.cls_logits.bias.fill_(-2.0)
+    torch.save(tv.state_dict(), folder / "tv.pth")
+    assert cli(["convert", "--from", "torchvision", str(folder / "tv.pth"), str(folder / "ours.pt")]) == 0
+    return folder / "ours.pt"
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory, shapes_data):
+    from retinanet.engine.train import Trainer
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    Trainer(tiny_config(shapes_data, out, train__max_iter=6, model__fpn__out_channels=64,
+                        data__val_annotations="''"), progress=False).run()
+    return out / "model_final.pt"
+
+
+def test_converted_torchvision_model_batch_1_and_4_static(torchvision_checkpoint, tmp_path):
+    model = load_model(torchvision_checkpoint).eval()
+    model.preprocessor.test_min_size, model.preprocessor.max_size = 320, 480  # keep the test fast
+    photos = _photos()
+    for batch in (1, 4):
+        path = tmp_path / f"b{batch}.onnx"
+        from retinanet.export.onnx import export_onnx
+
+        export_onnx(model, path, 320, 480, batch=batch)
+        images = photos[:batch]
+        _assert_same(_run(path, model, images, 320, 480), _reference(model, images), min_detections=20)
+
+
+def test_trained_model_dynamic_sizes_blank_image_and_metadata(demo_checkpoint, tmp_path, capsys):
+    path = tmp_path / "demo.onnx"
+    assert cli(["export", "--weights", str(demo_checkpoint), "--output", str(path), "--dynamic"]) == 0
+    model = load_model(demo_checkpoint).eval()
+    with torch.no_grad():
+        model.head.cls_score.bias.add_(3.0)  # a 6-iteration model: lift scores so there is something to compare
+    from retinanet.export.onnx import export_onnx
+
+    export_onnx(model, path, 128, 128, dynamic=True)
+    photos = [p[:, :400, :400] for p in _photos()]
+    for size in (96, 160):  # two input sizes through the same graph
+        model.preprocessor.test_min_size = model.preprocessor.max_size = size
+        _assert_same(_run(path, model, photos[:3]), _reference(model, photos[:3]))
+    model.preprocessor.test_min_size = model.preprocessor.max_size = 128
+    blank = [torch.zeros(3, 128, 128, dtype=torch.uint8)]
+    with torch.no_grad():
+        model.head.cls_score.bias.fill_(-30.0)  # nothing above the threshold
+    export_onnx(model, tmp_path / "blank.onnx", 128, 128, dynamic=True)
+    outputs = _run(tmp_path / "blank.onnx", model, blank + photos[:1])
+    assert outputs[3].tolist() == [0, 0] and _reference(model, blank)[0]["scores"].numel() == 0
+    meta = onnx.load(str(path)).metadata_props
+    values = {p.key: p.value for p in meta}
+    assert json.loads(values["class_names"]) == model.class_names
+    assert json.loads(values["category_ids"]) == model.category_ids
+
+
+def test_raw_outputs_without_postprocessing(demo_checkpoint, tmp_path):
+    path = tmp_path / "raw.onnx"
+    assert cli(["export", "--weights", str(demo_checkpoint), "--output", str(path), "--no-postprocess"]) == 0
+    model = load_model(demo_checkpoint).eval()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()][:2] == ["logits_p3", "logits_p4"]
+    image = _photos()[0][:, :300, :300]
+    batch, sizes, _ = prepare_batch(model, [image], 128, 128)
+    outputs = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, {"images": batch.numpy()})))
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    with torch.no_grad():
+        ref_batch, _ = model.preprocessor([image])
+        logits, deltas, anchors = model.run_network(ref_batch.tensor)
+    assert np.allclose(outputs["logits_p3"], logits[0].numpy(), atol=1e-4)
+    assert np.allclose(outputs["anchors_p4"], anchors[1].numpy())
+
+
+def test_onnxruntime_backend_and_numpy_only_path(demo_checkpoint, tmp_path, photo_path):
+    path = tmp_path / "m.onnx"
+    assert cli(["export", "--weights", str(demo_checkpoint), "--output", str(path), "--dynamic"]) == 0
+    assert cli(["export", "--weights", str(demo_checkpoint), "--output", str(path)]) == 2  # exists: --force
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("no image")
+    script = (
+        "import sys\n"
+        "from retinanet.cli import main\n"
+        f"code = main(['predict', '--weights', {str(path)!r}, {str(photo_path)!r}, {str(bad)!r}, "
+        f"'--output-dir', {str(tmp_path / 'out')!r}, '--backend', 'onnxruntime'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(code)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]  # the bad file is named, the photo predicted
+    assert "bad.jpg: not a readable image" in run.stderr
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert {p["file_name"] for p in predictions} <= {str(photo_path)}
+    # numpy + onnxruntime alone give torch's detections on an image already at the input size
+    # (larger ones are resized by Pillow there, by torch here: pixels differ slightly)
+    from retinanet.export.ort_predict import OnnxDetector
+
+    image = read_image(photo_path)[:, 100:228, 200:328].contiguous()
+    got = OnnxDetector(path).predict([image.permute(1, 2, 0).numpy()])[0]
+    want = load_model(demo_checkpoint).predict(image)
+    assert len(got["scores"]) == len(want["scores"]) > 0
+    assert np.abs(np.sort(got["scores"]) - np.sort(want["scores"].numpy())).max() <= 1e-4

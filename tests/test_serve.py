@@ -1,0 +1,110 @@
+"""`retinanet serve` answered with real HTTP requests on 127.0.0.1."""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import require_peer, tiny_config
+
+httpx = require_peer("httpx", "pip install httpx fastapi uvicorn python-multipart (the test extra)")
+require_peer("fastapi", "pip install fastapi uvicorn python-multipart (the test extra)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random((90 + seed % 4, 120, 3)) * 255).astype(np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, shapes_data):
+    from retinanet import RetinaNet, save_model
+
+    folder = tmp_path_factory.mktemp("serve")
+    cfg = tiny_config(shapes_data, folder, model__fpn__out_channels=64).model
+    cfg.class_names = ["ellipse", "rectangle", "triangle", "star", "cross"]
+    cfg.category_ids = [1, 2, 3, 4, 5]
+    model = RetinaNet.from_config(cfg)
+    import torch
+
+    with torch.no_grad():
+        model.head.cls_score.bias.fill_(0.0)
+    weights = save_model(model, folder / "m.pt")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "retinanet.cli", "serve", "--weights", str(weights), "--port",
+                             str(port), "--max-bytes", "200000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the server did not start: " + proc.communicate()[0][-3000:])
+    yield url, model
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_health_and_info(server):
+    url, model = server
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    info = httpx.get(url + "/info").json()
+    assert info["classes"] == model.class_names and info["backend"] == "torch"
+
+
+def test_twenty_concurrent_uploads_are_answered_correctly(server):
+    url, model = server
+    from retinanet.data.image_io import read_image_bytes
+
+    images = [_jpeg(i) for i in range(20)]
+
+    def upload(i):
+        if i % 2:
+            return httpx.post(url + "/predict", files={"file": (f"{i}.jpg", images[i], "image/jpeg")}, timeout=120)
+        return httpx.post(url + "/predict", content=images[i], headers={"content-type": "image/jpeg"}, timeout=120)
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(upload, range(20)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    for i, response in enumerate(responses):
+        body = response.json()
+        expected = model.predict(read_image_bytes(images[i]))
+        assert (body["width"], body["height"]) == (120, 90 + i % 4)
+        assert len(body["detections"]) == len(expected["scores"]) > 0
+        got = sorted(d["score"] for d in body["detections"])
+        assert np.allclose(got, sorted(expected["scores"].tolist()), atol=1e-4)
+        assert all(d["class_name"] in model.class_names for d in body["detections"])
+    assert httpx.get(url + "/info").json()["batches_run"] < 20  # concurrent requests of one size were batched
+
+
+def test_bad_requests_get_4xx_and_the_service_keeps_answering(server):
+    url, _ = server
+    too_big = httpx.post(url + "/predict", content=b"\xff" * 300_000, headers={"content-type": "image/jpeg"})
+    assert too_big.status_code == 413
+    not_image = httpx.post(url + "/predict", content=b"hello, not an image")
+    assert not_image.status_code == 400 and "not an image" in not_image.json()["detail"]
+    truncated = httpx.post(url + "/predict", files={"file": ("t.jpg", _jpeg(1)[:400], "image/jpeg")})
+    assert truncated.status_code == 400 and "t.jpg" in truncated.json()["detail"]
+    no_file = httpx.post(url + "/predict", data={"x": "1"}, files={"other": ("a.txt", b"x", "text/plain")})
+    assert no_file.status_code == 400
+    assert httpx.post(url + "/predict", content=_jpeg(3)).status_code == 200
