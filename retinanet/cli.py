@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="merge tiles' detections by class-aware NMS, or greedy merging by intersection over the "
                         "smaller box (nmm: an object cut by a border comes out whole)")
     p.add_argument("--full-image", action="store_true", help="with --tile: also predict the whole image resized")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images run together (4)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in this process)")
+    p.add_argument("--save-txt", choices=["yolo", "csv"],
+                   help="also one label file per image in OUTPUT_DIR/labels: YOLO txt or CSV rows")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: run an exported .onnx given as --weights (no torch needed)")
     p.add_argument("--device", default="auto", type=_device)
@@ -200,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest request body accepted (default 20 MiB)")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="concurrent requests batched together")
     p.add_argument("--device", default="auto", type=_device)
+
+    p = commands.add_parser("bench", help="speed against torchvision's RetinaNet, side by side in one run")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
+    p.add_argument("--quick", action="store_true", help="batch 1 at 800x1216 only, 2 repeats")
+    p.add_argument("--output-dir", default="bench_output", help="gets bench.json and bench.png")
+    p.add_argument("--append-results", metavar="MARKDOWN", help="append the table to this file "
+                                                                "(e.g. benchmarks/RESULTS.md)")
 
     p = commands.add_parser("data", help="dataset tools: convert between COCO, CSV, VOC and YOLO")
     data_commands = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -319,7 +330,7 @@ def cmd_eval(args) -> int:
         raise OutputError("no validation set: set data.val_images and data.val_annotations (or pass --config)")
     info = distributed.setup(args.device)
     model_overrides = [o[len("model."):] for o in args.overrides if o.startswith("model.")]
-    model = load_model(args.weights, info.device, model_overrides).to(info.device)
+    model = load_model(args.weights, info.device, model_overrides).to(info.device).optimize_for_inference()
     dataset = open_dataset(cfg.data, "val", model.class_names)
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
                        cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main, amp=cfg.train.amp,
@@ -344,11 +355,12 @@ def cmd_predict(args) -> int:
     if args.max_pixels:
         Image.MAX_IMAGE_PIXELS = args.max_pixels
     device = resolve_device(args.device)
-    model = load_model(args.weights, map_location=device).to(device)
+    model = load_model(args.weights, map_location=device).to(device).optimize_for_inference()
     tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image} \
         if args.tile else None
     predictions, errors = predict_files(model, args.images, output_dir, args.score_threshold,
-                                        draw=not args.no_draw, tiling=tiling)
+                                        draw=not args.no_draw, batch_size=args.batch_size, tiling=tiling,
+                                        workers=max(0, args.workers), save_txt=args.save_txt)
     images = len({p["file_name"] for p in predictions})
     print(f"{len(predictions)} detections in {images} image(s) with detections -> {output_dir / 'predictions.json'}"
           + (f"; {len(errors)} input(s) could not be used" if errors else ""))
@@ -399,6 +411,27 @@ def _predict_onnxruntime(args) -> int:
     print(f"{len(predictions)} detections (onnxruntime) -> {output_dir / 'predictions.json'}"
           + (f"; {len(errors)} input(s) could not be used" if errors else ""))
     return 1 if errors else 0
+
+
+def cmd_bench(args) -> int:
+    import shlex
+    import subprocess
+
+    from .engine.bench import markdown_table, run_bench
+
+    results = run_bench(args.device, args.quick, args.output_dir)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    table = markdown_table(results, "retinanet " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1
+                           else "retinanet bench", commit)
+    print(table)
+    if args.append_results:
+        with open(args.append_results, "a") as f:
+            f.write("\n" + table)
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -556,7 +589,7 @@ def cmd_plot(args) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert": cmd_convert,
             "demo": cmd_demo, "check-data": cmd_check_data, "analyze": cmd_analyze, "anchors": cmd_anchors,
             "assign": cmd_assign, "plot": cmd_plot, "data": cmd_data, "export": cmd_export,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "bench": cmd_bench}
 
 
 if __name__ == "__main__":

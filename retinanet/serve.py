@@ -34,7 +34,7 @@ class Predictor:
             from .checkpoint import load_model
 
             self.onnx = None
-            self.model = load_model(weights, map_location=device).to(device).eval()
+            self.model = load_model(weights, map_location=device).to(device).optimize_for_inference()
             self.class_names, self.category_ids = self.model.class_names, self.model.category_ids
             pre = self.model.preprocessor
             self.info = {"backend": "torch", "device": device,

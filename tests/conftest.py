@@ -50,6 +50,37 @@ def shapes_data(tmp_path_factory) -> dict:
                             max_size=80)
 
 
+@pytest.fixture(scope="session")
+def converted_torchvision(tmp_path_factory) -> Path:
+    """torchvision's retinanet_resnet50_fpn with random weights (classification bias -1, so that
+    there are detections), converted to our checkpoint by the CLI."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    from retinanet.cli import main as cli
+
+    folder = tmp_path_factory.mktemp("tv")
+    torch.manual_seed(0)
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+    with torch.no_grad():
+        tv.head.classification_head.cls_logits.bias.fill_(-1.0)
+    torch.save(tv.state_dict(), folder / "tv.pth")
+    assert cli(["convert", "--from", "torchvision", str(folder / "tv.pth"), str(folder / "ours.pt")]) == 0
+    return folder / "ours.pt"
+
+
+def assert_same_detections(got: dict, expected: dict, box_tol: float = 1e-2, score_tol: float = 1e-4) -> None:
+    """Same count; each detection paired with an unused one of equal label, score within
+    `score_tol` and box within `box_tol` px (equal scores may come in either order)."""
+    assert len(got["scores"]) == len(expected["scores"]), (len(got["scores"]), len(expected["scores"]))
+    unused = list(range(len(expected["scores"])))
+    for box, score, label in zip(got["boxes"], got["scores"], got["labels"]):
+        match = next((j for j in unused if int(expected["labels"][j]) == int(label)
+                      and abs(float(expected["scores"][j]) - float(score)) <= score_tol
+                      and float((expected["boxes"][j] - box).abs().max()) <= box_tol), None)
+        assert match is not None, f"no expected detection equals {int(label)}, {float(score)}, {box.tolist()}"
+        unused.remove(match)
+
+
 def tiny_config(data: dict, output_dir: Path, **overrides) -> Config:
     """A fast configuration for tests: small ResNet-18 RetinaNet at 128 px."""
     cfg = load_config("demo")

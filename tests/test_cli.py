@@ -6,21 +6,13 @@ import sys
 
 import pytest
 import torch
-from torchvision.models.detection import retinanet_resnet50_fpn
 
 from retinanet.cli import main as cli
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tv")
-    torch.manual_seed(0)
-    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
-    with torch.no_grad():
-        tv.head.classification_head.cls_logits.bias.fill_(-1.0)
-    torch.save(tv.state_dict(), folder / "tv.pth")
-    assert cli(["convert", "--from", "torchvision", str(folder / "tv.pth"), str(folder / "ours.pt")]) == 0
-    return folder / "ours.pt"
+def converted(converted_torchvision):
+    return converted_torchvision
 
 
 def test_help_lists_every_command():
@@ -70,3 +62,44 @@ def test_predict_with_a_non_checkpoint_is_one_clear_error(tmp_path, capsys, phot
     assert cli(["predict", "--weights", str(tmp_path / "x.pt"), str(photo_path), "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "x.pt" in err and "Traceback" not in err
+
+
+def test_bench_compares_with_torchvision_in_one_run(tmp_path):
+    """The benchmark's pieces at a small size: both libraries timed on the same inputs, the
+    ratio and the floor reported, the markdown table written."""
+    import torch
+
+    from retinanet.engine.bench import bench_inference, bench_training, markdown_table, peak_gflops
+
+    device = torch.device("cpu")
+    peaks = peak_gflops(device)
+    assert peaks["matmul"] > 0 and peaks["conv3x3"] > 0
+    inference = bench_inference(2, (128, 192), 1, device)
+    assert set(inference["seconds"]) == {"torchvision", "ours", "ours_optimized"}
+    assert inference["network_gflop"] > 0 and set(inference["ours_stages_seconds"]) == {
+        "preprocess", "backbone", "fpn", "head", "postprocess"}
+    training = bench_training(2, (128, 192), 1, device)
+    assert training["ratio_vs_torchvision"] > 0
+    results = {"date": "today", "device": "cpu", "peaks": peaks, "cases": [inference, training],
+               "machine": {"cpu": "x", "cpu_flags": ["avx2"], "threads": 2, "torch": torch.__version__}}
+    table = markdown_table(results, "retinanet bench", "abc123")
+    assert "| inference batch 2 at 128x192 |" in table and "speed-up vs torchvision" in table
+
+
+@pytest.mark.parametrize("kind", ["yolo", "csv"])
+def test_predict_writes_one_label_file_per_image(converted, photo_path, tmp_path, kind):
+    out = tmp_path / "out"
+    assert cli(["predict", "--weights", str(converted), str(photo_path), "--output-dir", str(out),
+                "--score-threshold", "0.3", "--save-txt", kind, "--no-draw", "--workers", "0"]) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    lines = (out / "labels" / f"coffee.{'txt' if kind == 'yolo' else 'csv'}").read_text().splitlines()
+    assert len(lines) == len(predictions) > 0
+    first = predictions[0]
+    if kind == "yolo":
+        label, cx, cy, w, h, score = lines[0].split()
+        x, y, bw, bh = first["bbox"]
+        assert abs(float(cx) * 600 - (x + bw / 2)) < 0.01 and abs(float(h) * 400 - bh) < 0.01
+    else:
+        x0, y0, x1, y1, score, name = lines[0].split(",")
+        assert name == first["category_name"] and abs(float(x0) - first["bbox"][0]) < 0.01
+    assert abs(float(score) - first["score"]) < 1e-4

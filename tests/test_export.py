@@ -59,17 +59,8 @@ def _assert_same(outputs, expected, min_detections=1):
 
 
 @pytest.fixture(scope="module")
-def torchvision_checkpoint(tmp_path_factory):
-    from torchvision.models.detection import retinanet_resnet50_fpn
-
-    folder = tmp_path_factory.mktemp("tv")
-    torch.manual_seed(0)
-    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
-    with torch.no_grad():
-        tv.head.classification_head.cls_logits.bias.fill_(-2.0)
-    torch.save(tv.state_dict(), folder / "tv.pth")
-    assert cli(["convert", "--from", "torchvision", str(folder / "tv.pth"), str(folder / "ours.pt")]) == 0
-    return folder / "ours.pt"
+def torchvision_checkpoint(converted_torchvision):
+    return converted_torchvision
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def _send(sig):
 def test_train_interrupted_in_any_phase(shapes_data, tmp_path, capsys, monkeypatch, sig, phase):
     from retinanet.engine import train as train_module
 
-    target = {"parsing": (train_module, "CocoDetection"), "building": (train_module.RetinaNet, "from_config"),
+    target = {"parsing": (train_module, "open_dataset"), "building": (train_module.RetinaNet, "from_config"),
               "final-eval": (train_module, "evaluate")}[phase]
     monkeypatch.setattr(*target, _send(sig))
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)

@@ -15,6 +15,8 @@ from retinanet.convert.torchvision import convert_torchvision
 from retinanet.data.image_io import read_image
 from retinanet.model.build import build_retinanet
 
+from conftest import assert_same_detections
+
 
 def _freeze_bn(module):
     for name, child in module.named_children():
@@ -61,6 +63,26 @@ def test_identical_detections(pair, photo_path):
     assert torch.allclose(got["boxes"], expected["boxes"], atol=1e-2, rtol=0)
     assert torch.allclose(got["scores"], expected["scores"], atol=1e-4, rtol=0)
     assert torch.equal(got["labels"], expected["labels"])
+
+
+def test_optimized_inference_keeps_the_detections(pair, photo_path):
+    """BatchNorm folded into the convolutions and channels-last memory: torchvision's
+    detections within the parity tolerances; training such a model is refused."""
+    tv, ours = pair
+    config, state = convert_torchvision(tv.state_dict())
+    fast = build_retinanet(config)
+    fast.load_state_dict(state)
+    fast.optimize_for_inference()
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    image = read_image(photo_path).float() / 255
+    tv.eval()
+    with torch.no_grad():
+        expected = tv([image])[0]
+        got = fast([image])[0]
+    assert len(got["boxes"]) > 100
+    assert_same_detections(got, expected, box_tol=1e-2, score_tol=1e-4)
+    with pytest.raises(RuntimeError, match="optimized for inference"):
+        fast.train()
 
 
 def test_identical_training_losses_at_batch_2(pair, photo_path):

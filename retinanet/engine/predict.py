@@ -56,41 +56,77 @@ def drawn_names(paths: list[Path], output_dir: Path) -> dict[Path, Path]:
     return out
 
 
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes the images in DataLoader workers; a bad file gives its error instead."""
+
+    def __init__(self, paths: list[Path], check_size):
+        self.paths, self.check_size = paths, check_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            image = read_image(path)
+            if self.check_size is not None:
+                self.check_size(tuple(image.shape[-2:]), name=str(path))
+            return path, image
+        except (ImageReadError, ValueError) as err:
+            return path, str(err)
+
+
 def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
-                  draw: bool = True, batch_size: int = 4, tiling: dict | None = None) -> tuple[list[dict], list[str]]:
+                  draw: bool = True, batch_size: int = 4, tiling: dict | None = None, workers: int = 2,
+                  save_txt: str | None = None, progress: bool = True) -> tuple[list[dict], list[str]]:
     """Detect in every readable image; bad inputs are reported (one line each) and skipped.
 
-    Writes `output_dir/predictions.json` (`file_name`, `category_id`, `category_name`,
-    `bbox` [x, y, w, h], `score`) and, with `draw`, a drawn copy of each image (never over
-    an input). With `tiling` (`tile`, `overlap`, `merge`, `full_image`), each image is
-    predicted on overlapping tiles at full resolution. Returns the predictions and the
-    error lines.
+    Images are decoded by `workers` DataLoader processes and run in batches of `batch_size`.
+    Writes `output_dir/predictions.json` (`file_name`, `category_id`, `category_name`, `bbox`
+    [x, y, w, h], `score`); with `draw`, a drawn copy of each image (never over an input); with
+    `save_txt` ("yolo" or "csv"), one file per image in `output_dir/labels/`: YOLO's normalised
+    `class cx cy w h score` lines, or `x1,y1,x2,y2,score,class_name` rows. With `tiling`
+    (`tile`, `overlap`, `merge`, `full_image`), each image is predicted on overlapping tiles at
+    full resolution. Returns the predictions and the error lines.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths, errors = collect_images(inputs)
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
-    targets = drawn_names(paths, output_dir)
+    drawn = drawn_names(paths, output_dir)
+    check = None if tiling is not None else model.preprocessor.check_size
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, check), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
+    bar = None
+    if progress and sys.stderr.isatty() and paths:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc="predict", unit="image")
     predictions: list[dict] = []
-    batch: list[tuple[Path, torch.Tensor]] = []
-    for i, path in enumerate(paths):
-        try:
-            image = read_image(path)
-            if tiling is None:
-                model.preprocessor.check_size(tuple(image.shape[-2:]), name=str(path))
-            batch.append((path, image))
-        except (ImageReadError, ValueError) as err:
-            errors.append(str(err))
-            print(f"error: {err}", file=sys.stderr)
-        if batch and (len(batch) == batch_size or i == len(paths) - 1):
-            predictions.extend(_run(model, batch, targets if draw else None, score_threshold, tiling))
-            batch = []
+    for items in loader:
+        good = []
+        for path, item in items:
+            if isinstance(item, str):
+                errors.append(item)
+                print(f"error: {item}", file=sys.stderr)
+            else:
+                good.append((path, item))
+        if good:
+            predictions.extend(_run(model, good, drawn, draw, score_threshold, tiling, save_txt,
+                                    output_dir / "labels"))
+        if bar is not None:
+            bar.update(len(items))
+    if bar is not None:
+        bar.close()
     (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
     return predictions, errors
 
 
-def _run(model, items, targets: dict[Path, Path] | None, score_threshold, tiling: dict | None) -> list[dict]:
+def _run(model, items, names: dict[Path, Path], draw: bool, score_threshold, tiling: dict | None,
+         save_txt: str | None = None, label_dir: Path | None = None) -> list[dict]:
+    """Detect in `items` (`(path, image)`), write the drawings (to `names[path]`) and label
+    files asked for, and return the COCO-style records."""
     if tiling is not None:
         outputs = [predict_tiled(model, image, tiling["tile"], tiling["overlap"], merge=tiling["merge"],
                                  full_image=tiling["full_image"], score_threshold=score_threshold)
@@ -106,9 +142,29 @@ def _run(model, items, targets: dict[Path, Path] | None, score_threshold, tiling
             records.append({"file_name": str(path), "category_id": category_ids[label], "category_name": name,
                             "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                             "score": round(score, 5)})
-        if targets is not None:
-            draw_detections(image, det).save(targets[path], quality=92)
+        if draw:
+            draw_detections(image, det).save(names[path], quality=92)
+        if save_txt is not None:
+            write_labels(det, tuple(image.shape[-2:]), label_dir / names[path].with_suffix(
+                ".txt" if save_txt == "yolo" else ".csv").name, save_txt)
     return records
+
+
+def write_labels(det: dict, size: tuple[int, int], path: Path, kind: str) -> Path:
+    """One image's detections as YOLO txt (`class cx cy w h score`, normalised) or CSV rows
+    (`x1,y1,x2,y2,score,class_name`, pixels)."""
+    h, w = size
+    lines = []
+    for (x0, y0, x1, y1), score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                                    det["labels"].tolist(), det["class_names"]):
+        if kind == "yolo":
+            lines.append(f"{label} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} "
+                         f"{(y1 - y0) / h:.6f} {score:.5f}")
+        else:
+            lines.append(f"{x0:.2f},{y0:.2f},{x1:.2f},{y1:.2f},{score:.5f},{name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
 
 
 def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale: int = 1,

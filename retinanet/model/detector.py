@@ -56,6 +56,24 @@ class RetinaNet(nn.Module):
 
         return build_retinanet(config)
 
+    def optimize_for_inference(self) -> "RetinaNet":
+        """Fold the backbone's BatchNorms into its convolutions and use channels-last memory
+        (faster on CPUs and GPUs); detections stay equal up to float rounding. The model is
+        for inference afterwards: folding cannot be undone, and training mode is refused."""
+        from .fuse import fold_backbone_batchnorm
+
+        self.eval()
+        fold_backbone_batchnorm(self.backbone)
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        self.inference_only = True
+        return self
+
+    def train(self, mode: bool = True) -> "RetinaNet":
+        if mode and getattr(self, "inference_only", False):
+            raise RuntimeError("this model was optimized for inference (BatchNorm folded); load it again to train")
+        return super().train(mode)
+
     @property
     def category_ids(self) -> list[int]:
         """The dataset category id of each label: the config's, else the label itself

@@ -1,0 +1,246 @@
+"""`retinanet bench`: ours against torchvision's RetinaNet, alternating in one process on the
+same weights and inputs, with the physical floor (the network's FLOPs over the machine's peak
+measured in the same run) beside each figure."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict, repeat: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function, run A B A B ... after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_gflops(device: torch.device) -> dict[str, float]:
+    """Sustained GFLOP/s of a large fp32 matmul and of a 3x3 convolution in channels-last."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    seconds = min(timed(lambda: a @ b, device) for _ in range(3))
+    matmul = 2 * n**3 / seconds / 1e9
+    x = torch.randn(1, 256, 100, 152, device=device).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        seconds = min(timed(lambda: conv(x), device) for _ in range(3))
+    conv_flops = 2 * 256 * 256 * 9 * 100 * 152
+    return {"matmul": round(matmul, 1), "conv3x3": round(conv_flops / seconds / 1e9, 1)}
+
+
+def network_gflop(model, batch: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.run_network(batch)
+    return counter.get_total_flops() / 1e9
+
+
+def _models(device: torch.device):
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    from ..convert.torchvision import convert_torchvision
+    from ..model.build import build_retinanet
+
+    torch.manual_seed(0)
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+    with torch.no_grad():
+        tv.head.classification_head.cls_logits.bias.fill_(-2.0)  # detections, as a trained model has
+    config, state = convert_torchvision(tv.state_dict())
+    ours = build_retinanet(config)
+    ours.load_state_dict(state)
+    return tv.to(device), ours.to(device), config, state
+
+
+def _photos(count: int, height: int, width: int) -> list[torch.Tensor]:
+    import numpy as np
+    import skimage.data
+
+    photo = torch.from_numpy(np.ascontiguousarray(skimage.data.coffee())).permute(2, 0, 1)
+    resized = torch.nn.functional.interpolate(photo[None].float(), size=(height, width), mode="bilinear")[0]
+    return [resized.roll(shifts=17 * i, dims=-1).clamp(0, 255).to(torch.uint8) for i in range(count)]
+
+
+def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torch.device) -> dict:
+    """End to end from decoded uint8 images to final detections, both libraries at the same
+    input size; ours also split into its stages."""
+    from ..model.build import build_retinanet
+
+    tv, ours, config, state = _models(device)
+    fast = build_retinanet(config)
+    fast.load_state_dict(state)
+    fast = fast.to(device).optimize_for_inference()
+    ours.eval(), tv.eval()
+    short, long = min(size), max(size)
+    tv.transform.min_size, tv.transform.max_size = (short,), long
+    for model in (ours, fast):
+        model.preprocessor.test_min_size, model.preprocessor.max_size = short, long
+    images = [im.to(device) for im in _photos(batch, *size)]
+    floats = [im.float() / 255 for im in images]  # torchvision takes [0, 1] floats
+    with torch.no_grad():
+        times = alternate({"torchvision": lambda: tv(floats), "ours": lambda: ours(images),
+                           "ours_optimized": lambda: fast(images)}, repeat, device)
+        batch_tensor, _ = fast.preprocessor(images)
+        features = None
+
+        def backbone():
+            nonlocal features
+            features = fast.backbone(batch_tensor.tensor.contiguous(memory_format=torch.channels_last))
+
+        stages = {"preprocess": lambda: fast.preprocessor(images), "backbone": backbone}
+        split = {name: statistics.median(timed(fn, device) for _ in range(2)) for name, fn in stages.items()}
+        pyramid = fast.fpn(features)
+        split["fpn"] = statistics.median(timed(lambda: fast.fpn(features), device) for _ in range(2))
+        split["head"] = statistics.median(timed(lambda: fast.head(pyramid), device) for _ in range(2))
+        logits, deltas = fast.head(pyramid)
+        anchors = fast.anchor_generator([tuple(f.shape[-2:]) for f in pyramid], tuple(batch_tensor.tensor.shape[-2:]),
+                                        device)
+        split["postprocess"] = statistics.median(
+            timed(lambda: fast.forward_inference(logits, deltas, anchors, batch_tensor), device) for _ in range(2))
+    gflop = network_gflop(ours, batch_tensor.tensor)
+    return {"case": f"inference batch {batch} at {size[0]}x{size[1]}", "seconds": times,
+            "images_per_second": {k: round(batch / v, 3) for k, v in times.items()},
+            "ratio_vs_torchvision": round(times["torchvision"] / times["ours_optimized"], 3),
+            "ours_stages_seconds": {k: round(v, 4) for k, v in split.items()}, "network_gflop": round(gflop, 1)}
+
+
+def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch.device) -> dict:
+    """One SGD step (forward, backward, update) at `batch`, frozen BN, 3-20 boxes per image."""
+    tv, ours, _, _ = _models(device)
+    tv.train(), ours.train()
+    tv.transform.min_size, tv.transform.max_size = (min(size),), max(size)
+    ours.preprocessor.train_min_sizes, ours.preprocessor.max_size = [min(size)], max(size)
+    images = [im.to(device) for im in _photos(batch, *size)]
+    floats = [im.float() / 255 for im in images]
+    generator = torch.Generator().manual_seed(0)
+    targets = []
+    for i in range(batch):
+        n = int(torch.randint(3, 21, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * torch.tensor([size[1] * 0.7, size[0] * 0.7])
+        wh = 20 + torch.rand(n, 2, generator=generator) * 200
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, 91, (n,), generator=generator).to(device)})
+    optimizers = {"torchvision": torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-6),
+                  "ours": torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6)}
+
+    def step(name, model, inputs):
+        def run():
+            losses = model(inputs, targets)
+            optimizers[name].zero_grad()
+            sum(losses.values()).backward()
+            optimizers[name].step()
+        return run
+
+    times = alternate({"torchvision": step("torchvision", tv, floats), "ours": step("ours", ours, images)}, repeat,
+                      device)
+    return {"case": f"training step batch {batch} at {size[0]}x{size[1]}", "seconds": times,
+            "images_per_second": {k: round(batch / v, 3) for k, v in times.items()},
+            "ratio_vs_torchvision": round(times["torchvision"] / times["ours"], 3)}
+
+
+def machine() -> dict:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"]
+    model_name = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                       if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": model_name, "cpu_flags": [f for f in wanted if f" {f}" in flags], "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path = "bench_output") -> dict:
+    dev = torch.device(device)
+    repeat = 2 if quick else 3
+    peaks = peak_gflops(dev)
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": device, "peaks": peaks,
+               "cases": []}
+    cases = [lambda: bench_inference(1, (800, 1216), repeat, dev)]
+    if not quick:
+        cases += [lambda: bench_inference(8, (512, 512), repeat, dev),
+                  lambda: bench_training(2, (800, 1216), 2, dev)]
+    for case in cases:
+        result = case()
+        if "network_gflop" in result:
+            floor = result["network_gflop"] / peaks["conv3x3"]
+            result["floor_seconds"] = round(floor, 3)
+        print(json.dumps(result), flush=True)
+        results["cases"].append(result)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    try:
+        _chart(results, output_dir / "bench.png")
+    except ImportError:
+        pass
+    return results
+
+
+def markdown_table(results: dict, command: str, commit: str) -> str:
+    m = results["machine"]
+    lines = [f"### {results['date']}: `{command}` (commit {commit})", "",
+             f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), {m['threads']} threads, "
+             f"torch {m['torch']}, device {results['device']}; peaks in the same run: matmul "
+             f"{results['peaks']['matmul']} GFLOP/s, 3x3 conv (channels-last) {results['peaks']['conv3x3']} GFLOP/s.", "",
+             "| case | torchvision (s) | ours (s) | ours optimized (s) | speed-up vs torchvision | floor (s) |",
+             "|---|---|---|---|---|---|"]
+    for c in results["cases"]:
+        s = c["seconds"]
+        lines.append(f"| {c['case']} | {s['torchvision']:.3f} | {s['ours']:.3f} | "
+                     f"{s.get('ours_optimized', float('nan')):.3f} | {c['ratio_vs_torchvision']:.2f}x | "
+                     f"{c.get('floor_seconds', '')} |")
+    stages = [c for c in results["cases"] if "ours_stages_seconds" in c]
+    for c in stages:
+        lines.append("")
+        lines.append(f"Ours (optimized), {c['case']}, by stage: " + ", ".join(
+            f"{k} {v:.3f} s" for k, v in c["ours_stages_seconds"].items()) + f"; network {c['network_gflop']} GFLOP.")
+    return "\n".join(lines) + "\n"
+
+
+def _chart(results: dict, path: Path) -> None:
+    from ..analysis.plots import _pyplot
+
+    plt = _pyplot()
+    cases = results["cases"]
+    fig, ax = plt.subplots(figsize=(8, 3 + 0.4 * len(cases)))
+    names = [c["case"] for c in cases]
+    for offset, key in enumerate(("torchvision", "ours", "ours_optimized")):
+        values = [c["images_per_second"].get(key, 0) for c in cases]
+        ax.barh([i + offset * 0.27 for i in range(len(cases))], values, height=0.25, label=key)
+    ax.set_yticks([i + 0.27 for i in range(len(cases))], names, fontsize=8)
+    ax.set_xlabel("images per second")
+    ax.set_title(f"retinanet vs torchvision ({results['machine']['cpu'] or results['device']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
