@@ -414,7 +414,6 @@ def _predict_onnxruntime(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import shlex
     import subprocess
 
     from .engine.bench import markdown_table, run_bench
@@ -425,8 +424,8 @@ def cmd_bench(args) -> int:
                                 cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    table = markdown_table(results, "retinanet " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1
-                           else "retinanet bench", commit)
+    flags = [f"--device {args.device}"] + (["--quick"] if args.quick else [])
+    table = markdown_table(results, "retinanet bench " + " ".join(flags), commit)
     print(table)
     if args.append_results:
         with open(args.append_results, "a") as f:
