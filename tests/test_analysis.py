@@ -193,7 +193,7 @@ def test_analyze_cli_views_and_plots(tiny_boxes, tmp_path, capsys):
 def test_eval_writes_pr_curves_and_error_breakdown(tmp_path):
     """One ground-truth box per image; the detections have the right boxes but the wrong
     class in image 1, a loose box in image 2: confusion and localisation show up as such."""
-    from retinanet.engine.evaluate import coco_metrics, error_breakdown, load_coco_ground_truth
+    from retinanet.engine.evaluate import coco_metrics, load_coco_ground_truth
 
     gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a"},
                      {"id": 2, "width": 100, "height": 100, "file_name": "b"}],

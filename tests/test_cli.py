@@ -67,7 +67,6 @@ def test_predict_with_a_non_checkpoint_is_one_clear_error(tmp_path, capsys, phot
 def test_bench_compares_with_torchvision_in_one_run(tmp_path):
     """The benchmark's pieces at a small size: both libraries timed on the same inputs, the
     ratio and the floor reported, the markdown table written."""
-    import torch
 
     from retinanet.engine.bench import bench_inference, bench_training, markdown_table, peak_gflops
 

@@ -1,7 +1,6 @@
 """`retinanet serve` answered with real HTTP requests on 127.0.0.1."""
 
 import io
-import json
 import socket
 import subprocess
 import sys
