@@ -332,8 +332,11 @@ def cmd_eval(args) -> int:
     model_overrides = [o[len("model."):] for o in args.overrides if o.startswith("model.")]
     model = load_model(args.weights, info.device, model_overrides).to(info.device).optimize_for_inference()
     dataset = open_dataset(cfg.data, "val", model.class_names)
+    from .engine.evaluate import resolve_amp
+
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
-                       cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main, amp=cfg.train.amp,
+                       cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main,
+                       amp=resolve_amp(cfg.train.amp, info.device)[0],
                        tile=cfg.data.tile)
     if info.is_main:
         print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}  "

@@ -64,7 +64,7 @@ class TrainConfig:
     warmup_iters: NonNegativeInt = 1000
     warmup_factor: Annotated[float, Range(0, 1, open_min=True)] = 0.001
     clip_grad_norm: NonNegativeFloat = 0.0  # 0: off
-    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 uses a grad scaler (CUDA)
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it natively; fp16: grad scaler (CUDA)
     channels_last: bool = False
     ema_decay: Annotated[float, Range(0, 1, open_max=True)] = 0.0  # 0: off; else evaluate/export an exponential moving average
     max_minutes: NonNegativeFloat = 0.0  # > 0: shorten max_iter to fit this wall-clock budget

@@ -90,7 +90,7 @@ def tiny_config(data: dict, output_dir: Path, **overrides) -> Config:
         "model.fpn.out_channels=32", "model.head.num_convs=1",
         "train.max_minutes=0", "train.max_iter=4", "train.batch_size=4", "train.reference_batch_size=4",
         "train.warmup_iters=2", "train.log_period=1", "train.checkpoint_period=1000", "train.ema_decay=0",
-        "eval.batch_size=4",
+        "eval.batch_size=4", "train.amp=none",  # fp32 everywhere: the tests compare bit for bit
     ] + [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     return apply_overrides(cfg, items)
 

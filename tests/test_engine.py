@@ -225,3 +225,21 @@ def test_ddp_resume_is_exact_with_multiscale(shapes_data, tmp_path):
     assert len(b["training"]["rng_per_rank"]) == 2
     for key in a["weights"]:
         assert torch.equal(a["weights"][key], b["weights"][key]), key
+
+
+def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch, shapes_data, tmp_path, caplog):
+    import logging
+
+    from retinanet.engine import evaluate as evaluate_module
+    from retinanet.engine.evaluate import resolve_amp
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(evaluate_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_amp("auto", cpu)[0] == "none"
+    assert "much slower" in resolve_amp("bf16", cpu)[1]
+    monkeypatch.setattr(evaluate_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_amp("auto", cpu)[0] == "bf16" and resolve_amp("none", cpu)[0] == "none"
+    with caplog.at_level(logging.INFO):
+        trainer = Trainer(tiny_config(shapes_data, tmp_path, train__amp="auto"), progress=False).setup()
+    assert trainer.amp == "bf16"
+    assert any("precision: bf16 (train.amp=auto: the CPU has native bf16" in r.getMessage() for r in caplog.records)

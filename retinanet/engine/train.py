@@ -30,7 +30,7 @@ from ..model.detector import RetinaNet
 from . import distributed
 from .analyze import coverage_warning
 from .checkpoint import capture_rng, restore_rng
-from .evaluate import amp_dtype, evaluate
+from .evaluate import amp_dtype, evaluate, resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,10 @@ class Trainer:
         if scaling and self.dist.is_main:
             log.info(scaling)
         self.optimizer = build_optimizer(self.model, t, self.schedule.lr)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and self.dist.device.type == "cuda")
+        self.amp, why = resolve_amp(t.amp, self.dist.device)
+        if self.dist.is_main:
+            log.info("precision: %s (train.amp=%s: %s)", {"none": "fp32"}.get(self.amp, self.amp), t.amp, why)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16" and self.dist.device.type == "cuda")
         self.ema = ModelEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.ddp_model = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.dist.local_rank]
                                                               if self.dist.device.type == "cuda" else None)
@@ -565,7 +568,7 @@ class Trainer:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in tg.items()}
                    for tg in targets]
-        dtype = amp_dtype(t.amp)
+        dtype = amp_dtype(self.amp)
         reducer = distributed.sum_over_processes if distributed.is_distributed() else None
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses = self.ddp_model(images, targets, generator=self.size_generator, reduce_foreground=reducer)
@@ -593,7 +596,7 @@ class Trainer:
         """COCO metrics of the final model on the validation set; keeps `best.pt`."""
         metrics = evaluate(self.final_model, self.val_set, self.output_dir / "eval",
                            self.cfg.eval.batch_size // self.dist.world_size or 1, self.cfg.data.num_workers,
-                           self.cfg.eval.max_images, verbose=self.dist.is_main, amp=self.cfg.train.amp,
+                           self.cfg.eval.max_images, verbose=self.dist.is_main, amp=self.amp,
                            tile=self.cfg.data.tile)
         if self.dist.is_main and metrics is not None:
             self.append_jsonl({"iteration": self.iteration, "eval": {k: v for k, v in metrics.items()
