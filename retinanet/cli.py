@@ -326,7 +326,9 @@ def cmd_eval(args) -> int:
     else:
         stored = checkpoint.run_config or {"model": config_to_dict(checkpoint.model_config)}
         cfg = apply_overrides(config_from_dict(Config, stored), args.overrides)
-    if not cfg.data.val_annotations and not (cfg.data.format == "yolo" and cfg.data.val_images):
+    from .data.formats import has_split
+
+    if not has_split(cfg.data, "val"):
         raise OutputError("no validation set: set data.val_images and data.val_annotations (or pass --config)")
     info = distributed.setup(args.device)
     model_overrides = [o[len("model."):] for o in args.overrides if o.startswith("model.")]

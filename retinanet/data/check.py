@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .dataset import DatasetError
-from .formats import open_dataset
+from .formats import has_split, open_dataset
 from .image_io import ImageReadError, read_image
 
 
@@ -68,8 +68,7 @@ def check_dataset(data_cfg, split: str, num_classes: int | None = None, decode: 
 def check_datasets(data_cfg, num_classes: int | None = None, decode: bool = False) -> bool:
     """Check the training and validation sets of a `DataConfig`; False when any fails or
     when no dataset is configured at all."""
-    splits = [split for split in ("train", "val") if getattr(data_cfg, f"{split}_annotations")
-              or (data_cfg.format == "yolo" and getattr(data_cfg, f"{split}_images"))]
+    splits = [split for split in ("train", "val") if has_split(data_cfg, split)]
     if not splits:
         print("ERROR no dataset configured: set data.train_annotations / data.val_annotations "
               "(and the image folders data.train_images / data.val_images)")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from .dataset import (DatasetError, DatasetReport, DetectionDataset, ImageRecord, add_box, clip_boxes, coco_api,
-                      collate, finish_report, hflip)
+                      collate, finish_report, hflip, raise_problems)
 
 __all__ = ["CocoDetection", "DatasetError", "DatasetReport", "ImageRecord", "clip_boxes", "collate", "hflip",
            "load_coco_json"]
@@ -66,11 +66,7 @@ class CocoDetection(DetectionDataset):
                     report.dropped_examples.append(f"annotation {ann.get('id', j)} bbox={bbox!r}")
                 continue
             add_box(record, report, xyxy, label, bool(ann.get("iscrowd", 0)), f"annotation {ann.get('id', j)}")
-        if problems:
-            more = f" (and {len(problems) - 3} more problems; retinanet check-data lists them all)" \
-                if len(problems) > 3 else ""
-            raise DatasetError(f"{source}: " + "; ".join(problems[:3]) + more,
-                               [f"{source}: {p}" for p in problems])
+        raise_problems(source, problems)
         return list(records.values()), finish_report(list(records.values()), report, source)
 
 

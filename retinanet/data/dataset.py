@@ -139,6 +139,15 @@ def coco_api(data: dict):
     return gt
 
 
+def raise_problems(source, problems: list[str]) -> None:
+    """One `DatasetError` for all the problems of a file: the first three in its message, all
+    of them in `.problems` (for `check-data`)."""
+    if problems:
+        more = f" (and {len(problems) - 3} more problems; retinanet check-data lists them all)" \
+            if len(problems) > 3 else ""
+        raise DatasetError(f"{source}: " + "; ".join(problems[:3]) + more, [f"{source}: {p}" for p in problems])
+
+
 def finish_report(records: list[ImageRecord], report: DatasetReport, source) -> DatasetReport:
     report.num_images = len(records)
     report.num_boxes = sum(len(r.boxes) for r in records)

@@ -15,7 +15,8 @@ from pathlib import Path
 from PIL import Image
 
 from .coco import CocoDetection
-from .dataset import DatasetError, DatasetReport, DetectionDataset, ImageRecord, add_box, finish_report
+from .dataset import (DatasetError, DatasetReport, DetectionDataset, ImageRecord, add_box, finish_report,
+                      raise_problems)
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ def image_size(path: Path) -> tuple[int, int] | None:
     except (OSError, SyntaxError, ValueError):
         return None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-def _raise_problems(source, problems: list[str]) -> None:
-    if problems:
-        more = f" (and {len(problems) - 3} more problems; retinanet check-data lists them all)" \
-            if len(problems) > 3 else ""
-        raise DatasetError(f"{source}: " + "; ".join(problems[:3]) + more, [f"{source}: {p}" for p in problems])
 
 
 def _class_map(names_found: list[str], class_names: list[str] | None, source, problems: list[str]) -> list[str]:
@@ -135,7 +129,7 @@ def read_csv(csv_file: str | Path, image_dir: str | Path | None = None, class_na
             record = records[path] = ImageRecord(len(records) + 1, path, size[0], size[1], [], [], [])
         if box is not None and name in label_of:
             add_box(record, report, box, label_of[name], False, f"line {number}")
-    _raise_problems(csv_file, problems)
+    raise_problems(csv_file, problems)
     if missing:
         log.warning("%s: %d image files are missing or unreadable (left out), e.g. %s", csv_file,
                     len(set(missing)), sorted(set(missing))[:3])
@@ -185,7 +179,7 @@ def read_voc(annotation_dir: str | Path, image_dir: str | Path, class_names: lis
             objects.append((name, box, (obj.findtext("difficult") or "0").strip() == "1"))
         parsed.append((path, file_name, width, height, objects))
     names = _class_map([n for *_, objs in parsed for n, _, _ in objs], class_names, annotation_dir, problems)
-    _raise_problems(annotation_dir, problems)
+    raise_problems(annotation_dir, problems)
     label_of = {n: i for i, n in enumerate(names)}
     report, records = DatasetReport(), []
     for image_id, (path, file_name, width, height, objects) in enumerate(parsed, 1):
@@ -245,7 +239,7 @@ def read_yolo(image_dir: str | Path, label_dir: str | Path | None, class_names: 
             box = [(cx - w / 2) * size[0], (cy - h / 2) * size[1], (cx + w / 2) * size[0], (cy + h / 2) * size[1]]
             add_box(record, report, box, cls, False, where)
         records.append(record)
-    _raise_problems(label_dir, problems)
+    raise_problems(label_dir, problems)
     dataset = DetectionDataset(image_dir, label_dir, records, list(range(1, len(class_names) + 1)),
                                list(class_names), finish_report(records, report, label_dir), strict)
     dataset.format = "yolo"
@@ -262,6 +256,12 @@ def _yolo_label_dir(image_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ one entry point
+def has_split(data_cfg, split: str) -> bool:
+    """Whether the `train` or `val` set is configured (YOLO needs only its image folder)."""
+    return bool(getattr(data_cfg, f"{split}_annotations")
+                or (data_cfg.format == "yolo" and getattr(data_cfg, f"{split}_images")))
+
+
 def open_dataset(data_cfg, split: str = "train", class_names: list[str] | None = None) -> DetectionDataset:
     """The `train` or `val` set of a `DataConfig`, whatever its `format`. `class_names` (the
     training set's) fixes the label order of a validation set whose format has no ids."""

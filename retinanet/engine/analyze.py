@@ -16,7 +16,7 @@ from ..analysis.anchor_search import AnchorCandidate, search_anchors
 from ..analysis.coverage import ImageBoxes, anchor_coverage, network_input_size, summarize, _preprocessor
 from ..config import Config
 from ..data.dataset import DetectionDataset
-from ..data.formats import open_dataset
+from ..data.formats import has_split, open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def analyze(cfg: Config, split: str = "train", output_dir: str | Path = "analysi
 def _open(cfg: Config, split: str) -> DetectionDataset:
     from ..data.dataset import DatasetError
 
-    if not (getattr(cfg.data, f"{split}_annotations") or (cfg.data.format == "yolo"
-                                                          and getattr(cfg.data, f"{split}_images"))):
+    if not has_split(cfg.data, split):
         raise DatasetError(f"no {split} set configured: set data.{split}_annotations (and data.{split}_images)")
     return open_dataset(cfg.data, split)
 

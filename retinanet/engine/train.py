@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from ..config import Config, config_to_dict, save_config
 from ..data.dataset import DatasetError, collate
-from ..data.formats import open_dataset
+from ..data.formats import has_split, open_dataset
 from ..data.tiles import TiledDataset
 from ..data.sampler import TrainBatchSampler
 from ..model.detector import RetinaNet
@@ -368,7 +368,7 @@ class Trainer:
                                 f"got train.batch_size={t.batch_size} over {self.dist.world_size} process(es); "
                                 "use norm frozen_bn or gn, or a larger batch")
 
-        if not cfg.data.train_annotations and not (cfg.data.format == "yolo" and cfg.data.train_images):
+        if not has_split(cfg.data, "train"):
             raise TrainingError("no training data: set data.train_annotations (and data.train_images)")
         self.train_set = open_dataset(cfg.data, "train")
         if cfg.data.tile.size > 0:
@@ -389,8 +389,8 @@ class Trainer:
             warning = coverage_warning(cfg, self.train_set)
             if warning:
                 log.warning(warning)
-        has_val = cfg.data.val_annotations or (cfg.data.format == "yolo" and cfg.data.val_images)
-        self.val_set = open_dataset(cfg.data, "val", self.train_set.class_names) if has_val else None
+        self.val_set = (open_dataset(cfg.data, "val", self.train_set.class_names) if has_split(cfg.data, "val")
+                        else None)
         if self.val_set is not None and len(self.val_set) == 0:
             raise DatasetError(f"{cfg.data.val_annotations}: the validation set has no images")
 
