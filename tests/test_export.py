@@ -157,3 +157,20 @@ def test_onnxruntime_backend_and_numpy_only_path(demo_checkpoint, tmp_path, phot
     want = load_model(demo_checkpoint).predict(image)
     assert len(got["scores"]) == len(want["scores"]) > 0
     assert np.abs(np.sort(got["scores"]) - np.sort(want["scores"].numpy())).max() <= 1e-4
+
+
+def test_graph_anchors_equal_the_models_for_torchvision_strides(torchvision_checkpoint, tmp_path):
+    """torchvision's strides are `image size // feature size` (P7 of a 320x480 input: 106 x 120,
+    not 128): the graph's anchors must follow the model's generator, not the nominal strides."""
+    from retinanet.export.onnx import export_onnx
+
+    model = load_model(torchvision_checkpoint).eval()
+    assert model.anchor_generator.stride_from_image_size
+    export_onnx(model, tmp_path / "raw.onnx", 320, 480, postprocess=False)
+    session = ort.InferenceSession(str(tmp_path / "raw.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"images": np.zeros((1, 3, 320, 480), np.float32)})))
+    with torch.no_grad():
+        _, _, anchors = model.run_network(torch.zeros(1, 3, 320, 480))
+    for level, expected in enumerate(anchors):
+        assert np.allclose(outputs[f"anchors_p{level + 3}"], expected.numpy(), atol=1e-3), level

@@ -61,9 +61,6 @@ class ExportedDetector(nn.Module):
         self.register_buffer("mean", (pre.pixel_mean / scale).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", (pre.pixel_std / scale).view(1, 3, 1, 1), persistent=False)
         self.bgr = pre.bgr
-        self.cells = [cell.clone() for cell in model.anchor_generator.cells]
-        self.strides = model.anchor_generator.strides
-        self.offset = model.anchor_generator.offset
 
     def level_candidates(self, level_logits: torch.Tensor):
         """`PostProcessor._level_candidates` with a top-k size that follows the input size in the
@@ -81,17 +78,15 @@ class ExportedDetector(nn.Module):
         top_logits, top_idx = flat.topk(_topk_min(flat, post.topk_candidates), dim=1)
         return top_logits, torch.div(top_idx, num_classes, rounding_mode="floor"), top_idx % num_classes
 
-    def anchors(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Anchors from the feature sizes inside the graph (so that the input size can vary)."""
-        out = []
-        for feature, cell, stride in zip(features, self.cells, self.strides):
-            h, w = feature.shape[-2], feature.shape[-1]
-            ys = (torch.arange(h, device=feature.device, dtype=torch.float32) + self.offset) * stride
-            xs = (torch.arange(w, device=feature.device, dtype=torch.float32) + self.offset) * stride
-            y, x = torch.meshgrid(ys, xs, indexing="ij")
-            shifts = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)
-            out.append((shifts + cell.to(feature.device).view(1, -1, 4)).reshape(-1, 4))
-        return out
+    def anchors(self, features: list[torch.Tensor], images: torch.Tensor) -> list[torch.Tensor]:
+        """The model's own anchors, from sizes read inside the graph (so that they follow a
+        dynamic input size, torchvision's `image size // feature size` strides included)."""
+        def size(x):
+            return tuple(torch._shape_as_tensor(x)[-2:]) if torch.jit.is_tracing() else tuple(x.shape[-2:])
+
+        generator = self.model.anchor_generator
+        sizes = [size(f) for f in features]
+        return generator.grids(sizes, generator.level_strides(sizes, size(images)), images.device)
 
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None):
         """`image_sizes (B, 2)`: each image's `(h, w)` inside the padded batch, for clipping."""
@@ -101,7 +96,7 @@ class ExportedDetector(nn.Module):
         x = (x - self.mean) / self.std
         features = self.model.fpn(self.model.backbone(x))
         logits, deltas = self.model.head(features)
-        anchors = self.anchors(features)
+        anchors = self.anchors(features, images)
         if not self.postprocess:
             return (*logits, *deltas, *anchors)
         return self.detect(logits, deltas, anchors, image_sizes)

@@ -58,18 +58,25 @@ class AnchorGenerator(nn.Module):
 
     def forward(self, feature_sizes: list[tuple[int, int]], image_size: tuple[int, int],
                 device: torch.device | None = None) -> list[torch.Tensor]:
-        strides = [
-            (image_size[0] // h, image_size[1] // w) if self.stride_from_image_size else (s, s)
-            for (h, w), s in zip(feature_sizes, self.strides)
-        ]
+        strides = self.level_strides(feature_sizes, image_size)
         key = (tuple(map(tuple, feature_sizes)), tuple(strides), str(device))
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
-            self._cache[key] = [
-                self._grid(cell.to(device), size, stride) for cell, size, stride in zip(self.cells, feature_sizes, strides)
-            ]
+            self._cache[key] = self.grids(feature_sizes, strides, device)
         return self._cache[key]
+
+    def level_strides(self, feature_sizes, image_size) -> list[tuple]:
+        """Each level's `(stride_y, stride_x)`: nominal, or `image size // feature size`. Sizes
+        may be ints or 0-dim tensors (inside an exported graph, where they vary)."""
+        if not self.stride_from_image_size:
+            return [(s, s) for s in self.strides]
+        return [(image_size[0] // h, image_size[1] // w) for h, w in feature_sizes]
+
+    def grids(self, feature_sizes, strides, device: torch.device | None = None) -> list[torch.Tensor]:
+        """The anchors of every level, uncached (`forward` caches them)."""
+        return [self._grid(cell.to(device), size, stride) for cell, size, stride in zip(self.cells, feature_sizes,
+                                                                                       strides)]
 
     def _grid(self, cell: torch.Tensor, size: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
         h, w = size
