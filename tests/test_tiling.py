@@ -3,15 +3,19 @@
 import json
 
 import numpy as np
+import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
+from retinanet.checkpoint import load_model
 from retinanet.cli import main as cli
+from retinanet.config import apply_overrides, load_config
 from retinanet.data.tiles import TiledDataset, crop_boxes, tile_windows
 from retinanet.engine.tiling import merge_detections, predict_tiled
+from retinanet.engine.train import Trainer
 
-from conftest import tiny_config
+from conftest import require_peer, tiny_config
 
 
 def test_windows_cover_the_image_with_the_overlap():
@@ -120,7 +124,6 @@ def test_tiled_prediction_finds_each_object_once_and_beats_resizing_whole():
 
 def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path):
     from retinanet.data.coco import CocoDetection
-    from retinanet.engine.train import Trainer
 
     base = CocoDetection(shapes_data["train_images"], shapes_data["train_annotations"])
     tiled = TiledDataset(base, 64, 0.25, 0.5)
@@ -147,3 +150,85 @@ def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path):
     assert detections and all(d["bbox"][0] + d["bbox"][2] <= 500.01 and d["bbox"][1] + d["bbox"][3] <= 300.01
                               for d in detections)
     assert max(d["bbox"][0] for d in detections) > 64  # boxes shifted back from tiles beyond the first
+
+    # the same pixels as a GeoTIFF: the same detections, and a GeoJSON of them in its CRS
+    rasterio = require_peer("rasterio", "pip install -e '.[geo]'")
+    with rasterio.open(tmp_path / "big.tif", "w", driver="GTiff", width=500, height=300, count=3, dtype="uint8",
+                       crs="EPSG:3857", transform=rasterio.transform.Affine(2.0, 0, 1000.0, 0, -2.0, 5000.0)) as dst:
+        dst.write(np.asarray(Image.open(big)).transpose(2, 0, 1))
+    geo = tmp_path / "geo"
+    assert cli(["predict", "--weights", str(out / "model_final.pt"), str(tmp_path / "big.tif"), "--output-dir",
+                str(geo), "--tile", "64", "--overlap", "0.2", "--merge", "nmm", "--score-threshold", "0.0"]) == 0
+    from_tiff = json.loads((geo / "predictions.json").read_text())
+    assert [(d["bbox"], d["score"]) for d in from_tiff] == [(d["bbox"], d["score"]) for d in detections]
+    features = json.loads((geo / "big.geojson").read_text())["features"]
+    assert len(features) == len(detections)
+    x, y, w, h = from_tiff[0]["bbox"]
+    corner = features[0]["geometry"]["coordinates"][0][0]
+    assert abs(corner[0] - (1000.0 + 2.0 * x)) < 0.05 and abs(corner[1] - (5000.0 - 2.0 * y)) < 0.05
+
+
+def _scene(rng: np.random.Generator, width: int, height: int, count: int, straddle: list[int] = ()):
+    """A large image of `count` non-touching discs of 12-40 px on a noisy background, every
+    second one centred on one of the x positions `straddle` (tile borders); boxes (N, 4)."""
+    coarse = rng.integers(60, 120, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    background = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.int16)
+    image = Image.fromarray(np.clip(background + rng.integers(-12, 12, (height, width, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    boxes: list[list[float]] = []
+    while len(boxes) < count:
+        size = float(rng.integers(12, 40))
+        y = float(rng.integers(0, height - 60))
+        x = straddle[len(boxes) % len(straddle)] - size / 2 if straddle and len(boxes) % 2 else \
+            float(rng.integers(0, width - 60))
+        box = [x, y, x + size, y + size * float(rng.uniform(0.7, 1.3))]
+        if boxes and box_iou(torch.tensor([box]), torch.tensor(boxes)).max() > 0:
+            continue
+        boxes.append(box)
+        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(170, 256, 3)))
+    return image, torch.tensor(boxes)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_a_model_trained_on_tiles_finds_each_object_of_a_large_image_once(tmp_path):
+    """The user's path: large GeoTIFF-free TIFFs with a DeepForest CSV, trained on 128 px tiles
+    (read by windows), then a 4,000 x 3,000 image with 200 objects of 12-40 px, half of them
+    across tile borders, predicted on tiles: each object found once, and far more of them than
+    by the image resized whole (which shrinks them under 2 px)."""
+    rasterio = require_peer("rasterio", "pip install -e '.[geo]'")
+    rng = np.random.default_rng(0)
+    rows = ["image_path,xmin,ymin,xmax,ymax,label"]
+    for i in range(3):
+        image, boxes = _scene(rng, 1024, 768, 60)
+        with rasterio.open(tmp_path / f"train_{i}.tif", "w", driver="GTiff", width=1024, height=768, count=3,
+                           dtype="uint8", tiled=True, blockxsize=128, blockysize=128) as dst:
+            dst.write(np.asarray(image).transpose(2, 0, 1))
+        rows += [f"train_{i}.tif,{x0:.1f},{y0:.1f},{x1:.1f},{y1:.1f},blob" for x0, y0, x1, y1 in boxes.tolist()]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    cfg = apply_overrides(load_config("demo"), [
+        "data.format=csv", f"data.train_annotations={tmp_path / 'train.csv'}", f"output_dir={run}",
+        "model.num_classes=1", "data.tile.size=128", "data.tile.overlap=0.2", "data.num_workers=0",
+        "train.max_iter=200", "train.warmup_iters=30", "train.ema_decay=0", "train.amp=none",
+        "train.checkpoint_period=100000"])
+    assert Trainer(cfg, progress=False).run()["status"] == "finished"
+    model = load_model(run / "model_final.pt").optimize_for_inference()
+
+    windows = tile_windows(3000, 4000, 128, 0.2)
+    borders = sorted({x1 for _, _, x1, _ in windows if x1 < 4000})
+    image, boxes = _scene(np.random.default_rng(1), 4000, 3000, 200, borders)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    tiled = predict_tiled(model, pixels, 128, 0.2, batch_size=16, merge="nmm", score_threshold=0.3)
+    whole = model.predict(pixels, score_threshold=0.3)
+
+    iou = box_iou(boxes, tiled["boxes"])
+    recall_tiled = (iou.max(dim=1).values >= 0.5).float().mean().item()
+    found_twice = int(((iou > 0.5).sum(dim=1) > 1).sum())
+    recall_whole = (box_iou(boxes, whole["boxes"]).max(dim=1).values >= 0.5).float().mean().item() \
+        if len(whole["boxes"]) else 0.0
+    precision = (iou.max(dim=0).values >= 0.5).float().mean().item()
+    print(f"tiled recall {recall_tiled:.3f} precision {precision:.3f}, found twice {found_twice}, "
+          f"whole recall {recall_whole:.3f}")
+    assert recall_tiled >= 0.9 and precision >= 0.85
+    assert found_twice <= 2  # of 200, 100 of them across a border
+    assert recall_tiled > recall_whole + 0.5

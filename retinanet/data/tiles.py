@@ -8,7 +8,8 @@ import hashlib
 import torch
 
 from .dataset import DetectionDataset, ImageRecord, hflip
-from .image_io import ImageReadError, read_image
+from .image_io import ImageReadError
+from .raster import Raster, open_raster
 
 
 def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
@@ -45,8 +46,9 @@ def crop_boxes(boxes: torch.Tensor, window: tuple[int, int, int, int], min_visib
 
 class TiledDataset(DetectionDataset):
     """The tiles of every image of `base` as items. Tiles without any kept box are kept for
-    a deterministic `empty_ratio` share of them. The last decoded image is cached, so that the
-    tiles of one image, taken in order, decode it once."""
+    a deterministic `empty_ratio` share of them. Tiles are read by windows where that pays
+    (`data.raster`: TIFFs and very large images, with rasterio); otherwise the last decoded
+    image is kept, so that the tiles of one image, taken in order, decode it once."""
 
     def __init__(self, base: DetectionDataset, tile: int, overlap: float = 0.2, min_visible: float = 0.5,
                  empty_ratio: float = 1.0):
@@ -69,21 +71,32 @@ class TiledDataset(DetectionDataset):
         super().__init__(base.image_dir, base.annotation_file, records, base.category_ids, base.class_names,
                          base.report, base.strict)
         self.format = base.format
-        self._cache: tuple[int, torch.Tensor] | None = None
+        self._cache: tuple[int, Raster] | None = None
+
+    def __getstate__(self) -> dict:  # an open file does not travel to DataLoader workers
+        return {**self.__dict__, "_cache": None}
 
     def __getitem__(self, item):
         index, flip = item if isinstance(item, tuple) else (item, False)
         image_index, (x0, y0, x1, y1) = self.windows[index]
         if self._cache is None or self._cache[0] != image_index:
             record = self.base.records[image_index]
+            if self._cache is not None:
+                self._cache[1].close()
+            self._cache = None
             try:
-                image = read_image(self.base.image_dir / record.file_name)
+                self._cache = (image_index, open_raster(self.base.image_dir / record.file_name))
             except ImageReadError:
                 if self.strict:
                     raise
                 return ImageReadError(self.base.image_dir / record.file_name, "unreadable (tiled training)")
-            self._cache = (image_index, image)
-        crop = self._cache[1][:, y0:y1, x0:x1]
+        try:
+            crop = self._cache[1].read((x0, y0, x1, y1))
+        except ImageReadError:
+            if self.strict:
+                raise
+            return ImageReadError(self.base.image_dir / self.base.records[image_index].file_name,
+                                  "unreadable (tiled training)")
         record = self.records[index]
         target = {"boxes": torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.tensor(record.labels, dtype=torch.long),
@@ -91,6 +104,14 @@ class TiledDataset(DetectionDataset):
         if flip:
             crop, target["boxes"] = hflip(crop, target["boxes"])
         return crop, target
+
+
+def as_training_items(dataset: DetectionDataset, tile) -> DetectionDataset:
+    """What the trainer iterates over: the tiles of every image when `tile.size` > 0 (a
+    `TileConfig`), else the images themselves."""
+    if tile.size <= 0:
+        return dataset
+    return TiledDataset(dataset, tile.size, tile.overlap, tile.min_visible, tile.empty_ratio)
 
 
 def _keep_empty(name: str, window, ratio: float) -> bool:

@@ -17,6 +17,7 @@ from ..analysis.coverage import ImageBoxes, anchor_coverage, network_input_size,
 from ..config import Config
 from ..data.dataset import DetectionDataset
 from ..data.formats import has_split, open_dataset
+from ..data.tiles import as_training_items
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,14 @@ def analyze(cfg: Config, split: str = "train", output_dir: str | Path = "analysi
     return report
 
 
-def _open(cfg: Config, split: str) -> DetectionDataset:
+def _open(cfg: Config, split: str, tiled: bool = True) -> DetectionDataset:
     from ..data.dataset import DatasetError
 
     if not has_split(cfg.data, split):
         raise DatasetError(f"no {split} set configured: set data.{split}_annotations (and data.{split}_images)")
-    return open_dataset(cfg.data, split)
+    # with data.tile.size the network sees tiles, not images: analyse what it is trained on
+    dataset = open_dataset(cfg.data, split)
+    return as_training_items(dataset, cfg.data.tile) if tiled else dataset
 
 
 def _size_stats(images: list[ImageBoxes]) -> dict:
@@ -233,7 +236,7 @@ def assign_view(cfg: Config, image_id, output: str | Path, split: str = "train")
     from ..data.dataset import DatasetError
     from ..model.matching import AnchorMatcher
 
-    dataset = _open(cfg, split)
+    dataset = _open(cfg, split, tiled=False)  # an image of the dataset, by its id
     record = next((r for r in dataset.records if str(r.image_id) == str(image_id)), None)
     if record is None:
         raise DatasetError(f"{dataset.annotation_file}: no image with id {image_id}")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data.image_io import ImageReadError, read_image
+from ..data.raster import crs_name, open_raster, pixel_to_crs
 from .tiling import predict_tiled
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -95,7 +96,12 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     drawn = drawn_names(paths, output_dir)
-    check = None if tiling is not None else model.preprocessor.check_size
+    if tiling is not None:
+        predictions = _predict_tiled_files(model, paths, drawn, draw, score_threshold, tiling, save_txt,
+                                           output_dir / "labels", errors, progress)
+        (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
+        return predictions, errors
+    check = model.preprocessor.check_size
     loader = torch.utils.data.DataLoader(_ImageFiles(paths, check), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     bar = None
@@ -113,8 +119,7 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
             else:
                 good.append((path, item))
         if good:
-            predictions.extend(_run(model, good, drawn, draw, score_threshold, tiling, save_txt,
-                                    output_dir / "labels"))
+            predictions.extend(_run(model, good, drawn, draw, score_threshold, save_txt, output_dir / "labels"))
         if bar is not None:
             bar.update(len(items))
     if bar is not None:
@@ -123,31 +128,89 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     return predictions, errors
 
 
-def _run(model, items, names: dict[Path, Path], draw: bool, score_threshold, tiling: dict | None,
-         save_txt: str | None = None, label_dir: Path | None = None) -> list[dict]:
+def _run(model, items, names: dict[Path, Path], draw: bool, score_threshold, save_txt: str | None = None,
+         label_dir: Path | None = None) -> list[dict]:
     """Detect in `items` (`(path, image)`), write the drawings (to `names[path]`) and label
     files asked for, and return the COCO-style records."""
-    if tiling is not None:
-        outputs = [predict_tiled(model, image, tiling["tile"], tiling["overlap"], merge=tiling["merge"],
-                                 full_image=tiling["full_image"], score_threshold=score_threshold)
-                   for _, image in items]
-    else:
-        outputs = model.predict([image for _, image in items], score_threshold=score_threshold)
-    category_ids = model.category_ids
+    outputs = model.predict([image for _, image in items], score_threshold=score_threshold)
     records = []
     for (path, image), det in zip(items, outputs):
-        for box, score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
-                                           det["class_names"]):
-            x0, y0, x1, y1 = box
-            records.append({"file_name": str(path), "category_id": category_ids[label], "category_name": name,
-                            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                            "score": round(score, 5)})
+        records += coco_records(det, path, model.category_ids)
         if draw:
             draw_detections(image, det).save(names[path], quality=92)
         if save_txt is not None:
             write_labels(det, tuple(image.shape[-2:]), label_dir / names[path].with_suffix(
                 ".txt" if save_txt == "yolo" else ".csv").name, save_txt)
     return records
+
+
+DRAWING_MAX_SIDE = 4096  # drawings of larger images are shrunk to this
+
+
+def _predict_tiled_files(model, paths: list[Path], names: dict[Path, Path], draw: bool, score_threshold,
+                         tiling: dict, save_txt: str | None, label_dir: Path, errors: list[str],
+                         progress: bool) -> list[dict]:
+    """Tiled prediction, one image at a time, each read by windows where it pays
+    (`data.raster`); a georeferenced image also gets `<name>.geojson` in its CRS."""
+    records = []
+    for path in _progress(paths, progress):
+        try:
+            with open_raster(path) as raster:
+                det = predict_tiled(model, raster, tiling["tile"], tiling["overlap"], merge=tiling["merge"],
+                                    full_image=tiling["full_image"], score_threshold=score_threshold)
+                records += coco_records(det, path, model.category_ids)
+                if draw:
+                    overview = raster.read_scaled(DRAWING_MAX_SIDE)
+                    shrink = overview.shape[-1] / raster.width, overview.shape[-2] / raster.height
+                    shown = {**det, "boxes": det["boxes"] * torch.tensor(shrink * 2)}
+                    draw_detections(overview, shown, max_boxes=len(det["boxes"])).save(names[path], quality=92)
+                if save_txt is not None:
+                    write_labels(det, (raster.height, raster.width), label_dir / names[path].with_suffix(
+                        ".txt" if save_txt == "yolo" else ".csv").name, save_txt)
+                if raster.transform is not None:
+                    write_geojson(det, raster, names[path].with_suffix(".geojson"), model.category_ids)
+                elif raster.georeferenced_without_reader:
+                    print(f"note: {path} is a GeoTIFF; install rasterio (pip install 'retinanet[geo]') to get "
+                          "its detections as GeoJSON in its coordinate system", file=sys.stderr)
+        except (ImageReadError, ValueError) as err:
+            errors.append(str(err))
+            print(f"error: {err}", file=sys.stderr)
+    return records
+
+
+def _progress(items: list, enabled: bool):
+    if enabled and sys.stderr.isatty() and items:
+        from tqdm import tqdm
+
+        return tqdm(items, desc="predict", unit="image")
+    return items
+
+
+def coco_records(det: dict, path: Path, category_ids: list[int]) -> list[dict]:
+    """One image's detections as predictions.json records (`bbox` is x, y, w, h)."""
+    records = []
+    for (x0, y0, x1, y1), score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                                    det["labels"].tolist(), det["class_names"]):
+        records.append({"file_name": str(path), "category_id": category_ids[label], "category_name": name,
+                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                        "score": round(score, 5)})
+    return records
+
+
+def write_geojson(det: dict, raster, path: Path, category_ids: list[int]) -> Path:
+    """Detections as a GeoJSON FeatureCollection of box polygons in the raster's CRS (named
+    in the legacy `crs` member, as GDAL and QGIS read it), each with its pixel box."""
+    features = []
+    for ring, box, score, label, name in zip(pixel_to_crs(det["boxes"], raster.transform), det["boxes"].tolist(),
+                                             det["scores"].tolist(), det["labels"].tolist(), det["class_names"]):
+        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                         "properties": {"category_name": name, "category_id": category_ids[label],
+                                        "score": round(score, 5), "bbox_pixels": [round(v, 2) for v in box]}})
+    collection = {"type": "FeatureCollection", "features": features}
+    if raster.crs is not None:
+        collection["crs"] = {"type": "name", "properties": {"name": crs_name(raster.crs)}}
+    path.write_text(json.dumps(collection))
+    return path
 
 
 def write_labels(det: dict, size: tuple[int, int], path: Path, kind: str) -> Path:

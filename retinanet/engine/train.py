@@ -24,7 +24,7 @@ from ..checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from ..config import Config, config_to_dict, save_config
 from ..data.dataset import DatasetError, collate
 from ..data.formats import has_split, open_dataset
-from ..data.tiles import TiledDataset
+from ..data.tiles import as_training_items
 from ..data.sampler import TrainBatchSampler
 from ..model.detector import RetinaNet
 from . import distributed
@@ -370,11 +370,7 @@ class Trainer:
 
         if not has_split(cfg.data, "train"):
             raise TrainingError("no training data: set data.train_annotations (and data.train_images)")
-        self.train_set = open_dataset(cfg.data, "train")
-        if cfg.data.tile.size > 0:
-            t_cfg = cfg.data.tile
-            self.train_set = TiledDataset(self.train_set, t_cfg.size, t_cfg.overlap, t_cfg.min_visible,
-                                          t_cfg.empty_ratio)
+        self.train_set = as_training_items(open_dataset(cfg.data, "train"), cfg.data.tile)
         if len(self.train_set) == 0:
             raise TrainingError(f"{cfg.data.train_annotations}: the training set has no images")
         if self.train_set.num_classes != cfg.model.num_classes:

@@ -1,0 +1,179 @@
+"""Large images read by windows (rasterio), GeoTIFF in, GeoJSON out."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retinanet.data.image_io import read_image
+from retinanet.data.raster import ArrayRaster, WindowedRaster, open_raster
+from retinanet.engine.predict import predict_files
+
+from conftest import require_peer
+
+rasterio = require_peer("rasterio", "pip install -e '.[geo]'")
+from rasterio.transform import Affine  # noqa: E402
+from rasterio.windows import Window  # noqa: E402
+
+
+def write_geotiff(path, array: np.ndarray, transform=None, crs="EPSG:32633", **profile):
+    """`array (bands, H, W)` as a tiled, compressed GeoTIFF (north up, 50 cm pixels unless
+    `transform` says otherwise)."""
+    bands, height, width = array.shape
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=bands, dtype=array.dtype,
+                       crs=crs, transform=transform or Affine(0.5, 0, 500000, 0, -0.5, 4000000), tiled=True,
+                       blockxsize=256, blockysize=256, compress="deflate", **profile) as dst:
+        dst.write(array)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_windows_equal_the_whole_decode_for_rgb_grey_palette_and_16_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (3, 300, 500), dtype=np.uint8)
+    grey = rng.integers(0, 256, (1, 300, 500), dtype=np.uint8)
+    deep = rng.integers(0, 4000, (3, 300, 500), dtype=np.uint16)
+    shallow = rng.integers(0, 200, (1, 300, 500), dtype=np.uint16)  # 16-bit data within 0-255
+    cases = {"rgb": rgb, "grey": grey, "deep": deep, "shallow": shallow}
+    for name, array in cases.items():
+        path = write_geotiff(tmp_path / f"{name}.tif", array)
+        with open_raster(path) as raster:
+            assert isinstance(raster, WindowedRaster)
+            if name == "deep":  # Pillow cannot read 3-band 16-bit TIFFs: read_image's rule by hand
+                whole = torch.from_numpy(np.clip(array / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            else:
+                whole = read_image(path)  # Pillow, whole: the reference
+            window = raster.read((37, 11, 420, 290))
+            assert torch.equal(window, whole[:, 11:290, 37:420]), name
+    palette_path = tmp_path / "palette.tif"
+    with rasterio.open(palette_path, "w", driver="GTiff", width=500, height=300, count=1, dtype="uint8",
+                       photometric="palette") as dst:
+        dst.write(grey)
+        dst.write_colormap(1, {i: (i, 255 - i, (7 * i) % 256, 255) for i in range(256)})
+    with open_raster(palette_path) as raster:
+        assert torch.equal(raster.read((0, 0, 500, 300)), read_image(palette_path))
+
+
+def test_a_geotiff_round_trips_through_tiled_prediction_into_geojson(tmp_path):
+    """Boxes in pixels and in the raster's CRS agree: the GeoJSON polygon's corners, taken
+    back through the inverse transform, are the pixel box of predictions.json."""
+    transform = Affine(0.3, 0.05, 431000.0, 0.04, -0.3, 5140000.0)  # a rotated grid, 30 cm pixels
+    image = np.full((3, 900, 1300), 90, dtype=np.uint8)
+    objects = torch.tensor([[100.0, 120, 140, 150], [630, 400, 680, 470], [1200, 800, 1250, 860]])
+    for x0, y0, x1, y1 in objects.int().tolist():
+        image[:, y0:y1, x0:x1] = 230
+    path = write_geotiff(tmp_path / "scene.tif", image, transform=transform, crs="EPSG:32632")
+    model = _BrightBlobDetector()
+    predictions, errors = predict_files(model, [path], tmp_path / "out", tiling={
+        "tile": 256, "overlap": 0.25, "merge": "nmm", "full_image": False}, workers=0, progress=False)
+    assert not errors and len(predictions) == 3
+    pixel_boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in predictions)])
+    assert torch.allclose(pixel_boxes.sort(dim=0).values, objects.sort(dim=0).values, atol=0.01)
+
+    collection = json.loads((tmp_path / "out" / "scene.geojson").read_text())
+    assert collection["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32632"
+    assert len(collection["features"]) == 3
+    inverse = ~transform
+    for feature in collection["features"]:
+        ring = feature["geometry"]["coordinates"][0]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        pixels = torch.tensor([_apply(inverse, *point) for point in ring], dtype=torch.float64)
+        x0, y0, x1, y1 = feature["properties"]["bbox_pixels"]
+        expected = torch.tensor([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=torch.float64)
+        assert torch.allclose(pixels, expected, atol=1e-6)
+        # and the map coordinates are where rasterio puts those pixel corners
+        assert ring[0] == pytest.approx(rasterio.transform.xy(transform, y0, x0, offset="ul"), abs=1e-6)
+
+
+def test_a_geotiff_read_without_rasterio_says_how_to_get_geojson(tmp_path, capsys, monkeypatch):
+    import retinanet.data.raster as raster_module
+
+    path = write_geotiff(tmp_path / "scene.tif", np.full((3, 200, 300), 90, dtype=np.uint8))
+    monkeypatch.setattr(raster_module, "rasterio_available", lambda: False)
+    raster = open_raster(path)
+    assert isinstance(raster, ArrayRaster) and raster.georeferenced_without_reader and raster.transform is None
+    predict_files(_BrightBlobDetector(), [path], tmp_path / "out", tiling={"tile": 128, "overlap": 0.2,
+                  "merge": "nms", "full_image": False}, workers=0, progress=False)
+    assert not (tmp_path / "out" / "scene.geojson").exists()
+    assert "pip install 'retinanet[geo]'" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_memory_stays_flat_as_the_image_grows(tmp_path):
+    """Peak memory of tiled prediction over a 12,000 x 12,000 GeoTIFF (432 MB of pixels) is
+    within a few tens of MB of that over a 2,000 x 2,000 one when read by windows; decoded
+    whole it grows by the image (the check that the measurement can see the difference)."""
+    sizes = (2000, 12000)
+    for size in sizes:
+        with rasterio.open(tmp_path / f"{size}.tif", "w", driver="GTiff", width=size, height=size, count=3,
+                           dtype="uint8", tiled=True, blockxsize=512, blockysize=512, compress="deflate") as dst:
+            block = np.random.default_rng(size).integers(0, 256, (3, 512, 512), dtype=np.uint8)
+            for y in range(0, size, 512):
+                for x in range(0, size, 512):
+                    h, w = min(512, size - y), min(512, size - x)
+                    dst.write(block[:, :h, :w], window=Window(x, y, w, h))
+
+    def peak_growth(size: int, windowed: bool) -> float:
+        script = textwrap.dedent(f"""
+            import resource, torch
+            from retinanet.data.raster import open_raster
+            from retinanet.engine.tiling import predict_tiled
+
+            class Touch:  # reads every pixel of every tile, detects nothing
+                class_names = ["x"]
+                def predict(self, images, score_threshold=None, batch_size=4):
+                    return [{{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long),
+                              "sum": float(im.float().sum())}} for im in images]
+
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            with open_raster(r"{tmp_path / f'{size}.tif'}", windowed={windowed}) as raster:
+                predict_tiled(Touch(), raster, 1024, 0.2, batch_size=4)
+            print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        """)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+
+    windowed = [peak_growth(size, True) for size in sizes]
+    assert windowed[1] - windowed[0] < 80, windowed  # MB: the GDAL cache (64 MB) at most
+    whole = [peak_growth(size, False) for size in sizes]
+    assert whole[1] - whole[0] > 400, whole  # decoded whole: 432 MB more
+
+
+def test_open_raster_names_the_file_of_a_bad_input(tmp_path):
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 40)
+    with pytest.raises(OSError, match="broken.tif"):
+        open_raster(bad)
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    assert isinstance(open_raster(tmp_path / "small.png"), ArrayRaster)  # small non-TIFF: decoded whole
+    assert isinstance(open_raster(tmp_path / "small.png", windowed=True), WindowedRaster)
+
+
+def _apply(transform, x, y):
+    a, b, c, d, e, f = tuple(transform)[:6]
+    return a * x + b * y + c, d * x + e * y + f
+
+
+class _BrightBlobDetector:
+    """A stand-in detector: the bounding box of each bright blob (> 200) in the tile it is
+    given, clipped to the tile, as a real detector reports the part of an object it sees."""
+
+    class_names = ["blob"]
+    category_ids = [1]
+
+    def predict(self, images, score_threshold=None, batch_size=4):
+        from skimage.measure import label, regionprops
+
+        out = []
+        for image in images:
+            regions = regionprops(label((image[0] > 200).numpy()))
+            boxes = [[r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2]] for r in regions]
+            boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            out.append({"boxes": boxes, "scores": torch.full((len(boxes),), 0.9),
+                        "labels": torch.zeros(len(boxes), dtype=torch.long)})
+        return out
