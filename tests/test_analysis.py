@@ -234,3 +234,28 @@ def test_every_diagnostic_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         cli([command, "--help"])
     assert info.value.code == 0 and "usage: retinanet " + command in capsys.readouterr().out
+
+
+def test_analyze_looks_at_tiles_when_training_on_tiles(tmp_path):
+    """24 px objects in 512 px images: resized whole to the demo's 128 px input they are 6 px
+    and uncovered; cut into 128 px tiles (what the network is trained on) they are covered."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images, annotations = [], []
+    for image_id in (1, 2):
+        Image.new("RGB", (512, 512), (90, 90, 90)).save(folder / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 512, "height": 512})
+        for k in range(16):
+            x, y = 20 + (k % 4) * 120, 20 + (k // 4) * 120
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
+                                "bbox": [x, y, 24, 24], "area": 576, "iscrowd": 0})
+    ann = write_json(tmp_path / "train.json", {"images": images, "annotations": annotations,
+                                                "categories": [{"id": 1, "name": "dot"}]})
+    from retinanet.engine.analyze import analyze
+
+    cfg = load_config("demo", [f"data.train_images={folder}", f"data.train_annotations={ann}", "model.num_classes=1"])
+    whole = analyze(cfg, output_dir=tmp_path / "whole", plots=False)
+    tiled = analyze(apply_overrides(cfg, ["data.tile.size=128", "data.tile.overlap=0.0"]),
+                    output_dir=tmp_path / "tiled", plots=False)
+    assert whole["images"] == 2 and whole["uncovered_fraction"] > 0.9
+    assert tiled["images"] == 2 * 16 and tiled["uncovered_fraction"] < 0.1
