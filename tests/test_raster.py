@@ -149,9 +149,12 @@ def test_open_raster_names_the_file_of_a_bad_input(tmp_path):
     bad.write_bytes(b"II*\x00" + b"\x00" * 40)
     with pytest.raises(OSError, match="broken.tif"):
         open_raster(bad)
-    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "small.png")
     assert isinstance(open_raster(tmp_path / "small.png"), ArrayRaster)  # small non-TIFF: decoded whole
-    assert isinstance(open_raster(tmp_path / "small.png", windowed=True), WindowedRaster)
+    with open_raster(tmp_path / "small.png", windowed=True) as raster:  # what an image over 64 MP gets
+        assert isinstance(raster, WindowedRaster)
+        assert torch.equal(raster.read((10, 20, 250, 180)), torch.from_numpy(pixels[20:180, 10:250]).permute(2, 0, 1))
 
 
 def _apply(transform, x, y):
