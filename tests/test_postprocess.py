@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from retinanet.model.box_coding import BoxCoder
@@ -125,3 +126,16 @@ def test_batched_nms_is_exact_near_the_iou_threshold():
     assert torch.equal(together["boxes"], alone["boxes"])
     # equal scores (ties) may come in any order: compare the kept sets
     assert torch.equal(torch.unique(together["boxes"], dim=0), torch.unique(boxes[exact], dim=0))
+
+
+@pytest.mark.parametrize("batch,n,k", [(1, 136800 * 91, 1000), (3, 50001, 1000), (2, 64001, 5), (1, 1000, 1000)])
+def test_chunked_topk_equals_topk(batch, n, k):
+    """Slices first, then the best of those: the same values and (without ties) the same
+    indices as one top-k, including the elements left over after the equal slices."""
+    from retinanet.model.postprocess import chunked_topk
+
+    values = torch.randn(batch, n, generator=torch.Generator().manual_seed(n))
+    values[:, -1] = 100.0  # the best element is among the left-over ones
+    expected, expected_idx = values.topk(k, dim=1)
+    got, got_idx = chunked_topk(values, k)
+    assert torch.equal(got, expected) and torch.equal(got_idx, expected_idx)
