@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.ops import box_iou
 
 from retinanet.checkpoint import load_model
 from retinanet.cli import main as cli
 from retinanet.config import apply_overrides, load_config
+from retinanet.data.synthetic import render_large_scene
 from retinanet.data.tiles import TiledDataset, crop_boxes, tile_windows
 from retinanet.engine.tiling import merge_detections, predict_tiled
 from retinanet.engine.train import Trainer
@@ -168,27 +169,6 @@ def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path):
     assert abs(corner[0] - (1000.0 + 2.0 * x)) < 0.05 and abs(corner[1] - (5000.0 - 2.0 * y)) < 0.05
 
 
-def _scene(rng: np.random.Generator, width: int, height: int, count: int, straddle: list[int] = ()):
-    """A large image of `count` non-touching discs of 12-40 px on a noisy background, every
-    second one centred on one of the x positions `straddle` (tile borders); boxes (N, 4)."""
-    coarse = rng.integers(60, 120, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-    background = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.int16)
-    image = Image.fromarray(np.clip(background + rng.integers(-12, 12, (height, width, 3)), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    boxes: list[list[float]] = []
-    while len(boxes) < count:
-        size = float(rng.integers(12, 40))
-        y = float(rng.integers(0, height - 60))
-        x = straddle[len(boxes) % len(straddle)] - size / 2 if straddle and len(boxes) % 2 else \
-            float(rng.integers(0, width - 60))
-        box = [x, y, x + size, y + size * float(rng.uniform(0.7, 1.3))]
-        if boxes and box_iou(torch.tensor([box]), torch.tensor(boxes)).max() > 0:
-            continue
-        boxes.append(box)
-        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(170, 256, 3)))
-    return image, torch.tensor(boxes)
-
-
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_a_model_trained_on_tiles_finds_each_object_of_a_large_image_once(tmp_path):
     """The user's path: large GeoTIFF-free TIFFs with a DeepForest CSV, trained on 128 px tiles
@@ -199,7 +179,7 @@ def test_a_model_trained_on_tiles_finds_each_object_of_a_large_image_once(tmp_pa
     rng = np.random.default_rng(0)
     rows = ["image_path,xmin,ymin,xmax,ymax,label"]
     for i in range(3):
-        image, boxes = _scene(rng, 1024, 768, 60)
+        image, boxes = render_large_scene(rng, 1024, 768, 60)
         with rasterio.open(tmp_path / f"train_{i}.tif", "w", driver="GTiff", width=1024, height=768, count=3,
                            dtype="uint8", tiled=True, blockxsize=128, blockysize=128) as dst:
             dst.write(np.asarray(image).transpose(2, 0, 1))
@@ -216,7 +196,7 @@ def test_a_model_trained_on_tiles_finds_each_object_of_a_large_image_once(tmp_pa
 
     windows = tile_windows(3000, 4000, 128, 0.2)
     borders = sorted({x1 for _, _, x1, _ in windows if x1 < 4000})
-    image, boxes = _scene(np.random.default_rng(1), 4000, 3000, 200, borders)
+    image, boxes = render_large_scene(np.random.default_rng(1), 4000, 3000, 200, borders)
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
     tiled = predict_tiled(model, pixels, 128, 0.2, batch_size=16, merge="nmm", score_threshold=0.3)
     whole = model.predict(pixels, score_threshold=0.3)

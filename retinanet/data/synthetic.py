@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 SHAPE_CLASSES = ["ellipse", "rectangle", "triangle", "star", "cross"]
@@ -80,6 +81,31 @@ def render_image(rng: np.random.Generator, size: int, min_objects: int, max_obje
         _draw_shape(draw, label, box, _colour(rng))
         objects.append((label, tuple(round(v, 2) for v in box)))
     return image, objects
+
+
+def render_large_scene(rng: np.random.Generator, width: int, height: int, count: int,
+                       straddle: list[int] = ()) -> tuple[Image.Image, torch.Tensor]:
+    """A large image of `count` non-touching discs of 12-40 px (one class) on a noisy
+    background, every second one centred on one of the x positions `straddle` (tile borders,
+    to test tiling); returns the image and the boxes `(count, 4)` xyxy."""
+    from torchvision.ops import box_iou
+
+    coarse = rng.integers(60, 120, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    background = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.int16)
+    image = Image.fromarray(np.clip(background + rng.integers(-12, 12, (height, width, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    boxes: list[list[float]] = []
+    while len(boxes) < count:
+        size = float(rng.integers(12, 40))
+        y = float(rng.integers(0, height - 60))
+        x = straddle[len(boxes) % len(straddle)] - size / 2 if straddle and len(boxes) % 2 else \
+            float(rng.integers(0, width - 60))
+        box = [x, y, x + size, y + size * float(rng.uniform(0.7, 1.3))]
+        if boxes and box_iou(torch.tensor([box]), torch.tensor(boxes)).max() > 0:
+            continue
+        boxes.append(box)
+        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(170, 256, 3)))
+    return image, torch.tensor(boxes)
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
