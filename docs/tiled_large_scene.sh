@@ -52,11 +52,25 @@ for mode in ("tiled", "whole"):
     precision = (iou.max(0).values >= 0.5).float().mean().item() if len(boxes) else 0.0
     twice = int(((iou > 0.5).sum(1) > 1).sum())
     print(f"{mode}: {len(boxes)} detections, recall {recall:.3f}, precision {precision:.3f}, found twice {twice}")
-drawn = Image.open(work / "tiled" / "scene.jpg")
-crop = drawn.crop((1400, 1000, 2400, 1600))  # 1,000 x 600 px at full resolution
-canvas = ImageDraw.Draw(crop)
-for x0, y0, x1, y1 in gt.tolist():  # ground truth outlined in white
-    canvas.rectangle([x0 - 1400 - 2, y0 - 1000 - 2, x1 - 1400 + 2, y1 - 1000 + 2], outline=(255, 255, 255))
-crop.save("docs/images/tiled_large_scene.png")
+# the 500 x 300 px piece with the most objects, at full resolution, enlarged 2x: ground truth in white, tiled detections in red,
+# dashed lines where tiles of the 128 px grid begin
+from retinanet.data.tiles import tile_windows
+w, h, zoom = 500, 300, 2
+inside = lambda x, y: int(((gt[:, 0] >= x) & (gt[:, 2] <= x + w) & (gt[:, 1] >= y) & (gt[:, 3] <= y + h)).sum())
+x0, y0 = max(((x, y) for x in range(0, 4000 - w, 50) for y in range(0, 3000 - h, 50)), key=lambda p: inside(*p))
+piece = Image.open(work / "scene.tif").convert("RGB").crop((x0, y0, x0 + w, y0 + h)).resize((w * zoom, h * zoom))
+canvas = ImageDraw.Draw(piece)
+starts = sorted({t[0] for t in tile_windows(3000, 4000, 128, 0.2)})
+for x in starts:
+    if x0 < x < x0 + w:
+        for y in range(0, h * zoom, 12):
+            canvas.line([((x - x0) * zoom, y), ((x - x0) * zoom, y + 6)], fill=(255, 255, 0), width=1)
+pred = json.loads((work / "tiled" / "predictions.json").read_text())
+for colour, width, boxes in (((255, 255, 255), 1, gt.tolist()),
+                             ((255, 40, 40), 2, [[x, y, x + bw, y + bh] for x, y, bw, bh in (p["bbox"] for p in pred)])):
+    for bx0, by0, bx1, by1 in boxes:
+        canvas.rectangle([(bx0 - x0) * zoom - 2, (by0 - y0) * zoom - 2, (bx1 - x0) * zoom + 2, (by1 - y0) * zoom + 2],
+                         outline=colour, width=width)
+piece.save("docs/images/tiled_large_scene.png")
 print("wrote docs/images/tiled_large_scene.png")
 PY

