@@ -79,24 +79,18 @@ class TiledDataset(DetectionDataset):
     def __getitem__(self, item):
         index, flip = item if isinstance(item, tuple) else (item, False)
         image_index, (x0, y0, x1, y1) = self.windows[index]
-        if self._cache is None or self._cache[0] != image_index:
-            record = self.base.records[image_index]
-            if self._cache is not None:
-                self._cache[1].close()
-            self._cache = None
-            try:
-                self._cache = (image_index, open_raster(self.base.image_dir / record.file_name))
-            except ImageReadError:
-                if self.strict:
-                    raise
-                return ImageReadError(self.base.image_dir / record.file_name, "unreadable (tiled training)")
+        path = self.base.image_dir / self.base.records[image_index].file_name
         try:
+            if self._cache is None or self._cache[0] != image_index:
+                if self._cache is not None:
+                    self._cache[1].close()
+                    self._cache = None
+                self._cache = (image_index, open_raster(path))
             crop = self._cache[1].read((x0, y0, x1, y1))
         except ImageReadError:
             if self.strict:
                 raise
-            return ImageReadError(self.base.image_dir / self.base.records[image_index].file_name,
-                                  "unreadable (tiled training)")
+            return ImageReadError(path, "unreadable (tiled training)")
         record = self.records[index]
         target = {"boxes": torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.tensor(record.labels, dtype=torch.long),

@@ -139,8 +139,7 @@ def _run(model, items, names: dict[Path, Path], draw: bool, score_threshold, sav
         if draw:
             draw_detections(image, det).save(names[path], quality=92)
         if save_txt is not None:
-            write_labels(det, tuple(image.shape[-2:]), label_dir / names[path].with_suffix(
-                ".txt" if save_txt == "yolo" else ".csv").name, save_txt)
+            write_labels(det, tuple(image.shape[-2:]), label_path(label_dir, names[path], save_txt), save_txt)
     return records
 
 
@@ -165,8 +164,8 @@ def _predict_tiled_files(model, paths: list[Path], names: dict[Path, Path], draw
                     shown = {**det, "boxes": det["boxes"] * torch.tensor(shrink * 2)}
                     draw_detections(overview, shown, max_boxes=len(det["boxes"])).save(names[path], quality=92)
                 if save_txt is not None:
-                    write_labels(det, (raster.height, raster.width), label_dir / names[path].with_suffix(
-                        ".txt" if save_txt == "yolo" else ".csv").name, save_txt)
+                    write_labels(det, (raster.height, raster.width), label_path(label_dir, names[path], save_txt),
+                                 save_txt)
                 if raster.transform is not None:
                     write_geojson(det, raster, names[path].with_suffix(".geojson"), model.category_ids)
                 elif raster.georeferenced_without_reader:
@@ -211,6 +210,11 @@ def write_geojson(det: dict, raster, path: Path, category_ids: list[int]) -> Pat
         collection["crs"] = {"type": "name", "properties": {"name": crs_name(raster.crs)}}
     path.write_text(json.dumps(collection))
     return path
+
+
+def label_path(label_dir: Path, drawn: Path, kind: str) -> Path:
+    """The label file of an image in `label_dir`, named after its drawing: `.txt` (yolo) or `.csv`."""
+    return label_dir / drawn.with_suffix(".txt" if kind == "yolo" else ".csv").name
 
 
 def write_labels(det: dict, size: tuple[int, int], path: Path, kind: str) -> Path:
