@@ -112,8 +112,8 @@ def test_focal_loss_float32_keeps_the_positive_term_for_confident_logits(gamma):
     logits = torch.full((1, num, 3), -5.0)
     logits[0, :, 1] = x  # the positive class of every anchor
     fg = torch.ones(1, num, dtype=torch.bool)
-    fg_labels = torch.ones(num, dtype=torch.long)
-    got = focal_loss_per_anchor(logits, fg, fg_labels, 0.25, gamma)
+    anchor_labels = torch.ones(1, num, dtype=torch.long)
+    got = focal_loss_per_anchor(logits, fg, anchor_labels, 0.25, gamma)
     targets = torch.zeros(1, num, 3, dtype=torch.float64)
     targets[0, :, 1] = 1
     expected = sigmoid_focal_loss(logits.double(), targets, 0.25, gamma).sum(-1)
@@ -142,12 +142,56 @@ def test_per_anchor_focal_loss_equals_the_elementwise_form(alpha, gamma):
 
     logits = (torch.randn(2, 50, 6, dtype=torch.float64) * 3).requires_grad_(True)
     fg = torch.rand(2, 50) < 0.2
-    labels = torch.randint(0, 6, (int(fg.sum()),))
+    labels = torch.randint(0, 6, (2, 50))  # read only where fg
     targets = torch.zeros(2, 50, 6, dtype=torch.float64)
-    targets[fg, labels] = 1
+    targets[fg, labels[fg]] = 1
     expected = sigmoid_focal_loss(logits, targets, alpha, gamma).sum(-1)
     got = focal_loss_per_anchor(logits, fg, labels, alpha, gamma)
     assert torch.allclose(got, expected, atol=1e-10)
     (g1,) = torch.autograd.grad(expected.sum(), logits)
     (g2,) = torch.autograd.grad(got.sum(), logits)
     assert torch.allclose(g1, g2, atol=1e-10)
+
+
+def test_giou_loss_equals_torchvision_values_and_gradients():
+    from torchvision.ops import generalized_box_iou_loss
+
+    from retinanet.model.losses import giou_loss
+
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(2, 400, 2, generator=generator, dtype=torch.float64) * 100
+    boxes = torch.cat([xy, xy + 1 + torch.rand(2, 400, 2, generator=generator, dtype=torch.float64) * 60], -1)
+    xy = torch.rand(2, 400, 2, generator=generator, dtype=torch.float64) * 100
+    target = torch.cat([xy, xy + 1 + torch.rand(2, 400, 2, generator=generator, dtype=torch.float64) * 60], -1)
+    target[0, :5] = boxes[0, :5]  # identical pairs
+    disjoint = (torch.minimum(boxes[..., 2], target[..., 2]) <= torch.maximum(boxes[..., 0], target[..., 0]))
+    assert 50 < int(disjoint.sum()) < 750  # both kinds of pair are exercised
+    ours_in, theirs_in = boxes.clone().requires_grad_(True), boxes.clone().requires_grad_(True)
+    ours = giou_loss(ours_in, target)
+    theirs = generalized_box_iou_loss(theirs_in, target, reduction="none")
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+    (ours * torch.arange(400.0, dtype=torch.float64)).sum().backward()
+    (theirs * torch.arange(400.0, dtype=torch.float64)).sum().backward()
+    assert torch.allclose(ours_in.grad, theirs_in.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("box_loss,normalization", [("giou", "batch"), ("smooth_l1", "ema"), ("l1", "per_image")])
+def test_a_training_step_reads_no_value_back_from_the_device(box_loss, normalization):
+    """Preprocessing, matching and the losses never branch on or size by a tensor's values
+    (no `.item()`, `nonzero`, boolean indexing, `if tensor`), which on a GPU would stall the
+    step until the device catches up, and would break a compiled graph. Proven on the meta
+    device, which holds shapes but no values: any such read raises there."""
+    from retinanet.config import load_config
+    from retinanet.model.build import build_retinanet
+
+    cfg = load_config("demo")
+    cfg.model.loss.box_loss, cfg.model.loss.normalization = box_loss, normalization
+    model = build_retinanet(cfg.model).to("meta").train()
+    assert model.loss.box_loss == box_loss and model.loss.normalization == normalization
+    images = [torch.empty(3, 120, 140, dtype=torch.uint8, device="meta"), torch.empty(3, 90, 128, device="meta")]
+    targets = [{"boxes": torch.empty(n, 4, device="meta"), "labels": torch.empty(n, dtype=torch.long, device="meta"),
+                "iscrowd": torch.empty(n, dtype=torch.long, device="meta")} for n in (3, 5)]
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert set(losses) == {"loss_cls", "loss_box"} and all(v.device.type == "meta" for v in losses.values())
+    assert next(model.head.parameters()).grad is not None

@@ -7,7 +7,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss
 
 from .box_coding import BoxCoder
 from .matching import BACKGROUND, FOREGROUND, Matches
@@ -37,30 +36,45 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     return loss
 
 
-def focal_loss_per_anchor(logits: torch.Tensor, fg: torch.Tensor, fg_labels: torch.Tensor, alpha: float = 0.25,
+def focal_loss_per_anchor(logits: torch.Tensor, fg: torch.Tensor, anchor_labels: torch.Tensor, alpha: float = 0.25,
                           gamma: float = 2.0) -> torch.Tensor:
     """Focal loss summed over classes for every anchor: `(B, A)` from logits `(B, A, K)`.
 
-    The same numbers as `sigmoid_focal_loss(logits, one_hot_targets).sum(-1)`, computed the
-    cheap way: every element is charged as a negative (four passes over the big tensor
-    instead of a dozen) except the few positive elements, `fg (B, A)` with class
-    `fg_labels (N,)`, which get the positive term.
+    The same numbers as `sigmoid_focal_loss(logits, one_hot_targets).sum(-1)`, where the
+    one-hot target of a foreground anchor (`fg (B, A)`) is its class `anchor_labels (B, A)`
+    (ignored elsewhere). Computed the cheap way: every element is charged as a negative
+    (four passes over the big tensor instead of a dozen), then each anchor's element at its
+    label gets the positive term instead where the anchor is foreground. Gathers and
+    scatters of one element per anchor, no boolean indexing: no host synchronisation.
     """
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     p = torch.sigmoid(x)
     w_neg, w_pos = (1 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
     negative = F.softplus(x) * (p * p if gamma == 2 else p**gamma)  # -log(1 - p) * p^gamma
-    if not fg.any():
-        return negative.sum(-1) * w_neg
-    fg_index = fg.nonzero(as_tuple=True)
+    label = anchor_labels.clamp(0, x.shape[-1] - 1).unsqueeze(-1)  # (B, A, 1)
+    x_label = x.gather(-1, label).squeeze(-1)  # (B, A)
+    p_label = torch.sigmoid(x_label)
+    negative_label = F.softplus(x_label) * (p_label * p_label if gamma == 2 else p_label**gamma)
     # The positive elements are zeroed, not subtracted later: subtracting their (possibly
     # huge) negative term again would cancel the small positive term away in float32.
-    negative.index_put_((*fg_index, fg_labels), negative.new_zeros(()))
+    negative.scatter_(-1, label, torch.where(fg, 0.0, negative_label).unsqueeze(-1))
     per_anchor = negative.sum(-1) * w_neg
-    xf = x[fg_index + (fg_labels,)]
-    q = 1 - torch.sigmoid(xf)
-    positive = w_pos * F.softplus(-xf) * (q * q if gamma == 2 else q**gamma)  # -log(p) * (1 - p)^gamma
-    return per_anchor.index_put(fg_index, positive, accumulate=True)
+    q = 1 - p_label
+    positive = w_pos * F.softplus(-x_label) * (q * q if gamma == 2 else q**gamma)  # -log(p) * (1 - p)^gamma
+    return per_anchor + torch.where(fg, positive, 0.0)
+
+
+def giou_loss(boxes: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """`1 - GIoU` of paired xyxy boxes `(..., 4)`: `(...)`. torchvision's
+    `generalized_box_iou_loss` gives the same numbers, but it computes the intersection by
+    boolean indexing, which waits for the GPU; here it is a clamp."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    tx0, ty0, tx1, ty1 = target.unbind(-1)
+    inter = ((torch.minimum(x1, tx1) - torch.maximum(x0, tx0)).clamp(min=0)
+             * (torch.minimum(y1, ty1) - torch.maximum(y0, ty0)).clamp(min=0))
+    union = (x1 - x0) * (y1 - y0) + (tx1 - tx0) * (ty1 - ty0) - inter
+    enclosing = (torch.maximum(x1, tx1) - torch.minimum(x0, tx0)) * (torch.maximum(y1, ty1) - torch.minimum(y0, ty0))
+    return 1 - (inter / (union + eps) - (enclosing - union) / (enclosing + eps))
 
 
 def smooth_l1(x: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
@@ -109,8 +123,8 @@ class RetinaNetLoss(nn.Module):
         fg = matches.labels == FOREGROUND
         valid = fg | (matches.labels == BACKGROUND)
         batch_idx = torch.arange(logits.shape[0], device=logits.device)[:, None]
-        fg_labels = gt_labels[batch_idx, matches.gt_index][fg]  # (N,)
-        cls = focal_loss_per_anchor(logits, fg, fg_labels, self.focal_alpha, self.focal_gamma)
+        anchor_labels = gt_labels[batch_idx, matches.gt_index]  # (B, A), meaningful where fg
+        cls = focal_loss_per_anchor(logits, fg, anchor_labels, self.focal_alpha, self.focal_gamma)
         cls = (cls * valid).sum(-1)  # (B,)
 
         box = self._box_loss(deltas, anchors, gt_boxes[batch_idx, matches.gt_index], fg)  # (B,)
@@ -121,20 +135,21 @@ class RetinaNetLoss(nn.Module):
         }
 
     def _box_loss(self, deltas, anchors, matched_boxes, fg) -> torch.Tensor:
-        """Sum of the box loss over each image's foreground anchors: `(B,)`."""
-        per_image = torch.zeros(deltas.shape[0], dtype=torch.float32, device=deltas.device)
-        if not fg.any():
-            return per_image + 0.0 * deltas.sum()  # keeps the graph connected (DDP)
-        image_of = fg.nonzero()[:, 0]
-        pred = deltas[fg].float()
-        fg_anchors = anchors.expand(fg.shape[0], -1, -1)[fg]
+        """Sum of the box loss over each image's foreground anchors: `(B,)`.
+
+        Computed densely over all anchors and then selected (the few foreground anchors are
+        not gathered first: that would need their count on the host). Non-foreground anchors
+        are compared with themselves, so that every element, and its gradient, is finite."""
+        anchors = anchors.expand(fg.shape[0], -1, -1)  # (B, A, 4)
+        target_boxes = torch.where(fg.unsqueeze(-1), matched_boxes, anchors)
+        pred = deltas.float()
         if self.box_loss == "giou":
-            loss = generalized_box_iou_loss(self.box_coder.decode(pred, fg_anchors), matched_boxes[fg], reduction="none")
+            loss = giou_loss(self.box_coder.decode(pred, anchors), target_boxes)
         else:
-            target = self.box_coder.encode(matched_boxes[fg], fg_anchors)
+            target = self.box_coder.encode(target_boxes, anchors)
             beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
             loss = smooth_l1(pred, target, beta).sum(-1)
-        return per_image.index_add(0, image_of, loss)
+        return torch.where(fg, loss, 0.0).sum(-1)
 
     def _normalizer(self, fg: torch.Tensor, reduce_foreground: ForegroundReducer | None) -> torch.Tensor:
         """Per-image divisors `(B,)` such that summing `loss / divisor` over images is the loss."""

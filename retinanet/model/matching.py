@@ -68,20 +68,22 @@ class AnchorMatcher:
         if gt_boxes.shape[1] == 0:
             zeros = torch.zeros(batch, num_anchors, dtype=torch.long, device=anchors.device)
             return Matches(zeros, zeros.to(torch.int8))
+        # Dense selects only (torch.where, no boolean indexing, no `if tensor`): no host
+        # synchronisation, so that a GPU step runs without stalls and compiles as one graph.
         crowd = gt_crowd & gt_valid if gt_crowd is not None else torch.zeros_like(gt_valid)
         matchable = gt_valid & ~crowd
-        iou = batched_iou(gt_boxes, anchors).masked_fill_(~matchable[..., None], -1.0)
+        inter = batched_intersection(gt_boxes, anchors)
+        anchor_area = box_area(anchors)
+        iou = (inter / (box_area(gt_boxes)[..., None] + anchor_area - inter)).masked_fill_(~matchable[..., None], -1.0)
         best_iou, gt_index = iou.max(dim=1)
 
-        labels = torch.full_like(gt_index, IGNORE, dtype=torch.int8)
-        labels[best_iou < self.bg_iou_threshold] = BACKGROUND
-        labels[best_iou >= self.fg_iou_threshold] = FOREGROUND
+        labels = torch.where(best_iou >= self.fg_iou_threshold, FOREGROUND,
+                             torch.where(best_iou < self.bg_iou_threshold, BACKGROUND, IGNORE)).to(torch.int8)
         if self.allow_low_quality_matches:
             best_per_gt = iou.max(dim=2, keepdim=True).values
             is_best = (iou == best_per_gt) & (best_per_gt > 0)
-            labels[is_best.any(dim=1)] = FOREGROUND
-        if crowd.any():
-            inter = batched_intersection(gt_boxes, anchors).masked_fill_(~crowd[..., None], 0.0)
-            ioa = inter.max(dim=1).values / box_area(anchors).clamp(min=1e-6)
-            labels[(labels == BACKGROUND) & (ioa >= self.crowd_ioa_threshold)] = IGNORE
+            labels = torch.where(is_best.any(dim=1), FOREGROUND, labels).to(torch.int8)
+        if gt_crowd is not None:
+            ioa = inter.masked_fill_(~crowd[..., None], 0.0).max(dim=1).values / anchor_area.clamp(min=1e-6)
+            labels = torch.where((labels == BACKGROUND) & (ioa >= self.crowd_ioa_threshold), IGNORE, labels)
         return Matches(gt_index, labels)

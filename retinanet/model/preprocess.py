@@ -38,6 +38,7 @@ class Preprocessor:
         self.max_size = max_size
         self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
         self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
+        self._stats_on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pixel_scale = pixel_scale
         self.bgr = channel_order == "BGR"
         self.size_divisibility = size_divisibility
@@ -76,9 +77,17 @@ class Preprocessor:
             image = image.float() * self.pixel_scale
         if self.bgr:
             image = image.flip(0)
-        mean = self.pixel_mean.to(image.device)
-        std = self.pixel_std.to(image.device)
+        mean, std = self.mean_std(image.device)
         return (image - mean) / std
+
+    def mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pixel_mean`, `pixel_std` on `device`, copied there once (a copy per image would
+        wait for the GPU each time)."""
+        if device.type == "cpu":
+            return self.pixel_mean, self.pixel_std
+        if device not in self._stats_on_device:
+            self._stats_on_device[device] = (self.pixel_mean.to(device), self.pixel_std.to(device))
+        return self._stats_on_device[device]
 
     def draw_min_size(self, generator: torch.Generator | None) -> int:
         if len(self.train_min_sizes) == 1:
@@ -119,8 +128,13 @@ class Preprocessor:
 
 
 def scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
-    """Scale `(N, 4)` xyxy boxes from an image of `from_size (h, w)` to one of `to_size`."""
-    ratio_h = torch.tensor(to_size[0], dtype=torch.float32) / torch.tensor(from_size[0], dtype=torch.float32)
-    ratio_w = torch.tensor(to_size[1], dtype=torch.float32) / torch.tensor(from_size[1], dtype=torch.float32)
-    ratios = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes.device)
-    return boxes * ratios
+    """Scale `(N, 4)` xyxy boxes from an image of `from_size (h, w)` to one of `to_size`.
+
+    The ratios are float32 (as torchvision computes them) but applied as scalars: a ratio
+    tensor would be copied to the boxes' device, and on a GPU such a copy waits for it."""
+    ratio_h, ratio_w = (float(torch.tensor(t, dtype=torch.float32) / torch.tensor(f, dtype=torch.float32))
+                        for t, f in zip(to_size, from_size))
+    scaled = boxes.clone() if boxes.is_floating_point() else boxes.to(torch.float32)
+    scaled[..., 0::2] *= ratio_w
+    scaled[..., 1::2] *= ratio_h
+    return scaled
