@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 17, in one run on a machine with one CUDA GPU (e.g. an H100):
-#   inference at batch 32, 800x1333, bf16 autocast (ours: BatchNorm folded + channels-last);
-#   training at batch 16, 800x1333, bf16 autocast + channels-last + torch.compile on the networks
-#   of both libraries, SGD, frozen BN. Ours and torchvision's alternate in one process.
+#   1. benchmarks/gpu_checks.py: parity with torchvision on the GPU (fp32), host syncs in one
+#      training step (ours and torchvision's), a kernel profile of our training and inference;
+#   2. `retinanet bench --device cuda`: inference at batch 32, 800x1333, bf16 autocast (ours:
+#      BatchNorm folded + channels-last); training at batch 16, 800x1333, bf16 + channels-last,
+#      eager, then with torch.compile on the networks of both libraries (ours: matching and
+#      losses too). Ours and torchvision's alternate in one process.
 # Targets on one H100: training >= 1.5x torchvision's images/s and >= 150 images/s; inference >= 500 images/s.
-# Appends the table (machine, command, date, commit) to benchmarks/RESULTS.md; JSON and a chart in bench_gpu/.
-set -euo pipefail
+# Usage: bash benchmarks/gpu.sh [output dir, default bench_gpu]; RESULTS=path appends the table there
+# (default benchmarks/RESULTS.md); PYTHON=python picks the interpreter (default .venv/bin/python, else python3).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-"$PY" -m retinanet.cli bench --device cuda ${QUICK:+--quick} --output-dir bench_gpu --append-results benchmarks/RESULTS.md
+OUT_DIR=${1:-bench_gpu}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+mkdir -p "$OUT_DIR"
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
+status=0
+PYTHONPATH=. "$PYTHON" benchmarks/gpu_checks.py --output-dir "$OUT_DIR" || status=1
+"$PYTHON" -m retinanet.cli bench --device cuda ${QUICK:+--quick} --output-dir "$OUT_DIR" \
+  --append-results "${RESULTS:-benchmarks/RESULTS.md}" || status=1
+exit $status

@@ -27,14 +27,44 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def alternate(fns: dict, repeat: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each function, run A B A B ... after one warm-up each."""
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the process's peak resident set size (VmHWM), Linux >= 4.0
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    """CUDA: the most memory tensors held since the last reset; CPU: the process's peak
+    resident set (VmHWM) since the last reset, everything in the process included."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def alternate(fns: dict, repeat: int, device: torch.device,
+              peak_memory_mb: dict[str, float] | None = None) -> dict[str, float]:
+    """Median seconds of each function, run A B A B ... after one warm-up each; fills
+    `peak_memory_mb` (if given) with each function's peak memory over its timed runs."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            _reset_peak_memory(device)
             times[name].append(timed(fn, device))
+            peak = _peak_memory_mb(device)
+            if peak_memory_mb is not None and peak is not None:
+                peak_memory_mb[name] = round(max(peak, peak_memory_mb.get(name, 0.0)), 1)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -106,9 +136,10 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
         model.preprocessor.test_min_size, model.preprocessor.max_size = short, long
     images = [im.to(device) for im in _photos(batch, *size)]
     floats = [im.float() / 255 for im in images]  # torchvision takes [0, 1] floats
+    peaks: dict[str, float] = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         times = alternate({"torchvision": lambda: tv(floats), "ours": lambda: ours(images),
-                           "ours_optimized": lambda: fast(images)}, repeat, device)
+                           "ours_optimized": lambda: fast(images)}, repeat, device, peaks)
         batch_tensor, _ = fast.preprocessor(images)
         features = None
 
@@ -130,7 +161,8 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
     return {"case": f"inference batch {batch} at {size[0]}x{size[1]}{_variant(amp, compile)}", "seconds": times,
             "images_per_second": {k: round(batch / v, 3) for k, v in times.items()},
             "ratio_vs_torchvision": round(times["torchvision"] / times["ours_optimized"], 3),
-            "ours_stages_seconds": {k: round(v, 4) for k, v in split.items()}, "network_gflop": round(gflop, 1)}
+            "peak_memory_mb": peaks, "ours_stages_seconds": {k: round(v, 4) for k, v in split.items()},
+            "network_gflop": round(gflop, 1)}
 
 
 def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch.device, amp: bool = False,
@@ -145,6 +177,9 @@ def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch
         ours.channels_last = True
     if compile:
         _compile_networks(tv, ours)
+        # ours also compiles matching and losses: batched and free of host syncs, they make one
+        # graph (torchvision's per-image loss loops with data-dependent shapes would not)
+        ours.forward_training = torch.compile(ours.forward_training)
     tv.transform.min_size, tv.transform.max_size = (min(size),), max(size)
     ours.preprocessor.train_min_sizes, ours.preprocessor.max_size = [min(size)], max(size)
     images = [im.to(device) for im in _photos(batch, *size)]
@@ -169,12 +204,13 @@ def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch
             optimizers[name].step()
         return run
 
+    peaks: dict[str, float] = {}
     times = alternate({"torchvision": step("torchvision", tv, floats), "ours": step("ours", ours, images)}, repeat,
-                      device)
+                      device, peaks)
     return {"case": f"training step batch {batch} at {size[0]}x{size[1]}{_variant(amp, compile, channels_last)}",
             "seconds": times,
             "images_per_second": {k: round(batch / v, 3) for k, v in times.items()},
-            "ratio_vs_torchvision": round(times["torchvision"] / times["ours"], 3)}
+            "ratio_vs_torchvision": round(times["torchvision"] / times["ours"], 3), "peak_memory_mb": peaks}
 
 
 def bench_demo_step(repeat: int, device: torch.device) -> dict:
@@ -208,9 +244,10 @@ def bench_demo_step(repeat: int, device: torch.device) -> dict:
         sum(losses.values()).backward()
         optimizer.step()
 
-    seconds = alternate({"ours": run}, repeat, device)["ours"]
+    peaks: dict[str, float] = {}
+    seconds = alternate({"ours": run}, repeat, device, peaks)["ours"]
     return {"case": f"demo training step batch {len(images)} at 128x128 (ours only)", "seconds": {"ours": seconds},
-            "images_per_second": {"ours": round(len(images) / seconds, 3)}}
+            "images_per_second": {"ours": round(len(images) / seconds, 3)}, "peak_memory_mb": peaks}
 
 
 def _compile_networks(*models) -> None:
@@ -250,17 +287,29 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": device, "peaks": peaks,
                "cases": []}
     if dev.type == "cuda":  # the GPU targets of the project: 800x1333, bf16, large batches
-        cases = [lambda: bench_inference(4 if quick else 32, (800, 1333), repeat, dev, amp=True),
-                 lambda: bench_training(2 if quick else 16, (800, 1333), repeat, dev, amp=True, compile=not quick,
-                                        channels_last=True)]
-    else:
-        cases = [lambda: bench_inference(1, (800, 1216), repeat, dev)]
+        inference_batch, training_batch = (4, 2) if quick else (32, 16)
+        cases = {"inference, bf16": lambda: bench_inference(inference_batch, (800, 1333), repeat, dev, amp=True),
+                 "training, bf16 channels-last": lambda: bench_training(training_batch, (800, 1333), repeat, dev,
+                                                                        amp=True, channels_last=True)}
         if not quick:
-            cases += [lambda: bench_inference(8, (512, 512), repeat, dev),
-                      lambda: bench_training(2, (800, 1216), 2, dev),
-                      lambda: bench_demo_step(5, dev)]
-    for case in cases:
-        result = case()
+            cases["training, bf16 channels-last compiled"] = lambda: bench_training(
+                training_batch, (800, 1333), repeat, dev, amp=True, compile=True, channels_last=True)
+    else:
+        cases = {"inference batch 1": lambda: bench_inference(1, (800, 1216), repeat, dev)}
+        if not quick:
+            cases.update({"inference batch 8": lambda: bench_inference(8, (512, 512), repeat, dev),
+                          "training": lambda: bench_training(2, (800, 1216), 2, dev),
+                          "demo training step": lambda: bench_demo_step(5, dev)})
+    for name, case in cases.items():
+        try:
+            result = case()
+        except Exception as error:  # one failed case (e.g. a compiler error) keeps the others
+            if dev.type != "cuda":
+                raise
+            result = {"case": name, "error": f"{type(error).__name__}: {error}"[:2000]}
+            results.setdefault("errors", []).append(result)
+            print(json.dumps(result), flush=True)
+            continue
         if "network_gflop" in result:
             floor = result["network_gflop"] / peaks["conv3x3"]
             result["floor_seconds"] = round(floor, 3)
@@ -282,19 +331,27 @@ def markdown_table(results: dict, command: str, commit: str) -> str:
              f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), {m['threads']} threads, "
              f"torch {m['torch']}, device {results['device']}; peaks in the same run: matmul "
              f"{results['peaks']['matmul']} GFLOP/s, 3x3 conv (channels-last) {results['peaks']['conv3x3']} GFLOP/s.", "",
-             "| case | torchvision (s) | ours (s) | ours optimized (s) | speed-up vs torchvision | floor (s) |",
-             "|---|---|---|---|---|---|"]
+             ("| case | torchvision (s) | ours (s) | ours optimized (s) | speed-up vs torchvision | floor (s) "
+              "| peak memory (MB) |"),
+             "|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         s = c["seconds"]
         cells = [f"{s[k]:.3f}" if k in s else "—" for k in ("torchvision", "ours", "ours_optimized")]
         ratio = f"{c['ratio_vs_torchvision']:.2f}x" if "ratio_vs_torchvision" in c else \
             f"{c['images_per_second']['ours']:.1f} images/s"
-        lines.append(f"| {c['case']} | {' | '.join(cells)} | {ratio} | {c.get('floor_seconds', '')} |")
+        memory = " / ".join(f"{k} {v:.0f}" for k, v in c.get("peak_memory_mb", {}).items())
+        lines.append(f"| {c['case']} | {' | '.join(cells)} | {ratio} | {c.get('floor_seconds', '')} | {memory} |")
     stages = [c for c in results["cases"] if "ours_stages_seconds" in c]
     for c in stages:
         lines.append("")
         lines.append(f"Ours (optimized), {c['case']}, by stage: " + ", ".join(
             f"{k} {v:.3f} s" for k, v in c["ours_stages_seconds"].items()) + f"; network {c['network_gflop']} GFLOP.")
+    for failed in results.get("errors", []):
+        lines.append("")
+        lines.append(f"Case \"{failed['case']}\" failed: {failed['error']}")
+    memory = ("peak memory: the most GPU memory that tensors held during the call" if results["device"].startswith("cuda")
+              else "peak memory: the process's peak resident set during the call (both models' weights included)")
+    lines += ["", f"Times are medians of alternating runs; {memory}."]
     return "\n".join(lines) + "\n"
 
 

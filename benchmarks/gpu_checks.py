@@ -1,0 +1,183 @@
+"""Checks on a CUDA GPU that the CPU test suite cannot make, in one short run:
+
+1. parity: ours (plain and optimized for inference) against torchvision's RetinaNet on the
+   same converted weights, fp32 with TF32 off, detections compared pair by pair;
+2. host synchronisation: our training step (pre-processing, network, matching, losses)
+   under `torch.cuda.set_sync_debug_mode("warn")`, the number of syncs counted, beside
+   torchvision's step for contrast;
+3. a profile of our bf16 training step at batch 16 and inference at batch 32 (800x1333):
+   the CUDA kernels that take the time.
+
+Writes checks.json and profile_*.txt to --output-dir; prints one JSON line per check.
+Usage: python benchmarks/gpu_checks.py --output-dir out [--device cuda] [--small]
+(`--small` runs every check at a toy size, also on the CPU, to try the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from retinanet.engine.bench import _models, _photos
+
+RESULTS: dict = {}
+
+
+def report(name: str, value, output_dir: Path) -> None:
+    RESULTS[name] = value
+    print(json.dumps({name: value}), flush=True)
+    (output_dir / "checks.json").write_text(json.dumps(RESULTS, indent=2))
+
+
+def parity(device: torch.device, size: tuple[int, int]) -> dict:
+    """Max differences of matched detections, ours (plain, optimized) against torchvision."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    tv, ours, config, state = _models(device)
+    from retinanet.model.build import build_retinanet
+
+    fast = build_retinanet(config)
+    fast.load_state_dict(state)
+    fast = fast.to(device).optimize_for_inference()
+    tv.eval(), ours.eval()
+    tv.transform.min_size, tv.transform.max_size = (min(size),), max(size)
+    for model in (ours, fast):
+        model.preprocessor.test_min_size, model.preprocessor.max_size = min(size), max(size)
+    images = [im.to(device) for im in _photos(2, *size)]
+    with torch.no_grad():
+        expected = tv([im.float() / 255 for im in images])
+        got = {"ours": ours(images), "ours_optimized": fast(images)}
+    out = {}
+    for name, detections in got.items():
+        worst_box = worst_score = 0.0
+        counts = []
+        for e, g in zip(expected, detections):
+            counts.append((len(e["boxes"]), len(g["boxes"])))
+            n = min(len(e["boxes"]), len(g["boxes"]))
+            if n:
+                worst_box = max(worst_box, float((e["boxes"][:n] - g["boxes"][:n]).abs().max()))
+                worst_score = max(worst_score, float((e["scores"][:n] - g["scores"][:n]).abs().max()))
+        out[name] = {"detections (torchvision, ours)": counts, "max box diff px": worst_box,
+                     "max score diff": worst_score}
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    return out
+
+
+def _training_inputs(device, batch, size):
+    images = [im.to(device) for im in _photos(batch, *size)]
+    generator = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(3, 21, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * torch.tensor([size[1] * 0.7, size[0] * 0.7])
+        wh = 20 + torch.rand(n, 2, generator=generator) * 200
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, 91, (n,), generator=generator).to(device),
+                        "iscrowd": torch.zeros(n, dtype=torch.long, device=device)})
+    return images, targets
+
+
+def _step(model, images, targets, optimizer, amp: bool):
+    def run():
+        with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+    return run
+
+
+def count_syncs(device: torch.device, batch: int, size: tuple[int, int]) -> dict:
+    """Host synchronisations in one training step (after a warm-up step), ours and torchvision's."""
+    tv, ours, _, _ = _models(device)
+    tv.train(), ours.train()
+    tv.transform.min_size, tv.transform.max_size = (min(size),), max(size)
+    ours.preprocessor.train_min_sizes, ours.preprocessor.max_size = [min(size)], max(size)
+    images, targets = _training_inputs(device, batch, size)
+    floats = [im.float() / 255 for im in images]
+    tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+    steps = {"ours": _step(ours, images, targets, torch.optim.SGD(ours.parameters(), lr=1e-6), True),
+             "torchvision": _step(tv, floats, tv_targets, torch.optim.SGD(tv.parameters(), lr=1e-6), True)}
+    out = {}
+    for name, step in steps.items():
+        step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        out[name] = {"syncs": len(syncs), "first": syncs[:3]}
+    return out
+
+
+def profile(device: torch.device, batch_train: int, batch_infer: int, size, output_dir: Path) -> dict:
+    """Top CUDA kernels of our bf16 training step (channels-last) and bf16 inference."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from retinanet.model.build import build_retinanet
+
+    _, ours, config, state = _models(device)
+    ours.train().to(memory_format=torch.channels_last)
+    ours.channels_last = True
+    ours.preprocessor.train_min_sizes, ours.preprocessor.max_size = [min(size)], max(size)
+    images, targets = _training_inputs(device, batch_train, size)
+    step = _step(ours, images, targets, torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6),
+                 True)
+    fast = build_retinanet(config)
+    fast.load_state_dict(state)
+    fast = fast.to(device).optimize_for_inference()
+    fast.preprocessor.test_min_size, fast.preprocessor.max_size = min(size), max(size)
+    infer_images = [im.to(device) for im in _photos(batch_infer, *size)]
+
+    def infer():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            fast(infer_images)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    for name, fn in (("train", step), ("infer", infer)):
+        fn(), fn()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        started = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            fn()
+            torch.cuda.synchronize() if device.type == "cuda" else None
+        wall_ms = (time.perf_counter() - started) * 1000
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=40)
+        (output_dir / f"profile_{name}.txt").write_text(table)
+        events = prof.key_averages()
+        total = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
+        out[name] = {"device_ms": round(total / 1000, 2), "wall_ms_profiled": round(wall_ms, 1)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-dir", default="gpu_checks")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="toy sizes, to try the script")
+    args = parser.parse_args()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    size, train_batch, infer_batch = ((128, 192), 2, 2) if args.small else ((800, 1333), 16, 32)
+    report("environment", {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)
+                           if device.type == "cuda" else "cpu"}, output_dir)
+    report("parity fp32 (vs torchvision)", parity(device, (128, 192) if args.small else (800, 1216)), output_dir)
+    if device.type == "cuda":
+        report("host syncs in one training step", count_syncs(device, 2 if args.small else 4, size), output_dir)
+    report("profile", profile(device, train_batch, infer_batch, size, output_dir), output_dir)
+
+
+if __name__ == "__main__":
+    main()
