@@ -68,18 +68,23 @@ def alternate(fns: dict, repeat: int, device: torch.device,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_gflops(device: torch.device) -> dict[str, float]:
-    """Sustained GFLOP/s of a large fp32 matmul and of a 3x3 convolution in channels-last."""
+def peak_gflops(device: torch.device) -> dict:
+    """Sustained GFLOP/s of a large matmul and of a 3x3 convolution in channels-last: fp32 on
+    the CPU; bf16 on a GPU, the precision its cases run in."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
     seconds = min(timed(lambda: a @ b, device) for _ in range(3))
     matmul = 2 * n**3 / seconds / 1e9
-    x = torch.randn(1, 256, 100, 152, device=device).contiguous(memory_format=torch.channels_last)
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device).to(memory_format=torch.channels_last)
+    batch = 1 if device.type == "cpu" else 16
+    x = torch.randn(batch, 256, 100, 152, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
     with torch.no_grad():
+        conv(x)
         seconds = min(timed(lambda: conv(x), device) for _ in range(3))
-    conv_flops = 2 * 256 * 256 * 9 * 100 * 152
-    return {"matmul": round(matmul, 1), "conv3x3": round(conv_flops / seconds / 1e9, 1)}
+    conv_flops = 2 * 256 * 256 * 9 * 100 * 152 * batch
+    return {"matmul": round(matmul, 1), "conv3x3": round(conv_flops / seconds / 1e9, 1), "dtype": str(dtype)[6:]}
 
 
 def network_gflop(model, batch: torch.Tensor) -> float:
@@ -157,12 +162,12 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
                                         device)
         split["postprocess"] = statistics.median(
             timed(lambda: fast.forward_inference(logits, deltas, anchors, batch_tensor), device) for _ in range(2))
-    gflop = network_gflop(ours, batch_tensor.tensor)
+    gflop = None if compile else network_gflop(ours, batch_tensor.tensor)  # (the counter and compiled code do not mix)
     return {"case": f"inference batch {batch} at {size[0]}x{size[1]}{_variant(amp, compile)}", "seconds": times,
             "images_per_second": {k: round(batch / v, 3) for k, v in times.items()},
             "ratio_vs_torchvision": round(times["torchvision"] / times["ours_optimized"], 3),
             "peak_memory_mb": peaks, "ours_stages_seconds": {k: round(v, 4) for k, v in split.items()},
-            "network_gflop": round(gflop, 1)}
+            **({"network_gflop": round(gflop, 1)} if gflop is not None else {})}
 
 
 def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch.device, amp: bool = False,
@@ -294,6 +299,8 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
         if not quick:
             cases["training, bf16 channels-last compiled"] = lambda: bench_training(
                 training_batch, (800, 1333), repeat, dev, amp=True, compile=True, channels_last=True)
+            cases["inference, bf16 compiled"] = lambda: bench_inference(inference_batch, (800, 1333), repeat, dev,
+                                                                        amp=True, compile=True)
     else:
         cases = {"inference batch 1": lambda: bench_inference(1, (800, 1216), repeat, dev)}
         if not quick:
@@ -329,7 +336,7 @@ def markdown_table(results: dict, command: str, commit: str) -> str:
     m = results["machine"]
     lines = [f"### {results['date']}: `{command}` (commit {commit})", "",
              f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), {m['threads']} threads, "
-             f"torch {m['torch']}, device {results['device']}; peaks in the same run: matmul "
+             f"torch {m['torch']}, device {results['device']}; peaks in the same run ({results['peaks'].get('dtype', 'float32')}): matmul "
              f"{results['peaks']['matmul']} GFLOP/s, 3x3 conv (channels-last) {results['peaks']['conv3x3']} GFLOP/s.", "",
              ("| case | torchvision (s) | ours (s) | ours optimized (s) | speed-up vs torchvision | floor (s) "
               "| peak memory (MB) |"),
@@ -344,8 +351,9 @@ def markdown_table(results: dict, command: str, commit: str) -> str:
     stages = [c for c in results["cases"] if "ours_stages_seconds" in c]
     for c in stages:
         lines.append("")
+        flops = f"; network {c['network_gflop']} GFLOP" if "network_gflop" in c else ""
         lines.append(f"Ours (optimized), {c['case']}, by stage: " + ", ".join(
-            f"{k} {v:.3f} s" for k, v in c["ours_stages_seconds"].items()) + f"; network {c['network_gflop']} GFLOP.")
+            f"{k} {v:.3f} s" for k, v in c["ours_stages_seconds"].items()) + flops + ".")
     for failed in results.get("errors", []):
         lines.append("")
         lines.append(f"Case \"{failed['case']}\" failed: {failed['error']}")
