@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("bench", help="speed against torchvision's RetinaNet, side by side in one run")
     p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.add_argument("--quick", action="store_true", help="batch 1 at 800x1216 only, 2 repeats")
+    p.add_argument("--only", default="", help="run only the cases whose name holds this text (e.g. inference)")
     p.add_argument("--output-dir", default="bench_output", help="gets bench.json and bench.png")
     p.add_argument("--append-results", metavar="MARKDOWN", help="append the table to this file "
                                                                 "(e.g. benchmarks/RESULTS.md)")
@@ -423,13 +424,14 @@ def cmd_bench(args) -> int:
 
     from .engine.bench import markdown_table, run_bench
 
-    results = run_bench(args.device, args.quick, args.output_dir)
+    results = run_bench(args.device, args.quick, args.output_dir, args.only)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    flags = [f"--device {args.device}"] + (["--quick"] if args.quick else [])
+    flags = [f"--device {args.device}"] + (["--quick"] if args.quick else []) + (
+        [f"--only {args.only}"] if args.only else [])
     table = markdown_table(results, "retinanet bench " + " ".join(flags), commit)
     print(table)
     if args.append_results:

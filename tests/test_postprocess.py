@@ -139,3 +139,28 @@ def test_chunked_topk_equals_topk(batch, n, k):
     expected, expected_idx = values.topk(k, dim=1)
     got, got_idx = chunked_topk(values, k)
     assert torch.equal(got, expected) and torch.equal(got_idx, expected_idx)
+
+
+@pytest.mark.parametrize("spread", [400.0, 3.0])
+def test_nms_over_a_shortlist_keeps_the_same_boxes_as_over_all(spread):
+    """`first_kept` runs NMS on the best 8 x count boxes and falls back to all of them when
+    too few survive; either way its result is what NMS over every box keeps first. With a
+    wide spread few boxes overlap (the shortlist suffices); with a narrow one nearly all
+    are suppressed and the fallback must be taken."""
+    from torchvision.ops import batched_nms
+
+    from retinanet.model.postprocess import first_kept
+
+    generator = torch.Generator().manual_seed(1)
+    n, count = 5000, 100
+    centres = torch.rand(n, 2, generator=generator) * spread
+    sizes = 20 + torch.rand(n, 2, generator=generator) * 40
+    boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], 1)
+    scores = torch.rand(n, generator=generator)
+    groups = torch.randint(0, 3, (n,), generator=generator)
+    expected = batched_nms(boxes.double(), scores.double(), groups, 0.5)[:count]  # torchvision's, every box
+    got = first_kept(boxes, scores, groups, 0.5, count)
+    assert torch.equal(got, expected)
+    shortlist = scores.argsort(descending=True)[: 8 * count]
+    kept_in_shortlist = len(batched_nms(boxes[shortlist].double(), scores[shortlist].double(), groups[shortlist], 0.5))
+    assert (kept_in_shortlist >= count) == (spread > 100)  # both paths are exercised

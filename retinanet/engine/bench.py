@@ -285,7 +285,8 @@ def machine() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path = "bench_output") -> dict:
+def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path = "bench_output",
+              only: str = "") -> dict:
     dev = torch.device(device)
     repeat = 2 if quick else 3
     peaks = peak_gflops(dev)
@@ -308,6 +309,8 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
                           "training": lambda: bench_training(2, (800, 1216), 2, dev),
                           "demo training step": lambda: bench_demo_step(5, dev)})
     for name, case in cases.items():
+        if only and only not in name:
+            continue
         try:
             result = case()
         except Exception as error:  # one failed case (e.g. a compiler error) keeps the others

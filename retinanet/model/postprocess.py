@@ -85,8 +85,7 @@ class PostProcessor:
                                                 num_classes)
                 image_boxes, image_scores, image_labels = (t[best_first] for t in (image_boxes, image_scores,
                                                                                    image_labels))
-            kept = grouped_nms(image_boxes, image_scores, image_labels, self.nms_threshold)
-            kept = kept[: self.detections_per_image]
+            kept = first_kept(image_boxes, image_scores, image_labels, self.nms_threshold, self.detections_per_image)
             results.append({"boxes": image_boxes[kept], "scores": image_scores[kept], "labels": image_labels[kept]})
         return results
 
@@ -124,6 +123,21 @@ def chunked_topk(values: torch.Tensor, k: int, chunks: int = 16) -> tuple[torch.
         idx = torch.cat([idx, torch.arange(chunks * width, n, device=values.device).expand(batch, -1)], dim=1)
     best, pick = top.topk(k, dim=1)
     return best, torch.gather(idx, 1, pick)
+
+
+def first_kept(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float,
+               count: int) -> torch.Tensor:
+    """The first `count` boxes that `grouped_nms` keeps, best first, found among the best
+    `8 * count` boxes when they hold that many, else among all. Exact: whether greedy NMS
+    keeps a box depends only on the boxes scored above it. NMS costs the square of its input
+    (and on a GPU runs one box at a time), so 800 boxes instead of 5,000 cost ~40x less."""
+    shortlist = 8 * count
+    if len(scores) > shortlist:
+        best = scores.argsort(descending=True, stable=True)[:shortlist]
+        kept = grouped_nms(boxes[best], scores[best], groups[best], iou_threshold)
+        if len(kept) >= count:
+            return best[kept[:count]]
+    return grouped_nms(boxes, scores, groups, iou_threshold)[:count]
 
 
 def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
