@@ -66,6 +66,7 @@ class TrainConfig:
     clip_grad_norm: NonNegativeFloat = 0.0  # 0: off
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it natively; fp16: grad scaler (CUDA)
     channels_last: bool = False
+    compile: bool = False  # torch.compile networks, matching and losses: ~2x a GPU step; compiling costs minutes
     ema_decay: Annotated[float, Range(0, 1, open_max=True)] = 0.0  # 0: off; else evaluate/export an exponential moving average
     max_minutes: NonNegativeFloat = 0.0  # > 0: shorten max_iter to fit this wall-clock budget
     seed: int = 42

@@ -243,3 +243,46 @@ def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch, shapes_
         trainer = Trainer(tiny_config(shapes_data, tmp_path, train__amp="auto"), progress=False).setup()
     assert trainer.amp == "bf16"
     assert any("precision: bf16 (train.amp=auto: the CPU has native bf16" in r.getMessage() for r in caplog.records)
+
+
+def test_train_compile_gives_the_eager_losses_and_the_same_checkpoints(shapes_data, tmp_path, monkeypatch):
+    """`train.compile=true` goes through torch.compile (here with the aot_eager backend: the
+    same graph capture and autograd, without minutes of C++ compilation on a CI CPU) and
+    changes neither the losses nor the parameter names a checkpoint holds."""
+    import functools
+
+    from retinanet.checkpoint import read_checkpoint
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile_{compiled}"
+        trainer = Trainer(tiny_config(shapes_data, out, train__max_iter=3, train__compile=compiled), out,
+                          progress=False)
+        assert trainer.run()["status"] == "finished"
+        assert (getattr(trainer.model.backbone, "_compiled_call_impl", None) is not None) == compiled
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[compiled] = ([l["loss"] for l in lines if "loss" in l], read_checkpoint(out / "model_final.pt").weights)
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs[False], runs[True]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4) and len(eager_losses) == 3
+    assert list(compiled_weights) == list(eager_weights)
+
+
+def test_matching_and_losses_compile_as_one_graph(shapes_data):
+    """No graph break from pre-processing to the losses (fullgraph=True raises at the first):
+    the property that lets torch.compile fuse them on a GPU."""
+    from retinanet.config import load_config
+    from retinanet.model.build import build_retinanet
+
+    cfg = load_config("demo")
+    cfg.model.loss.box_loss = "giou"
+    model = build_retinanet(cfg.model).train()
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8, generator=generator) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 12, 60, 70], [30, 30, 90, 100]]), "labels": torch.tensor([1, 3]),
+                "iscrowd": torch.tensor([0, 1])} for _ in images]
+    eager = model(images, targets)
+    model.forward_training = torch.compile(model.forward_training, fullgraph=True, backend="aot_eager")
+    compiled = model(images, targets)
+    for key in eager:
+        assert torch.allclose(compiled[key], eager[key], rtol=1e-5), key

@@ -378,7 +378,8 @@ def _chart(results: dict, path: Path) -> None:
         ax.barh([i + offset * 0.27 for i in range(len(cases))], values, height=0.25, label=key)
     ax.set_yticks([i + 0.27 for i in range(len(cases))], names, fontsize=8)
     ax.set_xlabel("images per second")
-    ax.set_title(f"retinanet vs torchvision ({results['machine']['cpu'] or results['device']})", fontsize=9)
+    where = results["machine"].get("cuda") if results["device"].startswith("cuda") else results["machine"]["cpu"]
+    ax.set_title(f"retinanet vs torchvision ({where or results['device']})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
