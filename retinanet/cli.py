@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("demo", help="generate a shapes dataset, train from scratch, evaluate, draw")
     p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--minutes", type=_positive_minutes, help="train for this wall-clock budget instead of the demo config's fixed 1500 iterations")
+    p.add_argument("--minutes", type=_positive_minutes, help="train for this wall-clock budget instead of the fixed train.max_iter of configs/demo.yaml")
     p.add_argument("--num-train", type=_positive_int, default=8000)
     p.add_argument("--num-val", type=_positive_int, default=300)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in OUTPUT_DIR")
