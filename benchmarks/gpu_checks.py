@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from retinanet.engine.bench import _models, _photos
+from retinanet.engine.bench import _models, _photos, random_targets
 
 RESULTS: dict = {}
 
@@ -69,15 +69,9 @@ def parity(device: torch.device, size: tuple[int, int]) -> dict:
 
 def _training_inputs(device, batch, size):
     images = [im.to(device) for im in _photos(batch, *size)]
-    generator = torch.Generator().manual_seed(0)
-    targets = []
-    for _ in range(batch):
-        n = int(torch.randint(3, 21, (1,), generator=generator))
-        xy = torch.rand(n, 2, generator=generator) * torch.tensor([size[1] * 0.7, size[0] * 0.7])
-        wh = 20 + torch.rand(n, 2, generator=generator) * 200
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
-                        "labels": torch.randint(1, 91, (n,), generator=generator).to(device),
-                        "iscrowd": torch.zeros(n, dtype=torch.long, device=device)})
+    targets = random_targets(batch, size, device)
+    for target in targets:
+        target["iscrowd"] = torch.zeros(len(target["boxes"]), dtype=torch.long, device=device)
     return images, targets
 
 

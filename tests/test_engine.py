@@ -95,23 +95,29 @@ def test_linear_scaling_rule_and_schedule():
     assert lr_factor(90000, s, "cosine", 0.1, 0.001) == pytest.approx(0.5)
 
 
-def test_ddp_two_processes_equal_one_process(shapes_data, tmp_path):
-    """torchrun with 2 CPU processes (gloo) and global batch 4 == one process with batch 4."""
-    script = tmp_path / "run.py"
-    script.write_text(
+def _training_script(path: Path, config_arguments: str, run: str) -> Path:
+    """A script for torchrun (which needs a file): `tiny_config` from its arguments (the data's
+    JSON, the output dir, then what `config_arguments` reads) with SGD at a fixed lr, GroupNorm
+    and one thread, then `run`."""
+    path.write_text(
         "import sys, json, torch\n"
-        "sys.path.insert(0, %r)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from conftest import tiny_config\n"
         "from retinanet.engine.train import Trainer\n"
         "data = json.loads(sys.argv[1]); out = sys.argv[2]\n"
-        "cfg = tiny_config(data, out, train__max_iter=3, train__optimizer='sgd', train__base_lr=0.02,\n"
-        "                  train__schedule='step', train__warmup_iters=0, model__backbone__norm='gn',\n"
-        "                  data__horizontal_flip=0.0, data__val_annotations=\"''\", train__threads=1)\n"
-        "trainer = Trainer(cfg, out, device='cpu').setup()\n"
-        "import os; os.makedirs(out, exist_ok=True)\n"
-        "if trainer.dist.is_main: torch.save(trainer.model.state_dict(), out + '/init.pt')\n"
-        "trainer.run()\n" % str(Path(__file__).parent)
-    )
+        "cfg = tiny_config(data, out, train__optimizer='sgd', train__base_lr=0.02, train__schedule='step',\n"
+        "                  train__warmup_iters=0, model__backbone__norm='gn', data__val_annotations=\"''\",\n"
+        f"                  train__threads=1, {config_arguments})\n" + run)
+    return path
+
+
+def test_ddp_two_processes_equal_one_process(shapes_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and global batch 4 == one process with batch 4."""
+    script = _training_script(tmp_path / "run.py", "train__max_iter=3, data__horizontal_flip=0.0",
+                              "trainer = Trainer(cfg, out, device='cpu').setup()\n"
+                              "import os; os.makedirs(out, exist_ok=True)\n"
+                              "if trainer.dist.is_main: torch.save(trainer.model.state_dict(), out + '/init.pt')\n"
+                              "trainer.run()\n")
     data = json.dumps(shapes_data)
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     single = subprocess.run([sys.executable, str(script), data, str(tmp_path / "one")], capture_output=True,
@@ -194,19 +200,9 @@ def test_offline_weight_name_explains_how_to_supply_a_file(monkeypatch):
 def test_ddp_resume_is_exact_with_multiscale(shapes_data, tmp_path):
     """torchrun with 2 processes and multi-scale sizes: 2 iterations, then --resume to 4, equals
     4 iterations straight, bit for bit (each process gets its own RNG and size stream back)."""
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys, json\n"
-        "sys.path.insert(0, %r)\n"
-        "from conftest import tiny_config\n"
-        "from retinanet.engine.train import Trainer\n"
-        "data = json.loads(sys.argv[1]); out = sys.argv[2]; iters = int(sys.argv[3]); resume = sys.argv[4] == '1'\n"
-        "cfg = tiny_config(data, out, train__max_iter=iters, train__optimizer='sgd', train__base_lr=0.02,\n"
-        "                  train__schedule='step', train__steps=[100], train__warmup_iters=0,\n"
-        "                  model__backbone__norm='gn', model__input__train_min_sizes=[96, 112, 128],\n"
-        "                  data__val_annotations=\"''\", train__threads=1)\n"
-        "Trainer(cfg, out, resume=resume, device='cpu').run()\n" % str(Path(__file__).parent)
-    )
+    script = _training_script(tmp_path / "run.py", "train__max_iter=int(sys.argv[3]), train__steps=[100], "
+                              "model__input__train_min_sizes=[96, 112, 128]",
+                              "Trainer(cfg, out, resume=sys.argv[4] == '1', device='cpu').run()\n")
     data = json.dumps(shapes_data)
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 

@@ -170,6 +170,19 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
             **({"network_gflop": round(gflop, 1)} if gflop is not None else {})}
 
 
+def random_targets(batch: int, size: tuple[int, int], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """3-20 boxes of 20-220 px per image of `size (h, w)`, COCO labels 1-90; seeded."""
+    generator = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(3, 21, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * torch.tensor([size[1] * 0.7, size[0] * 0.7])
+        wh = 20 + torch.rand(n, 2, generator=generator) * 200
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, 91, (n,), generator=generator).to(device)})
+    return targets
+
+
 def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch.device, amp: bool = False,
                    compile: bool = False, channels_last: bool = False) -> dict:
     """One SGD step (forward, backward, update) at `batch`, frozen BN, 3-20 boxes per image;
@@ -189,14 +202,7 @@ def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch
     ours.preprocessor.train_min_sizes, ours.preprocessor.max_size = [min(size)], max(size)
     images = [im.to(device) for im in _photos(batch, *size)]
     floats = [im.float() / 255 for im in images]
-    generator = torch.Generator().manual_seed(0)
-    targets = []
-    for i in range(batch):
-        n = int(torch.randint(3, 21, (1,), generator=generator))
-        xy = torch.rand(n, 2, generator=generator) * torch.tensor([size[1] * 0.7, size[0] * 0.7])
-        wh = 20 + torch.rand(n, 2, generator=generator) * 200
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
-                        "labels": torch.randint(1, 91, (n,), generator=generator).to(device)})
+    targets = random_targets(batch, size, device)
     optimizers = {"torchvision": torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-6),
                   "ours": torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6)}
 
