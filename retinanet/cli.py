@@ -419,17 +419,26 @@ def _predict_onnxruntime(args) -> int:
     return 1 if errors else 0
 
 
-def cmd_bench(args) -> int:
+def _source_commit(folder: Path) -> str:
+    """The git commit of the code in `folder`, with "+changes" when tracked files differ from
+    it (a figure must name the code it came from), or "unknown" outside a git checkout."""
     import subprocess
 
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=folder, check=False).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], capture_output=True,
+                                 text=True, cwd=folder, check=False).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit + ("+changes" if changed else "")) if commit else "unknown"
+
+
+def cmd_bench(args) -> int:
     from .engine.bench import markdown_table, run_bench
 
     results = run_bench(args.device, args.quick, args.output_dir, args.only)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = _source_commit(Path(__file__).parent)
     flags = [f"--device {args.device}"] + (["--quick"] if args.quick else []) + (
         [f"--only {args.only}"] if args.only else [])
     table = markdown_table(results, "retinanet bench " + " ".join(flags), commit)

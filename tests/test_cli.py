@@ -102,3 +102,20 @@ def test_predict_writes_one_label_file_per_image(converted, photo_path, tmp_path
         x0, y0, x1, y1, score, name = lines[0].split(",")
         assert name == first["category_name"] and abs(float(x0) - first["bbox"][0]) < 0.01
     assert abs(float(score) - first["score"]) < 1e-4
+
+
+def test_bench_names_the_commit_and_says_when_the_code_differs_from_it(tmp_path):
+    import subprocess
+
+    from retinanet.cli import _source_commit
+
+    assert _source_commit(tmp_path) == "unknown"  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "code.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert _source_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _source_commit(tmp_path) == head + "+changes"
