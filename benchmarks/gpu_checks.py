@@ -121,8 +121,7 @@ def profile(device: torch.device, batch_train: int, batch_infer: int, size, outp
     from retinanet.model.build import build_retinanet
 
     _, ours, config, state = _models(device)
-    ours.train().to(memory_format=torch.channels_last)
-    ours.channels_last = True
+    ours.train().to_channels_last()
     ours.preprocessor.train_min_sizes, ours.preprocessor.max_size = [min(size)], max(size)
     images, targets = _training_inputs(device, batch_train, size)
     step = _step(ours, images, targets, torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6),

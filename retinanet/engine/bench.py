@@ -191,8 +191,7 @@ def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch
     tv.train(), ours.train()
     if channels_last:
         tv.to(memory_format=torch.channels_last)
-        ours.to(memory_format=torch.channels_last)
-        ours.channels_last = True
+        ours.to_channels_last()
     if compile:
         _compile_networks(tv, ours)
         # ours also compiles matching and losses: batched and free of host syncs, they make one
@@ -236,8 +235,7 @@ def bench_demo_step(repeat: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_retinanet(cfg.model).to(device).train()
     if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-        model.channels_last = True
+        model.to_channels_last()
     optimizer = build_optimizer(model, cfg.train, cfg.train.base_lr)
     images = [im.to(device) for im in _photos(cfg.train.batch_size, 128, 128)]
     generator = torch.Generator().manual_seed(0)

@@ -408,8 +408,7 @@ class Trainer:
             load_pretrained_backbone(self.model, t.pretrained_backbone)
         self.model.to(self.dist.device)
         if t.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-            self.model.channels_last = True
+            self.model.to_channels_last()
         self.schedule = scaled_schedule(t)
         self.configured_max_iter = self.schedule.max_iter
         scaling = describe_scaling(t, self.schedule)

@@ -64,9 +64,15 @@ class RetinaNet(nn.Module):
 
         self.eval()
         fold_backbone_batchnorm(self.backbone)
+        self.to_channels_last()
+        self.inference_only = True
+        return self
+
+    def to_channels_last(self) -> "RetinaNet":
+        """Keep weights, and feed the network its input, in channels-last memory (faster
+        convolutions on GPUs and in bf16; in place)."""
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
-        self.inference_only = True
         return self
 
     def train(self, mode: bool = True) -> "RetinaNet":
