@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from retinanet.engine.bench import _models, _photos, random_targets
+from retinanet.engine.bench import (
+    _models,
+    _photos,
+    optimized_copy,
+    random_targets,
+    training_step,
+)
 
 RESULTS: dict = {}
 
@@ -38,11 +44,7 @@ def parity(device: torch.device, size: tuple[int, int]) -> dict:
     """Max differences of matched detections, ours (plain, optimized) against torchvision."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     tv, ours, config, state = _models(device)
-    from retinanet.model.build import build_retinanet
-
-    fast = build_retinanet(config)
-    fast.load_state_dict(state)
-    fast = fast.to(device).optimize_for_inference()
+    fast = optimized_copy(config, state, device)
     tv.eval(), ours.eval()
     tv.transform.min_size, tv.transform.max_size = (min(size),), max(size)
     for model in (ours, fast):
@@ -75,16 +77,6 @@ def _training_inputs(device, batch, size):
     return images, targets
 
 
-def _step(model, images, targets, optimizer, amp: bool):
-    def run():
-        with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=amp):
-            losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-    return run
-
-
 def count_syncs(device: torch.device, batch: int, size: tuple[int, int]) -> dict:
     """Host synchronisations in one training step (after a warm-up step), ours and torchvision's."""
     tv, ours, _, _ = _models(device)
@@ -94,8 +86,8 @@ def count_syncs(device: torch.device, batch: int, size: tuple[int, int]) -> dict
     images, targets = _training_inputs(device, batch, size)
     floats = [im.float() / 255 for im in images]
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-    steps = {"ours": _step(ours, images, targets, torch.optim.SGD(ours.parameters(), lr=1e-6), True),
-             "torchvision": _step(tv, floats, tv_targets, torch.optim.SGD(tv.parameters(), lr=1e-6), True)}
+    steps = {"ours": training_step(ours, images, targets, torch.optim.SGD(ours.parameters(), lr=1e-6), True),
+             "torchvision": training_step(tv, floats, tv_targets, torch.optim.SGD(tv.parameters(), lr=1e-6), True)}
     out = {}
     for name, step in steps.items():
         step()
@@ -118,17 +110,13 @@ def profile(device: torch.device, batch_train: int, batch_infer: int, size, outp
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from retinanet.model.build import build_retinanet
-
     _, ours, config, state = _models(device)
     ours.train().to_channels_last()
     ours.preprocessor.train_min_sizes, ours.preprocessor.max_size = [min(size)], max(size)
     images, targets = _training_inputs(device, batch_train, size)
-    step = _step(ours, images, targets, torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6),
-                 True)
-    fast = build_retinanet(config)
-    fast.load_state_dict(state)
-    fast = fast.to(device).optimize_for_inference()
+    optimizer = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6)
+    step = training_step(ours, images, targets, optimizer, True)
+    fast = optimized_copy(config, state, device)
     fast.preprocessor.test_min_size, fast.preprocessor.max_size = min(size), max(size)
     infer_images = [im.to(device) for im in _photos(batch_infer, *size)]
 

@@ -112,6 +112,27 @@ def _models(device: torch.device):
     return tv.to(device), ours.to(device), config, state
 
 
+def optimized_copy(config, state: dict, device: torch.device):
+    """Ours from `config` and `state`, optimized as `predict`/`eval`/`serve` run it
+    (BatchNorm folded, channels-last)."""
+    from ..model.build import build_retinanet
+
+    model = build_retinanet(config)
+    model.load_state_dict(state)
+    return model.to(device).optimize_for_inference()
+
+
+def training_step(model, images: list[torch.Tensor], targets: list[dict], optimizer, amp: bool = False):
+    """One optimiser step of `model` on fixed inputs, as a function to time."""
+    def run():
+        with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+    return run
+
+
 def _photos(count: int, height: int, width: int) -> list[torch.Tensor]:
     import numpy as np
     import skimage.data
@@ -126,12 +147,8 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
     """End to end from decoded uint8 images to final detections, both libraries at the same
     input size (with `amp`, both in bf16 autocast; with `compile`, both networks through
     torch.compile); ours also split into its stages."""
-    from ..model.build import build_retinanet
-
     tv, ours, config, state = _models(device)
-    fast = build_retinanet(config)
-    fast.load_state_dict(state)
-    fast = fast.to(device).optimize_for_inference()
+    fast = optimized_copy(config, state, device)
     ours.eval(), tv.eval()
     if compile:
         _compile_networks(tv, ours, fast)
@@ -193,30 +210,22 @@ def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch
         tv.to(memory_format=torch.channels_last)
         ours.to_channels_last()
     if compile:
-        _compile_networks(tv, ours)
-        # ours also compiles matching and losses: batched and free of host syncs, they make one
-        # graph (torchvision's per-image loss loops with data-dependent shapes would not)
-        ours.forward_training = torch.compile(ours.forward_training)
+        from .train import compile_for_training
+
+        _compile_networks(tv)
+        # ours as `train.compile` does it, matching and losses included: batched and free of host
+        # syncs, they make one graph (torchvision's per-image loss loops would not)
+        compile_for_training(ours)
     tv.transform.min_size, tv.transform.max_size = (min(size),), max(size)
     ours.preprocessor.train_min_sizes, ours.preprocessor.max_size = [min(size)], max(size)
     images = [im.to(device) for im in _photos(batch, *size)]
     floats = [im.float() / 255 for im in images]
     targets = random_targets(batch, size, device)
-    optimizers = {"torchvision": torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-6),
-                  "ours": torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6)}
-
-    def step(name, model, inputs):
-        def run():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                losses = model(inputs, targets)
-            optimizers[name].zero_grad()
-            sum(losses.values()).backward()
-            optimizers[name].step()
-        return run
-
+    steps = {name: training_step(model, inputs, targets, torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-6), amp)
+        for name, model, inputs in (("torchvision", tv, floats), ("ours", ours, images))}
     peaks: dict[str, float] = {}
-    times = alternate({"torchvision": step("torchvision", tv, floats), "ours": step("ours", ours, images)}, repeat,
-                      device, peaks)
+    times = alternate(steps, repeat, device, peaks)
     return {"case": f"training step batch {batch} at {size[0]}x{size[1]}{_variant(amp, compile, channels_last)}",
             "seconds": times,
             "images_per_second": {k: round(batch / v, 3) for k, v in times.items()},
@@ -247,14 +256,8 @@ def bench_demo_step(repeat: int, device: torch.device) -> dict:
         targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
                         "labels": torch.randint(0, cfg.model.num_classes, (n,), generator=generator).to(device)})
 
-    def run():
-        losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-
     peaks: dict[str, float] = {}
-    seconds = alternate({"ours": run}, repeat, device, peaks)["ours"]
+    seconds = alternate({"ours": training_step(model, images, targets, optimizer)}, repeat, device, peaks)["ours"]
     return {"case": f"demo training step batch {len(images)} at 128x128 (ours only)", "seconds": {"ours": seconds},
             "images_per_second": {"ours": round(len(images) / seconds, 3)}, "peak_memory_mb": peaks}
 
