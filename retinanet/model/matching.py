@@ -21,9 +21,10 @@ def batched_intersection(gt: torch.Tensor, anchors: torch.Tensor) -> torch.Tenso
     return wh[..., 0] * wh[..., 1]
 
 
-def batched_iou(gt: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """IoU between `gt (B, G, 4)` and `anchors (A, 4)`: `(B, G, A)`."""
-    inter = batched_intersection(gt, anchors)
+def batched_iou(gt: torch.Tensor, anchors: torch.Tensor, inter: torch.Tensor | None = None) -> torch.Tensor:
+    """IoU between `gt (B, G, 4)` and `anchors (A, 4)`: `(B, G, A)`; `inter`: their
+    `batched_intersection`, when the caller has it already."""
+    inter = batched_intersection(gt, anchors) if inter is None else inter
     union = box_area(gt)[..., None] + box_area(anchors) - inter
     return inter / union
 
@@ -72,9 +73,8 @@ class AnchorMatcher:
         # synchronisation, so that a GPU step runs without stalls and compiles as one graph.
         crowd = gt_crowd & gt_valid if gt_crowd is not None else torch.zeros_like(gt_valid)
         matchable = gt_valid & ~crowd
-        inter = batched_intersection(gt_boxes, anchors)
-        anchor_area = box_area(anchors)
-        iou = (inter / (box_area(gt_boxes)[..., None] + anchor_area - inter)).masked_fill_(~matchable[..., None], -1.0)
+        inter = batched_intersection(gt_boxes, anchors)  # kept for the crowd boxes' IoA below
+        iou = batched_iou(gt_boxes, anchors, inter).masked_fill_(~matchable[..., None], -1.0)
         best_iou, gt_index = iou.max(dim=1)
 
         labels = torch.where(best_iou >= self.fg_iou_threshold, FOREGROUND,
@@ -84,6 +84,6 @@ class AnchorMatcher:
             is_best = (iou == best_per_gt) & (best_per_gt > 0)
             labels = torch.where(is_best.any(dim=1), FOREGROUND, labels).to(torch.int8)
         if gt_crowd is not None:
-            ioa = inter.masked_fill_(~crowd[..., None], 0.0).max(dim=1).values / anchor_area.clamp(min=1e-6)
+            ioa = inter.masked_fill_(~crowd[..., None], 0.0).max(dim=1).values / box_area(anchors).clamp(min=1e-6)
             labels = torch.where((labels == BACKGROUND) & (ioa >= self.crowd_ioa_threshold), IGNORE, labels)
         return Matches(gt_index, labels)
