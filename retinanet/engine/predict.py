@@ -96,19 +96,27 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     drawn = drawn_names(paths, output_dir)
-    if tiling is not None:
-        predictions = _predict_tiled_files(model, paths, drawn, draw, score_threshold, tiling, save_txt,
-                                           output_dir / "labels", errors, progress)
-        (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
-        return predictions, errors
-    check = model.preprocessor.check_size
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths, check), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=list)
-    bar = None
-    if progress and sys.stderr.isatty() and paths:
-        from tqdm import tqdm
+    bar = _progress_bar(len(paths), progress)
+    try:
+        if tiling is not None:
+            predictions = _predict_tiled_files(model, paths, drawn, draw, score_threshold, tiling, save_txt,
+                                               output_dir / "labels", errors, bar)
+        else:
+            predictions = _predict_batched_files(model, paths, drawn, draw, score_threshold, batch_size, workers,
+                                                 save_txt, output_dir / "labels", errors, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
+    return predictions, errors
 
-        bar = tqdm(total=len(paths), desc="predict", unit="image")
+
+def _predict_batched_files(model, paths: list[Path], names: dict[Path, Path], draw: bool, score_threshold,
+                           batch_size: int, workers: int, save_txt: str | None, label_dir: Path, errors: list[str],
+                           bar) -> list[dict]:
+    """Whole images, decoded by `workers` DataLoader processes, in batches of `batch_size`."""
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, model.preprocessor.check_size), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=list)
     predictions: list[dict] = []
     for items in loader:
         good = []
@@ -119,13 +127,10 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
             else:
                 good.append((path, item))
         if good:
-            predictions.extend(_run(model, good, drawn, draw, score_threshold, save_txt, output_dir / "labels"))
+            predictions.extend(_run(model, good, names, draw, score_threshold, save_txt, label_dir))
         if bar is not None:
             bar.update(len(items))
-    if bar is not None:
-        bar.close()
-    (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
-    return predictions, errors
+    return predictions
 
 
 def _run(model, items, names: dict[Path, Path], draw: bool, score_threshold, save_txt: str | None = None,
@@ -148,11 +153,11 @@ DRAWING_MAX_SIDE = 4096  # drawings of larger images are shrunk to this
 
 def _predict_tiled_files(model, paths: list[Path], names: dict[Path, Path], draw: bool, score_threshold,
                          tiling: dict, save_txt: str | None, label_dir: Path, errors: list[str],
-                         progress: bool) -> list[dict]:
+                         bar) -> list[dict]:
     """Tiled prediction, one image at a time, each read by windows where it pays
     (`data.raster`); a georeferenced image also gets `<name>.geojson` in its CRS."""
     records = []
-    for path in _progress(paths, progress):
+    for path in paths:
         try:
             with open_raster(path) as raster:
                 det = predict_tiled(model, raster, tiling["tile"], tiling["overlap"], merge=tiling["merge"],
@@ -174,15 +179,18 @@ def _predict_tiled_files(model, paths: list[Path], names: dict[Path, Path], draw
         except (ImageReadError, ValueError) as err:
             errors.append(str(err))
             print(f"error: {err}", file=sys.stderr)
+        if bar is not None:
+            bar.update(1)
     return records
 
 
-def _progress(items: list, enabled: bool):
-    if enabled and sys.stderr.isatty() and items:
-        from tqdm import tqdm
+def _progress_bar(total: int, enabled: bool):
+    """A progress bar of `total` images on a terminal, else None."""
+    if not (enabled and total and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
 
-        return tqdm(items, desc="predict", unit="image")
-    return items
+    return tqdm(total=total, desc="predict", unit="image")
 
 
 def coco_records(det: dict, path: Path, category_ids: list[int]) -> list[dict]:
