@@ -141,11 +141,14 @@ class WindowedRaster(Raster):
         return self._to_rgb(data)
 
     def _read(self, **kwargs) -> np.ndarray:
+        from rasterio.errors import RasterioError
+
         unique = sorted(set(self._bands))
         try:
             data = self._dataset.read(unique, **kwargs)
-        except Exception as err:  # GDAL's decoding errors of a damaged file
-            raise ImageReadError(self.path, f"damaged or truncated image ({str(err).splitlines()[0]})") from None
+        except (RasterioError, OSError) as err:  # GDAL failed to decode a block: a damaged file
+            gdal_says = str(err.__cause__ or err).splitlines()[0]  # rasterio's own text only points to it
+            raise ImageReadError(self.path, f"damaged or truncated image ({gdal_says})") from None
         return data[[unique.index(b) for b in self._bands]]
 
     def _to_rgb(self, data: np.ndarray) -> torch.Tensor:
@@ -225,7 +228,7 @@ def _worth_windows(path: Path) -> bool:
                     rotated = image.getexif().get(0x0112, 1) not in (1, None)
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
-    except Exception:
+    except (OSError, SyntaxError, ValueError):
         return True  # not for Pillow: perhaps for GDAL (it names the problem otherwise)
     return large and not rotated
 
@@ -234,7 +237,7 @@ def _has_geokeys(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             return _GEOKEY_TAG in getattr(image, "tag_v2", {})
-    except Exception:
+    except (OSError, SyntaxError, ValueError):
         return False
 
 
