@@ -282,3 +282,20 @@ def test_matching_and_losses_compile_as_one_graph(shapes_data):
     compiled = model(images, targets)
     for key in eager:
         assert torch.allclose(compiled[key], eager[key], rtol=1e-5), key
+
+
+def test_ema_follows_the_ramped_decay_and_copies_counters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = train_module.ModelEMA(model, decay=0.9)
+    start = model[0].weight.detach().clone()
+    expected = start.clone()
+    for step in range(1, 4):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        model[1].num_batches_tracked += 1
+        ema.update(model)
+        d = min(0.9, (1 + step) / (10 + step))  # 2/11, 3/12, 4/13: the ramp, below 0.9
+        expected = d * expected + (1 - d) * model[0].weight.detach()
+    assert torch.allclose(ema.module[0].weight, expected, atol=1e-6)
+    assert not torch.allclose(ema.module[0].weight, model[0].weight)
+    assert int(ema.module[1].num_batches_tracked) == 3

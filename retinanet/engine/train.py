@@ -130,11 +130,14 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged, current = [], []
         for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values()):
             if ema_v.dtype.is_floating_point:
-                ema_v.lerp_(v.detach(), 1 - d)
+                averaged.append(ema_v)
+                current.append(v)
             else:
-                ema_v.copy_(v)
+                ema_v.copy_(v)  # BatchNorm's batch counters
+        torch._foreach_lerp_(averaged, current, 1 - d)  # one kernel per dtype and device, not one per tensor
 
 
 # ------------------------------------------------------------------------------ pretrained
