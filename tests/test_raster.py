@@ -194,3 +194,41 @@ class _BrightBlobDetector:
             out.append({"boxes": boxes, "scores": torch.full((len(boxes),), 0.9),
                         "labels": torch.zeros(len(boxes), dtype=torch.long)})
         return out
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_tiled_evaluation_reads_images_by_windows_and_matches_the_whole_decode(shapes_data, tmp_path, monkeypatch):
+    from retinanet.config import TileConfig
+    from retinanet.data.coco import CocoDetection
+    from retinanet.engine import evaluate as evaluate_module
+    from retinanet.engine.tiling import predict_tiled
+    from retinanet.model.build import build_retinanet
+
+    from conftest import tiny_config
+
+    # the shapes validation set as TIFFs: the files tiled evaluation should read window by window
+    annotations = json.loads(open(shapes_data["val_annotations"]).read())
+    for entry in annotations["images"]:
+        pixels = np.asarray(Image.open(f"{shapes_data['val_images']}/{entry['file_name']}").convert("RGB"))
+        entry["file_name"] = entry["file_name"].rsplit(".", 1)[0] + ".tif"
+        write_geotiff(tmp_path / entry["file_name"], pixels.transpose(2, 0, 1))
+    (tmp_path / "val.json").write_text(json.dumps(annotations))
+    dataset = CocoDetection(tmp_path, tmp_path / "val.json")
+    cfg = tiny_config(shapes_data, tmp_path / "run", model__inference__score_threshold=0.0, model__fpn__out_channels=64)
+    torch.manual_seed(0)
+    model = build_retinanet(cfg.model).eval()
+    tile = TileConfig(size=64, overlap=0.25)
+    whole = {}  # what evaluation gave before: each image decoded whole, then tiled
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        whole[target["image_id"]] = predict_tiled(model, image, 64, 0.25, 4, "nms", max_detections=100)
+
+    def no_whole_decode(path, *args, **kwargs):
+        raise AssertionError(f"{path} decoded whole")
+
+    monkeypatch.setattr("retinanet.data.dataset.read_image", no_whole_decode)
+    results, skipped = evaluate_module.predict_dataset(model, dataset, batch_size=4, tile=tile)
+    assert not skipped and {r["image_id"] for r in results} == set(whole)
+    for image_id, det in whole.items():
+        expected = evaluate_module.to_coco_results(det, image_id, model.category_ids)
+        assert [r for r in results if r["image_id"] == image_id] == expected

@@ -15,6 +15,8 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
 from ..data.dataset import DatasetError, DetectionDataset, coco_api, collate
+from ..data.image_io import ImageReadError
+from ..data.raster import open_raster
 from . import distributed
 from .tiling import predict_tiled
 
@@ -82,11 +84,14 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
     """Detections for this process's share of `dataset` in COCO results format
     (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images.
     `amp` is the run's `train.amp`: evaluation runs in the precision training used. With a
-    `tile` config of size > 0, each image is predicted on tiles (`engine.tiling`)."""
+    `tile` config of size > 0, each image is predicted on tiles (`engine.tiling`), read window
+    by window as `predict` reads it, so that memory does not grow with the image."""
     rank = torch.distributed.get_rank() if distributed.is_distributed() else 0
     world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     indices = list(range(rank, count, world))
+    if tile is not None and tile.size > 0:
+        return _predict_tiled_dataset(model, dataset, indices, tile, batch_size, amp)
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate)
     device = next(model.parameters()).device
@@ -100,17 +105,37 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
         if not images:
             continue
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            if tile is not None and tile.size > 0:
-                outputs = [predict_tiled(model, im.to(device), tile.size, tile.overlap, batch_size, tile.merge,
-                                         max_detections=model.postprocessor.detections_per_image)
-                           for im in images]
-            else:
-                outputs = model([im.to(device, non_blocking=True) for im in images])
+            outputs = model([im.to(device, non_blocking=True) for im in images])
         for target, output in zip(targets, outputs):
             results.extend(to_coco_results(output, target["image_id"], category_ids))
     model.train(was_training)
     return results, skipped
 
+
+
+def _predict_tiled_dataset(model, dataset: DetectionDataset, indices: list[int], tile, batch_size: int,
+                           amp: str) -> tuple[list[dict], list[str]]:
+    """`predict_dataset` on tiles: one image at a time, opened by `open_raster` (a TIFF or an
+    image over 64 MP by windows), never decoded whole unless it is small."""
+    device = next(model.parameters()).device
+    dtype = amp_dtype(amp)
+    was_training = model.training
+    model.eval()
+    results, skipped = [], []
+    for index in indices:
+        record = dataset.records[index]
+        try:
+            with open_raster(dataset.image_dir / record.file_name) as raster, \
+                    torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                output = predict_tiled(model, raster, tile.size, tile.overlap, batch_size, tile.merge,
+                                       max_detections=model.postprocessor.detections_per_image)
+        except ImageReadError as err:
+            log.warning("skipping %s", err)
+            skipped.append(str(err))
+            continue
+        results.extend(to_coco_results(output, record.image_id, model.category_ids))
+    model.train(was_training)
+    return results, skipped
 
 def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
     boxes = output["boxes"].float().cpu()
