@@ -8,12 +8,19 @@ import torch
 from torch import nn
 
 
+def group_norm_groups(channels: int, most: int = 32) -> int:
+    """GroupNorm groups for `channels`: 32 as in torchvision's v2 head where the channels
+    allow it, else the most groups that divide the channels with two or more channels in
+    each (one channel a group would normalise a 1x1 map, e.g. P7 of a 64 px tile, to zero)."""
+    return max([g for g in range(1, most + 1) if channels % g == 0 and channels // g >= 2], default=1)
+
+
 def _subnet(channels: int, num_convs: int, norm: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
         layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=norm == "none"))
         if norm == "gn":
-            layers.append(nn.GroupNorm(min(32, channels), channels))
+            layers.append(nn.GroupNorm(group_norm_groups(channels), channels))
         elif norm != "none":
             raise ValueError(f"unknown head norm {norm!r} (none or gn)")
         layers.append(nn.ReLU(inplace=True))
