@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -288,7 +289,10 @@ def machine() -> dict:
     wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"]
     model_name = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                        if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": model_name, "cpu_flags": [f for f in wanted if f" {f}" in flags], "threads": torch.get_num_threads(),
+    # what the kernels use may be less than the CPU has: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap it
+    kernels = {"aten": torch.backends.cpu.get_cpu_capability(), "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
+    return {"cpu": model_name, "cpu_flags": [f for f in wanted if f" {f}" in flags], "kernels": kernels,
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -342,10 +346,22 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
     return results
 
 
+def _kernels(machine: dict) -> str:
+    """`; kernels capped: ...` where the run's kernels used less than the CPU has (the
+    ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA variables), else nothing."""
+    kernels = machine.get("kernels") or {}
+    aten_capped = kernels.get("aten", "").lower() == "avx2" and "avx512f" in machine.get("cpu_flags", [])
+    if not (aten_capped or kernels.get("onednn_max")):
+        return ""
+    parts = [f"ATen {kernels.get('aten')}"] + ([f"oneDNN at most {kernels['onednn_max']}"]
+                                              if kernels.get("onednn_max") else [])
+    return "; kernels capped: " + ", ".join(parts)
+
+
 def markdown_table(results: dict, command: str, commit: str) -> str:
     m = results["machine"]
     lines = [f"### {results['date']}: `{command}` (commit {commit})", "",
-             f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), {m['threads']} threads, "
+             f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}{_kernels(m)}), {m['threads']} threads, "
              f"torch {m['torch']}, device {results['device']}; peaks in the same run ({results['peaks'].get('dtype', 'float32')}): matmul "
              f"{results['peaks']['matmul']} GFLOP/s, 3x3 conv (channels-last) {results['peaks']['conv3x3']} GFLOP/s.", "",
              ("| case | torchvision (s) | ours (s) | ours optimized (s) | speed-up vs torchvision | floor (s) "
