@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  retinanet demo                                   # generate data, train from scratch, evaluate (~15 min CPU)
+  retinanet demo                                   # generate data, train from scratch, evaluate (10-13 min, 2-core CPU)
   retinanet train --config retinanet_r50_fpn_1x_coco --output-dir runs/r50
   torchrun --nproc_per_node 8 -m retinanet.cli train --config retinanet_r50_fpn_1x_coco
   retinanet eval --weights runs/r50/model_final.pt
