@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 17, in one run on a machine with one CUDA GPU (e.g. an H100):
 #   1. benchmarks/gpu_checks.py: parity with torchvision on the GPU (fp32), host syncs in one
-#      training step (ours and torchvision's), a kernel profile of our training and inference;
+#      training step (ours and torchvision's), a kernel profile of our training and inference, and the
+#      post-processing experiment (NMS image by image vs one batched launch, same head outputs);
 #   2. `retinanet bench --device cuda`: inference at batch 32, 800x1333, bf16 autocast (ours:
 #      BatchNorm folded + channels-last); training at batch 16, 800x1333, bf16 + channels-last,
 #      eager, then with torch.compile on the networks of both libraries (ours: matching and

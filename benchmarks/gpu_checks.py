@@ -6,7 +6,10 @@
    under `torch.cuda.set_sync_debug_mode("warn")`, the number of syncs counted, beside
    torchvision's step for contrast;
 3. a profile of our bf16 training step at batch 16 and inference at batch 32 (800x1333):
-   the CUDA kernels that take the time.
+   the CUDA kernels that take the time;
+4. an experiment for the 500 images/s inference target: post-processing of one batch of 32
+   as the model does it (NMS image by image) against one NMS launch for the whole batch
+   (`select_batched`), on the same head outputs: times and how many detections agree.
 
 Writes checks.json and profile_*.txt to --output-dir; prints one JSON line per check.
 Usage: python benchmarks/gpu_checks.py --output-dir out [--device cuda] [--small]
@@ -30,6 +33,8 @@ from retinanet.engine.bench import (
     random_targets,
     training_step,
 )
+
+from retinanet.model.postprocess import first_kept, grouped_nms
 
 RESULTS: dict = {}
 
@@ -143,6 +148,77 @@ def profile(device: torch.device, batch_train: int, batch_infer: int, size, outp
     return out
 
 
+
+def select_batched(post, boxes, scores, labels, keep) -> list[dict[str, torch.Tensor]]:
+    """The model's per-image selection (`PostProcessor.__call__` after `gather_candidates`) with
+    one grouped NMS over every image's best `8 * detections_per_image` candidates, grouped
+    by (image, class); an image whose shortlist keeps too few falls back to `first_kept`
+    over all its candidates, as the model does. `nms_pre_per_class` is not handled."""
+    count = post.detections_per_image
+    batch, num_candidates = scores.shape
+    k = min(8 * count, num_candidates)
+    top, index = scores.masked_fill(~keep, -1.0).topk(k, dim=1)  # best first within each image
+    image = torch.arange(batch, device=scores.device)[:, None].expand(-1, k)
+    valid = top >= 0
+    cand_image, cand_index = image[valid], index[valid]
+    cand_boxes, cand_scores, cand_labels = boxes[cand_image, cand_index], top[valid], labels[cand_image, cand_index]
+    num_classes = int(labels.max()) + 1 if labels.numel() else 1
+    kept = grouped_nms(cand_boxes, cand_scores, cand_image * num_classes + cand_labels, post.nms_threshold)
+    kept = kept[torch.sort(cand_image[kept], stable=True).indices]  # image by image, best first in each
+    per_image = torch.bincount(cand_image[kept], minlength=batch).tolist()
+    totals = keep.sum(1).tolist()
+    results = []
+    for b, kept_b in enumerate(kept.split(per_image)):
+        if len(kept_b) >= count or totals[b] <= k:
+            picked = cand_index[kept_b[:count]]
+        else:
+            mask = keep[b]
+            picked = mask.nonzero()[:, 0][first_kept(boxes[b][mask], scores[b][mask], labels[b][mask],
+                                                     post.nms_threshold, count)]
+        results.append({"boxes": boxes[b, picked], "scores": scores[b, picked], "labels": labels[b, picked]})
+    return results
+
+
+def batched_nms_experiment(device: torch.device, batch: int, size: tuple[int, int], repeat: int = 10) -> dict:
+    """Post-processing of one batch (bf16 head outputs of the optimized model on photos):
+    per image against `select_batched`; median seconds and the share of detections equal."""
+    _, _, config, state = _models(device)
+    fast = optimized_copy(config, state, device)
+    fast.preprocessor.test_min_size, fast.preprocessor.max_size = min(size), max(size)
+    images = [im.to(device) for im in _photos(batch, *size)]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        prepared, _ = fast.preprocessor(images, None, training=False)
+        logits, deltas, anchors = fast.run_network(prepared.tensor)
+    post, sizes = fast.postprocessor, prepared.image_sizes
+
+    def per_image():
+        return post(logits, deltas, anchors, sizes)
+
+    def batched():
+        return select_batched(post, *post.gather_candidates(logits, deltas, anchors, sizes))
+
+    times = {}
+    with torch.no_grad():
+        for name, fn in (("per_image", per_image), ("batched", batched)):
+            fn()
+            runs = []
+            for _ in range(repeat):
+                torch.cuda.synchronize() if device.type == "cuda" else None
+                started = time.perf_counter()
+                fn()
+                torch.cuda.synchronize() if device.type == "cuda" else None
+                runs.append(time.perf_counter() - started)
+            times[name] = round(sorted(runs)[len(runs) // 2], 5)
+        a, b = per_image(), batched()
+
+    def rows(det):  # order-free: equal scores may come out in either order
+        table = torch.cat([det["scores"][:, None], det["boxes"], det["labels"][:, None].to(det["boxes"].dtype)], 1)
+        return sorted(map(tuple, table.tolist()))
+
+    same = sum(rows(x) == rows(y) for x, y in zip(a, b))
+    return {"seconds": times, "images_with_equal_detections": f"{same}/{len(a)}",
+            "detections": sum(len(x["scores"]) for x in a)}
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output-dir", default="gpu_checks")
@@ -159,6 +235,8 @@ def main() -> None:
     if device.type == "cuda":
         report("host syncs in one training step", count_syncs(device, 2 if args.small else 4, size), output_dir)
     report("profile", profile(device, train_batch, infer_batch, size, output_dir), output_dir)
+    report("post-processing: per image vs one batched NMS", batched_nms_experiment(device, infer_batch, size),
+           output_dir)
 
 
 if __name__ == "__main__":

@@ -52,24 +52,7 @@ class PostProcessor:
         Returns:
             per image `{"boxes": (D, 4), "scores": (D,), "labels": (D,)}`, best first.
         """
-        threshold = self.score_threshold if score_threshold is None else score_threshold
-        device = logits[0].device
-        boxes, scores, labels = [], [], []
-        for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
-            top_logits, anchor_idx, label = self._level_candidates(level_logits)
-            picked = torch.gather(level_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
-            boxes.append(self.box_coder.decode(picked.float(), level_anchors[anchor_idx]))
-            scores.append(torch.sigmoid(top_logits.float()))
-            labels.append(label)
-        boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)  # (B, C, ...)
-
-        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) as (h, w)
-        keep = scores > threshold
-        if self.clip_boxes == "before_nms":
-            limit = sizes.flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4) as (w, h, w, h)
-            boxes = torch.minimum(boxes.clamp(min=0), limit)
-        if self.clip_boxes != "after_nms":
-            keep &= (boxes[..., 2:] - boxes[..., :2] > self.min_box_size).all(-1)
+        boxes, scores, labels, keep = self.gather_candidates(logits, deltas, anchors, image_sizes, score_threshold)
         # Candidates are image-major after masking, so one count per image splits them: the
         # only read back from the device. NMS then runs image by image: its cost grows with
         # the square of the boxes it is given (on a GPU, one call over a batch of 32 took 0.6 s).
@@ -88,6 +71,31 @@ class PostProcessor:
             kept = first_kept(image_boxes, image_scores, image_labels, self.nms_threshold, self.detections_per_image)
             results.append({"boxes": image_boxes[kept], "scores": image_scores[kept], "labels": image_labels[kept]})
         return results
+
+    def gather_candidates(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
+                   image_sizes: list[tuple[int, int]], score_threshold: float | None = None):
+        """Every image's candidates before NMS, as padded batch tensors: boxes `(B, C, 4)`
+        (decoded, clipped unless `clip_boxes` is "after_nms"), scores `(B, C)`, labels `(B, C)`
+        and `keep (B, C)`, the ones over the score threshold and not empty. Reads nothing back."""
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        device = logits[0].device
+        boxes, scores, labels = [], [], []
+        for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
+            top_logits, anchor_idx, label = self._level_candidates(level_logits)
+            picked = torch.gather(level_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
+            boxes.append(self.box_coder.decode(picked.float(), level_anchors[anchor_idx]))
+            scores.append(torch.sigmoid(top_logits.float()))
+            labels.append(label)
+        boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)  # (B, C, ...)
+
+        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) as (h, w)
+        keep = scores > threshold
+        if self.clip_boxes == "before_nms":
+            limit = sizes.flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4) as (w, h, w, h)
+            boxes = torch.minimum(boxes.clamp(min=0), limit)
+        if self.clip_boxes != "after_nms":
+            keep &= (boxes[..., 2:] - boxes[..., :2] > self.min_box_size).all(-1)
+        return boxes, scores, labels, keep
 
     def _level_candidates(self, level_logits: torch.Tensor):
         """Top candidates of one level `(B, A_l, K)`: logits, anchor index and label, each `(B, C)`."""
