@@ -73,7 +73,7 @@ class PostProcessor:
         return results
 
     def gather_candidates(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
-                   image_sizes: list[tuple[int, int]], score_threshold: float | None = None):
+                          image_sizes: list[tuple[int, int]], score_threshold: float | None = None):
         """Every image's candidates before NMS, as padded batch tensors: boxes `(B, C, 4)`
         (decoded, clipped unless `clip_boxes` is "after_nms"), scores `(B, C)`, labels `(B, C)`
         and `keep (B, C)`, the ones over the score threshold and not empty. Reads nothing back."""
