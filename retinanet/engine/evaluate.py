@@ -90,43 +90,45 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
     world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     indices = list(range(rank, count, world))
-    if tile is not None and tile.size > 0:
-        return _predict_tiled_dataset(model, dataset, indices, tile, batch_size, amp)
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate)
     device = next(model.parameters()).device
-    category_ids = model.category_ids  # the model's own label -> category id mapping
+    dtype = amp_dtype(amp)
     was_training = model.training
     model.eval()
+    try:
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            if tile is not None and tile.size > 0:
+                return _predict_tiles(model, dataset, indices, tile, batch_size)
+            return _predict_batches(model, dataset, indices, batch_size, num_workers, device)
+    finally:
+        model.train(was_training)
+
+
+def _predict_batches(model, dataset: DetectionDataset, indices: list[int], batch_size: int, num_workers: int,
+                     device: torch.device) -> tuple[list[dict], list[str]]:
+    """Whole images, decoded by `num_workers` DataLoader processes, in batches."""
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate)
+    category_ids = model.category_ids  # the model's own label -> category id mapping
     results, skipped = [], []
-    dtype = amp_dtype(amp)
     for images, targets, bad in loader:
         skipped.extend(bad)
         if not images:
             continue
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            outputs = model([im.to(device, non_blocking=True) for im in images])
+        outputs = model([im.to(device, non_blocking=True) for im in images])
         for target, output in zip(targets, outputs):
             results.extend(to_coco_results(output, target["image_id"], category_ids))
-    model.train(was_training)
     return results, skipped
 
 
-
-def _predict_tiled_dataset(model, dataset: DetectionDataset, indices: list[int], tile, batch_size: int,
-                           amp: str) -> tuple[list[dict], list[str]]:
-    """`predict_dataset` on tiles: one image at a time, opened by `open_raster` (a TIFF or an
-    image over 64 MP by windows), never decoded whole unless it is small."""
-    device = next(model.parameters()).device
-    dtype = amp_dtype(amp)
-    was_training = model.training
-    model.eval()
+def _predict_tiles(model, dataset: DetectionDataset, indices: list[int], tile,
+                   batch_size: int) -> tuple[list[dict], list[str]]:
+    """On tiles, one image at a time, opened by `open_raster` (a TIFF or an image over 64 MP
+    by windows), never decoded whole unless it is small."""
     results, skipped = [], []
     for index in indices:
         record = dataset.records[index]
         try:
-            with open_raster(dataset.image_dir / record.file_name) as raster, \
-                    torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with open_raster(dataset.image_dir / record.file_name) as raster:
                 output = predict_tiled(model, raster, tile.size, tile.overlap, batch_size, tile.merge,
                                        max_detections=model.postprocessor.detections_per_image)
         except ImageReadError as err:
@@ -134,8 +136,8 @@ def _predict_tiled_dataset(model, dataset: DetectionDataset, indices: list[int],
             skipped.append(str(err))
             continue
         results.extend(to_coco_results(output, record.image_id, model.category_ids))
-    model.train(was_training)
     return results, skipped
+
 
 def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
     boxes = output["boxes"].float().cpu()
