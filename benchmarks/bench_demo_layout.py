@@ -20,20 +20,7 @@ import torch
 from retinanet.config import apply_overrides, load_config
 from retinanet.data.formats import open_dataset
 from retinanet.data.synthetic import generate_dataset
-from retinanet.engine.bench import training_step
-from retinanet.engine.train import build_optimizer
-from retinanet.model.build import build_retinanet
-
-
-def make_step(cfg, items, channels_last: bool):
-    torch.manual_seed(0)
-    model = build_retinanet(cfg.model).train()
-    if channels_last:
-        model.to_channels_last()
-    optimizer = build_optimizer(model, cfg.train, cfg.train.base_lr)
-    images = [image for image, _ in items]
-    targets = [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in items]
-    return training_step(model, images, targets, optimizer)
+from retinanet.engine.bench import demo_training_step
 
 
 def main() -> None:
@@ -46,7 +33,11 @@ def main() -> None:
         cfg = apply_overrides(cfg, [f"data.{k}={v}" for k, v in paths.items()])
         dataset = open_dataset(cfg.data, "train")
         items = [dataset[i] for i in range(16)]
-    variants = {(layout, batch): (make_step(cfg, items[:batch], layout == "channels-last"), batch)
+    images = [image for image, _ in items]
+    targets = [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in items]
+    cpu = torch.device("cpu")
+    variants = {(layout, batch): (demo_training_step(cfg, images[:batch], targets[:batch], cpu,
+                                                     layout == "channels-last"), batch)
                 for batch in (8, 16) for layout in ("NCHW", "channels-last")}
     for step, _ in variants.values():
         for _ in range(3):

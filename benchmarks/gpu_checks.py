@@ -29,6 +29,7 @@ import torch
 from retinanet.engine.bench import (
     _models,
     _photos,
+    alternate,
     optimized_copy,
     random_targets,
     training_step,
@@ -148,7 +149,6 @@ def profile(device: torch.device, batch_train: int, batch_infer: int, size, outp
     return out
 
 
-
 def select_batched(post, boxes, scores, labels, keep) -> list[dict[str, torch.Tensor]]:
     """The model's per-image selection (`PostProcessor.__call__` after `gather_candidates`) with
     one grouped NMS over every image's best `8 * detections_per_image` candidates, grouped
@@ -197,18 +197,9 @@ def batched_nms_experiment(device: torch.device, batch: int, size: tuple[int, in
     def batched():
         return select_batched(post, *post.gather_candidates(logits, deltas, anchors, sizes))
 
-    times = {}
     with torch.no_grad():
-        for name, fn in (("per_image", per_image), ("batched", batched)):
-            fn()
-            runs = []
-            for _ in range(repeat):
-                torch.cuda.synchronize() if device.type == "cuda" else None
-                started = time.perf_counter()
-                fn()
-                torch.cuda.synchronize() if device.type == "cuda" else None
-                runs.append(time.perf_counter() - started)
-            times[name] = round(sorted(runs)[len(runs) // 2], 5)
+        times = {name: round(t, 5) for name, t in alternate({"per_image": per_image, "batched": batched}, repeat,
+                                                             device).items()}
         a, b = per_image(), batched()
 
     def rows(det):  # order-free: equal scores may come out in either order
@@ -218,6 +209,7 @@ def batched_nms_experiment(device: torch.device, batch: int, size: tuple[int, in
     same = sum(rows(x) == rows(y) for x, y in zip(a, b))
     return {"seconds": times, "images_with_equal_detections": f"{same}/{len(a)}",
             "detections": sum(len(x["scores"]) for x in a)}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()

@@ -233,20 +233,27 @@ def bench_training(batch: int, size: tuple[int, int], repeat: int, device: torch
             "ratio_vs_torchvision": round(times["torchvision"] / times["ours"], 3), "peak_memory_mb": peaks}
 
 
+def demo_training_step(cfg, images: list[torch.Tensor], targets: list[dict], device: torch.device,
+                       channels_last: bool):
+    """The demo's training step (its model and AdamW, as `retinanet demo` builds them from
+    `cfg`, seeded) on fixed inputs, as a function to time."""
+    from ..engine.train import build_optimizer
+    from ..model.build import build_retinanet
+
+    torch.manual_seed(0)
+    model = build_retinanet(cfg.model).to(device).train()
+    if channels_last:
+        model.to_channels_last()
+    return training_step(model, images, targets, build_optimizer(model, cfg.train, cfg.train.base_lr))
+
+
 def bench_demo_step(repeat: int, device: torch.device) -> dict:
     """The embedded demo's training step as `retinanet demo` runs it (its config: ResNet-18,
     GroupNorm head, batch 8 at 128 px, AdamW, fp32): ours only, as torchvision has no such
     model; images per second."""
     from ..config import load_config
-    from ..engine.train import build_optimizer
-    from ..model.build import build_retinanet
 
     cfg = load_config("demo")
-    torch.manual_seed(0)
-    model = build_retinanet(cfg.model).to(device).train()
-    if cfg.train.channels_last:
-        model.to_channels_last()
-    optimizer = build_optimizer(model, cfg.train, cfg.train.base_lr)
     images = [im.to(device) for im in _photos(cfg.train.batch_size, 128, 128)]
     generator = torch.Generator().manual_seed(0)
     targets = []
@@ -258,7 +265,8 @@ def bench_demo_step(repeat: int, device: torch.device) -> dict:
                         "labels": torch.randint(0, cfg.model.num_classes, (n,), generator=generator).to(device)})
 
     peaks: dict[str, float] = {}
-    seconds = alternate({"ours": training_step(model, images, targets, optimizer)}, repeat, device, peaks)["ours"]
+    step = demo_training_step(cfg, images, targets, device, cfg.train.channels_last)
+    seconds = alternate({"ours": step}, repeat, device, peaks)["ours"]
     return {"case": f"demo training step batch {len(images)} at 128x128 (ours only)", "seconds": {"ours": seconds},
             "images_per_second": {"ours": round(len(images) / seconds, 3)}, "peak_memory_mb": peaks}
 
