@@ -99,7 +99,6 @@ def test_group_norm_head_has_no_conv_bias():
     assert all(c.bias is None for c in convs) and any(isinstance(m, nn.GroupNorm) for m in head.cls_subnet)
 
 
-
 @pytest.mark.parametrize("channels,groups", [(256, 32), (64, 32), (48, 24), (32, 16)])
 def test_group_norm_head_runs_on_a_1x1_level_at_any_width(channels, groups):
     """P7 of a 64 px tile is 1x1: with one channel a group (the old rule for 32 channels)
@@ -109,6 +108,7 @@ def test_group_norm_head_runs_on_a_1x1_level_at_any_width(channels, groups):
     with torch.no_grad():
         logits, deltas = head([torch.randn(2, channels, 1, 1)])
     assert logits[0].shape == (2, 9, 3) and torch.isfinite(deltas[0]).all()
+
 
 def test_multiscale_sizes_come_from_the_given_generator():
     """The preprocessor draws training sizes from the generator it is given, not from Python's

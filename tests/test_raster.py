@@ -162,7 +162,6 @@ def test_open_raster_names_the_file_of_a_bad_input(tmp_path):
         assert torch.equal(raster.read((10, 20, 250, 180)), torch.from_numpy(pixels[20:180, 10:250]).permute(2, 0, 1))
 
 
-
 def test_a_damaged_block_names_the_file_and_what_gdal_said(tmp_path):
     path = write_geotiff(tmp_path / "cut.tif", np.random.default_rng(0).integers(0, 256, (3, 512, 512), dtype=np.uint8))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header survives, later blocks do not
@@ -170,6 +169,7 @@ def test_a_damaged_block_names_the_file_and_what_gdal_said(tmp_path):
         assert raster.read((0, 0, 256, 256)).shape == (3, 256, 256)  # an intact block still reads
         with pytest.raises(ImageReadError, match=r"cut.tif: damaged or truncated image \((?!Read failed)"):
             raster.read((256, 256, 512, 512))
+
 
 def _apply(transform, x, y):
     a, b, c, d, e, f = tuple(transform)[:6]
