@@ -7,13 +7,15 @@
    torchvision's step for contrast;
 3. a profile of our bf16 training step at batch 16 and inference at batch 32 (800x1333):
    the CUDA kernels that take the time;
-4. an experiment for the 500 images/s inference target: post-processing of one batch of 32
-   as the model does it (NMS image by image) against one NMS launch for the whole batch
-   (`select_batched`), on the same head outputs: times and how many detections agree.
+4. for the 500 images/s inference target: post-processing of one batch of 32, NMS of the
+   shortlists image by image (torchvision's NMS) against all images at once (the model's
+   GPU path, `BatchedNMS`, eager and compiled), on the same head outputs: times and how
+   many agree.
 
 Writes checks.json and profile_*.txt to --output-dir; prints one JSON line per check.
 Usage: python benchmarks/gpu_checks.py --output-dir out [--device cuda] [--small]
-(`--small` runs every check at a toy size, also on the CPU, to try the script itself).
+[--only parity,syncs,profile,nms] (`--small` runs every check at a toy size, also on the
+CPU, to try the script itself).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from retinanet.engine.bench import (
     training_step,
 )
 
-from retinanet.model.postprocess import first_kept, grouped_nms
+from retinanet.model.postprocess import BatchedNMS, Detections, first_kept_batched, greedy_nms_per_image
 
 RESULTS: dict = {}
 
@@ -149,39 +151,13 @@ def profile(device: torch.device, batch_train: int, batch_infer: int, size, outp
     return out
 
 
-def select_batched(post, boxes, scores, labels, keep) -> list[dict[str, torch.Tensor]]:
-    """The model's per-image selection (`PostProcessor.__call__` after `gather_candidates`) with
-    one grouped NMS over every image's best `8 * detections_per_image` candidates, grouped
-    by (image, class); an image whose shortlist keeps too few falls back to `first_kept`
-    over all its candidates, as the model does. `nms_pre_per_class` is not handled."""
-    count = post.detections_per_image
-    batch, num_candidates = scores.shape
-    k = min(8 * count, num_candidates)
-    top, index = scores.masked_fill(~keep, -1.0).topk(k, dim=1)  # best first within each image
-    image = torch.arange(batch, device=scores.device)[:, None].expand(-1, k)
-    valid = top >= 0
-    cand_image, cand_index = image[valid], index[valid]
-    cand_boxes, cand_scores, cand_labels = boxes[cand_image, cand_index], top[valid], labels[cand_image, cand_index]
-    num_classes = int(labels.max()) + 1 if labels.numel() else 1
-    kept = grouped_nms(cand_boxes, cand_scores, cand_image * num_classes + cand_labels, post.nms_threshold)
-    kept = kept[torch.sort(cand_image[kept], stable=True).indices]  # image by image, best first in each
-    per_image = torch.bincount(cand_image[kept], minlength=batch).tolist()
-    totals = keep.sum(1).tolist()
-    results = []
-    for b, kept_b in enumerate(kept.split(per_image)):
-        if len(kept_b) >= count or totals[b] <= k:
-            picked = cand_index[kept_b[:count]]
-        else:
-            mask = keep[b]
-            picked = mask.nonzero()[:, 0][first_kept(boxes[b][mask], scores[b][mask], labels[b][mask],
-                                                     post.nms_threshold, count)]
-        results.append({"boxes": boxes[b, picked], "scores": scores[b, picked], "labels": labels[b, picked]})
-    return results
-
-
-def batched_nms_experiment(device: torch.device, batch: int, size: tuple[int, int], repeat: int = 10) -> dict:
+def nms_experiment(device: torch.device, batch: int, size: tuple[int, int], repeat: int = 10) -> dict:
     """Post-processing of one batch (bf16 head outputs of the optimized model on photos):
-    per image against `select_batched`; median seconds and the share of detections equal."""
+    NMS of the shortlists image by image (torchvision's NMS, one call per image) against all
+    images at once (`BatchedNMS`, eager and compiled), all through `first_kept_batched`;
+    median seconds of the selection and of the whole post-processing as the compiled model
+    runs it (`forward_inference`), and how many images' detections equal the per-image ones
+    (up to the order of tied scores)."""
     _, _, config, state = _models(device)
     fast = optimized_copy(config, state, device)
     fast.preprocessor.test_min_size, fast.preprocessor.max_size = min(size), max(size)
@@ -189,26 +165,33 @@ def batched_nms_experiment(device: torch.device, batch: int, size: tuple[int, in
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         prepared, _ = fast.preprocessor(images, None, training=False)
         logits, deltas, anchors = fast.run_network(prepared.tensor)
-    post, sizes = fast.postprocessor, prepared.image_sizes
+    post = fast.postprocessor
+    boxes, scores, labels, keep = post.gather_candidates(logits, deltas, anchors, prepared.image_sizes)
 
-    def per_image():
-        return post(logits, deltas, anchors, sizes)
+    def select(nms):
+        index, counts = first_kept_batched(boxes, scores, labels, keep, post.nms_threshold, post.detections_per_image,
+                                           nms)
+        return Detections(boxes.gather(1, index[..., None].expand(-1, -1, 4)), scores.gather(1, index),
+                          labels.gather(1, index), counts).split()
 
-    def batched():
-        return select_batched(post, *post.gather_candidates(logits, deltas, anchors, sizes))
-
+    ways = {"per_image": greedy_nms_per_image, "all_at_once": BatchedNMS(),
+            "all_at_once_compiled": BatchedNMS(compiled=True)}
     with torch.no_grad():
-        times = {name: round(t, 5) for name, t in alternate({"per_image": per_image, "batched": batched}, repeat,
-                                                             device).items()}
-        a, b = per_image(), batched()
+        times = alternate({name: (lambda nms=nms: select(nms)) for name, nms in ways.items()}, repeat, device)
+        fast.postprocessor.compile()
+        times["whole_postprocessing_compiled"] = alternate(
+            {"whole": lambda: fast.forward_inference(logits, deltas, anchors, prepared)}, repeat, device)["whole"]
+        results = {name: select(nms) for name, nms in ways.items()}
 
     def rows(det):  # order-free: equal scores may come out in either order
         table = torch.cat([det["scores"][:, None], det["boxes"], det["labels"][:, None].to(det["boxes"].dtype)], 1)
         return sorted(map(tuple, table.tolist()))
 
-    same = sum(rows(x) == rows(y) for x, y in zip(a, b))
-    return {"seconds": times, "images_with_equal_detections": f"{same}/{len(a)}",
-            "detections": sum(len(x["scores"]) for x in a)}
+    reference = results["per_image"]
+    same = {name: f"{sum(rows(x) == rows(y) for x, y in zip(reference, got))}/{len(got)}"
+            for name, got in results.items() if name != "per_image"}
+    return {"seconds": {k: round(t, 5) for k, t in times.items()}, "images_equal_to_per_image": same,
+            "detections": sum(len(x["scores"]) for x in reference), "candidates": int(keep.sum())}
 
 
 def main() -> None:
@@ -216,19 +199,24 @@ def main() -> None:
     parser.add_argument("--output-dir", default="gpu_checks")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="toy sizes, to try the script")
+    parser.add_argument("--only", default="parity,syncs,profile,nms", help="the checks to run, comma-separated")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     size, train_batch, infer_batch = ((128, 192), 2, 2) if args.small else ((800, 1333), 16, 32)
     report("environment", {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)
                            if device.type == "cuda" else "cpu"}, output_dir)
-    report("parity fp32 (vs torchvision)", parity(device, (128, 192) if args.small else (800, 1216)), output_dir)
-    if device.type == "cuda":
+    if "parity" in only:
+        report("parity fp32 (vs torchvision)", parity(device, (128, 192) if args.small else (800, 1216)), output_dir)
+    if "syncs" in only and device.type == "cuda":
         report("host syncs in one training step", count_syncs(device, 2 if args.small else 4, size), output_dir)
-    report("profile", profile(device, train_batch, infer_batch, size, output_dir), output_dir)
-    report("post-processing: per image vs one batched NMS", batched_nms_experiment(device, infer_batch, size),
-           output_dir)
+    if "profile" in only:
+        report("profile", profile(device, train_batch, infer_batch, size, output_dir), output_dir)
+    if "nms" in only:
+        report("post-processing: NMS image by image vs all images at once", nms_experiment(device, infer_batch, size),
+               output_dir)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="batch 1 at 800x1216 only, 2 repeats")
     p.add_argument("--only", default="", help="run only the cases whose name holds this text (e.g. inference)")
     p.add_argument("--output-dir", default="bench_output", help="gets bench.json and bench.png")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms at each new input size (both libraries)")
     p.add_argument("--append-results", metavar="MARKDOWN", help="append the table to this file "
                                                                 "(e.g. benchmarks/RESULTS.md)")
 
@@ -437,10 +439,10 @@ def _source_commit(folder: Path) -> str:
 def cmd_bench(args) -> int:
     from .engine.bench import markdown_table, run_bench
 
-    results = run_bench(args.device, args.quick, args.output_dir, args.only)
+    results = run_bench(args.device, args.quick, args.output_dir, args.only, args.cudnn_benchmark)
     commit = _source_commit(Path(__file__).parent)
     flags = [f"--device {args.device}"] + (["--quick"] if args.quick else []) + (
-        [f"--only {args.only}"] if args.only else [])
+        [f"--only {args.only}"] if args.only else []) + (["--cudnn-benchmark"] if args.cudnn_benchmark else [])
     table = markdown_table(results, "retinanet bench " + " ".join(flags), commit)
     print(table)
     if args.append_results:

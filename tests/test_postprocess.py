@@ -62,7 +62,18 @@ def test_nothing_over_threshold():
     assert all(len(o["boxes"]) == 0 for o in out)
 
 
-def test_batched_detections_equal_one_image_at_a_time():
+@pytest.fixture(params=["per_image", "batched"])
+def nms_kind(request, monkeypatch):
+    """Both ways of running NMS over the shortlists: image by image (what a CPU runs) and all
+    images at once (what a GPU runs), the latter forced onto the CPU."""
+    from retinanet.model import postprocess
+
+    if request.param == "batched":
+        monkeypatch.setattr(postprocess, "greedy_nms_per_image", postprocess.BatchedNMS())
+    return request.param
+
+
+def test_batched_detections_equal_one_image_at_a_time(nms_kind):
     """Batch 8, 91 classes, 800x1216-sized coordinates: the whole-batch NMS gives the same
     detections, bit for bit, as running each image alone."""
     from retinanet.model.anchors import AnchorGenerator
@@ -87,8 +98,6 @@ def test_batched_detections_equal_one_image_at_a_time():
 def test_clip_after_nms_like_detectron2():
     """`after_nms`: NMS sees the unclipped boxes (here two overlapping boxes that clipping
     would make identical survive), clipping and the empty-box drop come afterwards."""
-    from retinanet.model.postprocess import clip_and_drop_empty
-
     anchors = torch.tensor([[80.0, 0, 140, 40], [80, 60, 140, 100], [120, 0, 150, 10], [0, 0, 10, 10]])
     logits = _level({(0, 0): 0.9, (1, 0): 0.8, (2, 1): 0.7})
     args = ([logits], [torch.zeros(1, 4, 4)], [anchors], [(100, 100)])
@@ -96,11 +105,12 @@ def test_clip_after_nms_like_detectron2():
     after = PostProcessor(BoxCoder(), clip_boxes="after_nms")(*args)[0]
     assert len(before["boxes"]) == 2  # anchor 2 clipped to zero width and dropped before NMS
     assert len(after["boxes"]) == 3 and after["boxes"].max() == 150  # unclipped until the caller clips
-    clipped = clip_and_drop_empty(after, (100, 100))
+    clipped = PostProcessor(BoxCoder(), clip_boxes="after_nms").batched(*args).clipped([(100, 100)]).split()[0]
     assert clipped["boxes"].max() == 100 and len(clipped["boxes"]) == 2
+    assert torch.equal(clipped["scores"], after["scores"][:2])  # the empty one (score 0.7) dropped, order kept
 
 
-def test_batched_nms_is_exact_near_the_iou_threshold():
+def test_batched_nms_is_exact_near_the_iou_threshold(nms_kind):
     """Pairs of boxes at IoU 0.5 +- 1e-4, far from the origin, in the last image and class of
     a batch of 8 x 91: shifting groups apart must not round their coordinates (in float32
     the shift rounds them to ~0.06 px and flips the suppressions)."""
@@ -142,14 +152,14 @@ def test_chunked_topk_equals_topk(batch, n, k):
 
 
 @pytest.mark.parametrize("spread", [400.0, 3.0])
-def test_nms_over_a_shortlist_keeps_the_same_boxes_as_over_all(spread):
-    """`first_kept` runs NMS on the best 8 x count boxes and falls back to all of them when
-    too few survive; either way its result is what NMS over every box keeps first. With a
-    wide spread few boxes overlap (the shortlist suffices); with a narrow one nearly all
-    are suppressed and the fallback must be taken."""
+def test_nms_over_a_shortlist_keeps_the_same_boxes_as_over_all(spread, nms_kind):
+    """`first_kept_batched` runs NMS on the best 8 x count boxes and falls back to all of an
+    image's boxes when too few survive; either way its result is what torchvision's NMS over
+    every box keeps first. With a wide spread few boxes overlap (the shortlist suffices);
+    with a narrow one nearly all are suppressed and the fallback must be taken."""
     from torchvision.ops import batched_nms
 
-    from retinanet.model.postprocess import first_kept
+    from retinanet.model.postprocess import first_kept_batched
 
     generator = torch.Generator().manual_seed(1)
     n, count = 5000, 100
@@ -159,8 +169,84 @@ def test_nms_over_a_shortlist_keeps_the_same_boxes_as_over_all(spread):
     scores = torch.rand(n, generator=generator)
     groups = torch.randint(0, 3, (n,), generator=generator)
     expected = batched_nms(boxes.double(), scores.double(), groups, 0.5)[:count]  # torchvision's, every box
-    got = first_kept(boxes, scores, groups, 0.5, count)
-    assert torch.equal(got, expected)
+    index, counts = first_kept_batched(boxes[None], scores[None], groups[None], torch.ones(1, n, dtype=torch.bool),
+                                       0.5, count)
+    assert counts == [len(expected)] and torch.equal(index[0, : counts[0]], expected)
     shortlist = scores.argsort(descending=True)[: 8 * count]
     kept_in_shortlist = len(batched_nms(boxes[shortlist].double(), scores[shortlist].double(), groups[shortlist], 0.5))
     assert (kept_in_shortlist >= count) == (spread > 100)  # both paths are exercised
+
+
+def test_batched_nms_equals_torchvision_per_image():
+    """`BatchedNMS` over 6 images with different numbers of valid boxes, 4 classes,
+    clustered boxes: per image the boxes torchvision's `batched_nms` keeps, in its order."""
+    from torchvision.ops import batched_nms
+
+    from retinanet.model.postprocess import BatchedNMS
+
+    generator = torch.Generator().manual_seed(2)
+    batch, size = 6, 300
+    centres = torch.rand(batch, size, 2, generator=generator) * 120
+    wh = 10 + torch.rand(batch, size, 2, generator=generator) * 30
+    boxes = torch.cat([centres - wh / 2, centres + wh / 2], -1)
+    scores = torch.rand(batch, size, generator=generator).sort(dim=1, descending=True).values
+    groups = torch.randint(0, 4, (batch, size), generator=generator)
+    valid = torch.arange(size) < torch.tensor([300, 250, 1, 0, 120, 299])[:, None]
+    nms = BatchedNMS()
+    nms.max_pairs = 2 * size * size  # 3 chunks of 2 images
+    kept = nms(boxes, groups, valid, 0.5)
+    for b in range(batch):
+        n = int(valid[b].sum())
+        expected = batched_nms(boxes[b, :n].double(), scores[b, :n].double(), groups[b, :n], 0.5)
+        assert torch.equal(kept[b].nonzero()[:, 0], expected), b
+
+
+def test_batched_nms_follows_a_long_chain_of_suppressions():
+    """40 boxes in a row, each overlapping only the next by IoU > 0.5: greedy NMS keeps every
+    other one, which the rounds reach only after ~40 of them (a first round that kept only
+    boxes nothing overlaps would keep only the first)."""
+    from retinanet.model.postprocess import BatchedNMS
+
+    x = torch.arange(40, dtype=torch.float32) * 3.0
+    boxes = torch.stack([x, torch.zeros(40), x + 10, torch.full((40,), 10.0)], 1)  # IoU(i, i+1) = 7/13
+    kept = BatchedNMS()(boxes[None], torch.zeros(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.bool),
+                              0.5)
+    assert kept[0].nonzero()[:, 0].tolist() == list(range(0, 40, 2))
+
+
+def test_at_most_n_boxes_per_class_enter_nms():
+    """`nms_pre_per_class` (PaddleDetection's `nms_top_k`): only the best n candidates of each
+    class and image go to NMS, so a class's (n+1)-th box survives nowhere even when nothing
+    would suppress it; other classes and images keep theirs."""
+    far = torch.tensor([[0.0, 0, 10, 10], [30, 30, 40, 40], [60, 60, 70, 70], [90, 90, 99, 99]])
+    logits = torch.cat([_level({(0, 0): 0.9, (1, 0): 0.8, (2, 0): 0.7, (3, 1): 0.6}),
+                        _level({(0, 1): 0.5, (1, 1): 0.95, (2, 0): 0.3, (3, 0): 0.4})])
+    args = ([logits], [torch.zeros(2, 4, 4)], [far], [(100, 100)] * 2)
+    capped = PostProcessor(BoxCoder(), nms_pre_per_class=2)(*args)
+    assert [o["scores"].tolist() for o in capped] == [torch.tensor([0.9, 0.8, 0.6]).tolist(),
+                                                      torch.tensor([0.95, 0.5, 0.4, 0.3]).tolist()]
+    uncapped = PostProcessor(BoxCoder())(*args)
+    assert len(uncapped[0]["scores"]) == 4
+
+
+def test_compiled_batched_nms_keeps_what_the_eager_one_keeps():
+    """`BatchedNMS(compiled=True)` (torch.compile's inductor, on the CPU here; on a GPU the
+    same graph becomes Triton kernels) keeps what torchvision's NMS keeps, at two sizes of
+    shortlist (the second goes through the graph compiled for dynamic shapes)."""
+    from torchvision.ops import batched_nms
+
+    from retinanet.model.postprocess import BatchedNMS
+
+    generator = torch.Generator().manual_seed(3)
+    compiled = BatchedNMS(compiled=True)
+    for batch, size in [(4, 200), (3, 350)]:
+        centres = torch.rand(batch, size, 2, generator=generator) * 100
+        wh = 10 + torch.rand(batch, size, 2, generator=generator) * 30
+        boxes = torch.cat([centres - wh / 2, centres + wh / 2], -1)
+        groups = torch.randint(0, 3, (batch, size), generator=generator)
+        valid = torch.arange(size) < torch.randint(1, size + 1, (batch, 1), generator=generator)
+        kept = compiled(boxes, groups, valid, 0.5)
+        for b in range(batch):
+            n = int(valid[b].sum())
+            expected = batched_nms(boxes[b, :n].double(), -torch.arange(n, dtype=torch.float64), groups[b, :n], 0.5)
+            assert torch.equal(kept[b].nonzero()[:, 0], expected.sort().values), (batch, b)

@@ -13,8 +13,8 @@ from .fpn import FPN
 from .head import RetinaNetHead
 from .losses import ForegroundReducer, RetinaNetLoss
 from .matching import FOREGROUND, AnchorMatcher
-from .postprocess import PostProcessor, clip_and_drop_empty
-from .preprocess import ImageBatch, Preprocessor, scale_boxes
+from .postprocess import PostProcessor
+from .preprocess import ImageBatch, Preprocessor
 
 
 class RetinaNet(nn.Module):
@@ -125,12 +125,11 @@ class RetinaNet(nn.Module):
 
     def forward_inference(self, logits, deltas, anchors, batch: ImageBatch,
                           score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
-        results = self.postprocessor(logits, deltas, anchors, batch.image_sizes, score_threshold)
-        for result, size, original in zip(results, batch.image_sizes, batch.original_sizes):
-            result["boxes"] = scale_boxes(result["boxes"], size, original)
-            if self.postprocessor.clip_boxes == "after_nms":
-                result.update(clip_and_drop_empty(result, original))
-        return results
+        detections = self.postprocessor.batched(logits, deltas, anchors, batch.image_sizes, score_threshold)
+        detections = detections.scaled(batch.image_sizes, batch.original_sizes)
+        if self.postprocessor.clip_boxes == "after_nms":
+            detections = detections.clipped(batch.original_sizes)
+        return detections.split()
 
     # ------------------------------------------------------------------ convenience
     @torch.inference_mode()
