@@ -194,6 +194,43 @@ def nms_experiment(device: torch.device, batch: int, size: tuple[int, int], repe
             "detections": sum(len(x["scores"]) for x in reference), "candidates": int(keep.sum())}
 
 
+def nms_profile(device: torch.device, batch: int, size: tuple[int, int], output_dir: Path) -> dict:
+    """Where the compiled post-processing of one batch spends its time: CUDA kernels of one
+    `forward_inference` (profile_postprocess.txt), the NMS rounds taken and the images that
+    fell back to NMS over all their candidates."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _, _, config, state = _models(device)
+    fast = optimized_copy(config, state, device)
+    fast.preprocessor.test_min_size, fast.preprocessor.max_size = min(size), max(size)
+    images = [im.to(device) for im in _photos(batch, *size)]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        prepared, _ = fast.preprocessor(images, None, training=False)
+        logits, deltas, anchors = fast.run_network(prepared.tensor)
+    post = fast.postprocessor.compile()
+    rounds = []
+    step = post.nms.round
+    post.nms.round = lambda *args: rounds.append(1) or step(*args)
+    with torch.no_grad():
+        for _ in range(2):
+            fast.forward_inference(logits, deltas, anchors, prepared)
+        rounds.clear()
+        boxes, scores, labels, keep = post.gather_candidates(logits, deltas, anchors, prepared.image_sizes)
+        _, counts = first_kept_batched(boxes, scores, labels, keep, post.nms_threshold, post.detections_per_image,
+                                       post.nms)
+        taken = len(rounds)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            fast.forward_inference(logits, deltas, anchors, prepared)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    (output_dir / "profile_postprocess.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    short = 8 * post.detections_per_image
+    fell_back = sum(1 for c, v in zip(counts, keep.sum(1).tolist()) if c < post.detections_per_image and v > short)
+    return {"nms_rounds": taken, "images_falling_back_to_all_candidates": fell_back, "kept": sum(counts)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output-dir", default="gpu_checks")
@@ -214,6 +251,8 @@ def main() -> None:
         report("host syncs in one training step", count_syncs(device, 2 if args.small else 4, size), output_dir)
     if "profile" in only:
         report("profile", profile(device, train_batch, infer_batch, size, output_dir), output_dir)
+    if "nms_profile" in only:
+        report("post-processing profile", nms_profile(device, infer_batch, size, output_dir), output_dir)
     if "nms" in only:
         report("post-processing: NMS image by image vs all images at once", nms_experiment(device, infer_batch, size),
                output_dir)

@@ -237,8 +237,10 @@ class BatchedNMS:
 
     def __init__(self, compiled: bool = False):
         self.max_pairs = 2**28 if compiled else 2**25
-        self.suppression = torch.compile(suppression_matrix, dynamic=True) if compiled else suppression_matrix
-        self.round = torch.compile(_nms_round, dynamic=True) if compiled else _nms_round
+        # shapes are specialised first (index arithmetic with constants is much cheaper in the
+        # kernels) and made dynamic if they change
+        self.suppression = torch.compile(suppression_matrix) if compiled else suppression_matrix
+        self.round = torch.compile(_nms_round) if compiled else _nms_round
 
     def __call__(self, boxes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
                  iou_threshold: float) -> torch.Tensor:
@@ -247,32 +249,34 @@ class BatchedNMS:
         kept = []
         for start in range(0, batch, chunk):
             part = slice(start, start + chunk)
-            suppresses = self.suppression(boxes[part], groups[part], valid[part], iou_threshold)
+            suppressed_by = self.suppression(boxes[part], groups[part], valid[part], iou_threshold)
             part_kept = valid[part]
-            for _ in range(size + 1):  # r rounds settle the first r boxes: never more than size + 1
-                now = self.round(suppresses, part_kept, valid[part])
-                if torch.equal(now, part_kept):
+            # two rounds per check: one read-back for every two; r rounds settle the first r boxes
+            for _ in range(size // 2 + 1):
+                once = self.round(suppressed_by, part_kept, valid[part])
+                twice = self.round(suppressed_by, once, valid[part])
+                if torch.equal(once, twice):  # `once` is a fixed point
                     break
-                part_kept = now
+                part_kept = twice
             else:
                 raise RuntimeError("NMS rounds did not settle: the suppression matrix is not triangular")
-            kept.append(part_kept)
+            kept.append(once)
         return torch.cat(kept) if kept else valid.clone()
 
 
 def suppression_matrix(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
                        iou_threshold: float) -> torch.Tensor:
-    """`(B, S, S)` bool: [b, j, i] when box j (valid, of i's group, before i) overlaps box i
-    by IoU > `iou_threshold`."""
+    """`(B, S, S)` bool: [b, i, j] when box j (valid, of i's group, before i) overlaps box i
+    by IoU > `iou_threshold` (a row per box, so that a round reduces contiguous memory)."""
     size = groups.shape[1]
     position = torch.arange(size, device=groups.device)
-    earlier = position[:, None] < position[None, :]
+    earlier = position[None, :] < position[:, None]
     return (_iou_above(boxes.double(), iou_threshold) & (groups[:, :, None] == groups[:, None, :])
-            & valid[:, :, None] & earlier)
+            & valid[:, None, :] & earlier)
 
 
-def _nms_round(suppresses: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return valid & ~(suppresses & kept[:, :, None]).any(1)
+def _nms_round(suppressed_by: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return valid & ~(suppressed_by & kept[:, None, :]).any(-1)
 
 
 def greedy_nms_per_image(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
@@ -287,7 +291,7 @@ def greedy_nms_per_image(boxes: torch.Tensor, groups: torch.Tensor, valid: torch
 
 
 def _iou_above(boxes: torch.Tensor, threshold: float) -> torch.Tensor:
-    """`(B, S, S)` bool: IoU of boxes j and i `(B, S, 4)` over `threshold`, computed as
+    """`(B, S, S)` bool: IoU of boxes i and j `(B, S, 4)` over `threshold`, computed as
     torchvision's NMS kernels do (intersection / (area_i + area_j - intersection))."""
     x1, y1, x2, y2 = boxes.unbind(-1)
     area = (x2 - x1) * (y2 - y1)
