@@ -172,3 +172,29 @@ def test_training_forward_runs_no_collective(monkeypatch):
     # per process the loss is divided by (global count / processes) = 1.5x this batch's count
     assert torch.allclose(reduced["loss_cls"] * 1.5, plain["loss_cls"], rtol=1e-5)
     assert torch.allclose(reduced["loss_box"] * 1.5, plain["loss_box"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("channel_order", ["RGB", "BGR"])
+def test_images_of_one_shape_are_preprocessed_together_with_the_same_numbers(channel_order):
+    """Same-shaped images are normalised and resized as one batch: each comes out bit for bit
+    as it does alone, in its place; an image already at its target size is left unresized,
+    equal to what bilinear resizing by 1 gives."""
+    import torch.nn.functional as F
+
+    from retinanet.model.preprocess import Preprocessor
+
+    pre = Preprocessor([64], 96, 200, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], channel_order=channel_order)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(50, 60), (70, 40), (50, 60), (96, 120), (50, 60)]
+    images = [torch.randint(0, 256, (3, *s), generator=generator, dtype=torch.uint8) for s in shapes]
+    together, _ = pre(images)
+    for i, image in enumerate(images):
+        alone, _ = pre([image])
+        h, w = together.image_sizes[i]
+        assert together.image_sizes[i] == alone.image_sizes[0]
+        assert torch.equal(together.tensor[i, :, :h, :w], alone.tensor[0, :, :h, :w]), i
+    assert together.image_sizes[3] == (96, 120)  # short side already 96: not resized
+    normalized = pre.normalize(images[3])
+    resized = F.interpolate(normalized[None], scale_factor=1.0, mode="bilinear", recompute_scale_factor=True,
+                            align_corners=False)[0]
+    assert torch.equal(together.tensor[3, :, :96, :120], resized)

@@ -50,25 +50,39 @@ class Preprocessor:
         `generator` (torch's default generator when None)."""
         if not images:
             raise ValueError("no images to process (empty batch)")
-        out_images, out_targets, sizes, originals = [], [], [], []
+        originals, min_sizes = [], []
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"image {i}: expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
             originals.append((int(image.shape[-2]), int(image.shape[-1])))
-            image = self.normalize(image)
             if self.resize:
-                min_size = self.draw_min_size(generator) if training else self.test_min_size
-                self.check_size(originals[-1], min_size, f"image {i}")
-                image = self.resize_image(image, min_size)
-            new_size = (int(image.shape[-2]), int(image.shape[-1]))
-            if targets is not None:
-                target = dict(targets[i])
-                target["boxes"] = scale_boxes(target["boxes"], originals[-1], new_size)
-                out_targets.append(target)
-            out_images.append(image)
-            sizes.append(new_size)
-        batch = ImageBatch(self.pad(out_images), sizes, originals)
-        return batch, (out_targets if targets is not None else None)
+                min_sizes.append(self.draw_min_size(generator) if training else self.test_min_size)
+                self.check_size(originals[-1], min_sizes[-1], f"image {i}")
+        out_images = self.normalize_and_resize(images, min_sizes)
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in out_images]
+        out_targets = None
+        if targets is not None:
+            out_targets = [dict(target, boxes=scale_boxes(target["boxes"], original, size))
+                           for target, original, size in zip(targets, originals, sizes)]
+        return ImageBatch(self.pad(out_images), sizes, originals), out_targets
+
+    def normalize_and_resize(self, images: list[torch.Tensor], min_sizes: list[int]) -> list[torch.Tensor]:
+        """Images of the same shape, type, device and target size go through as one batch (a
+        batch of 32 photos: a handful of kernel launches instead of ~200); the same numbers as
+        one at a time."""
+        groups: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            key = (tuple(image.shape), image.dtype, image.device, min_sizes[i] if self.resize else None)
+            groups.setdefault(key, []).append(i)
+        out: list[torch.Tensor] = [images[0]] * len(images)
+        for key, members in groups.items():
+            stacked = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
+            stacked = self.normalize(stacked)
+            if self.resize:
+                stacked = self.resize_images(stacked, key[-1])
+            for i, image in zip(members, stacked):
+                out[i] = image
+        return out
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if image.dtype == torch.uint8:
@@ -76,7 +90,7 @@ class Preprocessor:
         elif self.pixel_scale != 1.0:
             image = image.float() * self.pixel_scale
         if self.bgr:
-            image = image.flip(0)
+            image = image.flip(-3)
         mean, std = self.mean_std(image.device)
         return (image - mean) / std
 
@@ -109,11 +123,15 @@ class Preprocessor:
             raise ValueError(f"{name}: {size[1]}x{size[0]} px is too elongated for an input of at most "
                              f"{self.max_size} px (a side would be 0 px after resizing); crop or tile it")
 
-    def resize_image(self, image: torch.Tensor, min_size: int) -> torch.Tensor:
-        """Bilinear resize by one scale factor."""
-        scale = self.scale_factor(tuple(image.shape[-2:]), min_size)
-        return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                             recompute_scale_factor=True, align_corners=False)[0]
+    def resize_images(self, images: torch.Tensor, min_size: int) -> torch.Tensor:
+        """Bilinear resize of `(N, 3, H, W)` images by one scale factor; none where that leaves
+        the size as it is (bilinear weights are then exactly 1 and 0)."""
+        size = tuple(images.shape[-2:])
+        scale = self.scale_factor(size, min_size)
+        if all(math.floor(side * scale) == side for side in size):
+            return images
+        return F.interpolate(images, scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                             align_corners=False)
 
     def pad(self, images: list[torch.Tensor]) -> torch.Tensor:
         d = self.size_divisibility
