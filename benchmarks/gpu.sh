@@ -2,11 +2,13 @@
 # The GPU figures of issue 17, in one run on a machine with one CUDA GPU (e.g. an H100):
 #   1. benchmarks/gpu_checks.py: parity with torchvision on the GPU (fp32), host syncs in one
 #      training step (ours and torchvision's), a kernel profile of our training and inference, and the
-#      post-processing experiment (NMS image by image vs one batched launch, same head outputs);
-#   2. `retinanet bench --device cuda`: inference at batch 32, 800x1333, bf16 autocast (ours:
-#      BatchNorm folded + channels-last); training at batch 16, 800x1333, bf16 + channels-last,
-#      eager, then with torch.compile on the networks of both libraries (ours: matching and
-#      losses too). Ours and torchvision's alternate in one process.
+#      post-processing experiment (NMS image by image vs all images at once, eager and compiled,
+#      same head outputs);
+#   2. `retinanet bench --device cuda --cudnn-benchmark`: inference at batch 32, 800x1333, bf16
+#      autocast (ours: BatchNorm folded + channels-last); training at batch 16, 800x1333, bf16 +
+#      channels-last, eager, then with torch.compile on the networks of both libraries (ours:
+#      matching and losses in training, NMS in inference, too). Ours and torchvision's alternate
+#      in one process; cuDNN picks its algorithms by timing them, for both (the sizes are fixed).
 # Targets on one H100: training >= 1.5x torchvision's images/s and >= 150 images/s; inference >= 500 images/s.
 # Usage: bash benchmarks/gpu.sh [output dir, default bench_gpu]; RESULTS=path appends the table there
 # (default benchmarks/RESULTS.md); PYTHON=python picks the interpreter (default .venv/bin/python, else python3).
@@ -20,6 +22,6 @@ mkdir -p "$OUT_DIR"
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
 status=0
 PYTHONPATH=. "$PYTHON" benchmarks/gpu_checks.py --output-dir "$OUT_DIR" || status=1
-"$PYTHON" -m retinanet.cli bench --device cuda ${QUICK:+--quick} --output-dir "$OUT_DIR" \
+"$PYTHON" -m retinanet.cli bench --device cuda --cudnn-benchmark ${QUICK:+--quick} --output-dir "$OUT_DIR" \
   --append-results "${RESULTS:-benchmarks/RESULTS.md}" || status=1
 exit $status

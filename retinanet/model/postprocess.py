@@ -194,7 +194,7 @@ def first_kept_batched(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.
     (NMS image by image took ~1.2 ms of launches and a read-back each), and a CPU runs
     `greedy_nms_per_image`, cheaper there as it skips suppressed boxes.
     """
-    batch, num = scores.shape
+    batch = scores.shape[0]
     order = scores.masked_fill(~valid, float("-inf")).sort(dim=1, descending=True, stable=True).indices
     shortlist = order[:, : 8 * count]
     width = min(count, shortlist.shape[1])
