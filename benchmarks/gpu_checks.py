@@ -151,13 +151,9 @@ def profile(device: torch.device, batch_train: int, batch_infer: int, size, outp
     return out
 
 
-def nms_experiment(device: torch.device, batch: int, size: tuple[int, int], repeat: int = 10) -> dict:
-    """Post-processing of one batch (bf16 head outputs of the optimized model on photos):
-    NMS of the shortlists image by image (torchvision's NMS, one call per image) against all
-    images at once (`BatchedNMS`, eager and compiled), all through `first_kept_batched`;
-    median seconds of the selection and of the whole post-processing as the compiled model
-    runs it (`forward_inference`), and how many images' detections equal the per-image ones
-    (up to the order of tied scores)."""
+def _head_outputs(device: torch.device, batch: int, size: tuple[int, int]):
+    """The optimized model and its bf16 (on a GPU) head outputs for `batch` photos of `size`:
+    model, prepared batch, logits, deltas, anchors."""
     _, _, config, state = _models(device)
     fast = optimized_copy(config, state, device)
     fast.preprocessor.test_min_size, fast.preprocessor.max_size = min(size), max(size)
@@ -165,6 +161,17 @@ def nms_experiment(device: torch.device, batch: int, size: tuple[int, int], repe
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         prepared, _ = fast.preprocessor(images, None, training=False)
         logits, deltas, anchors = fast.run_network(prepared.tensor)
+    return fast, prepared, logits, deltas, anchors
+
+
+def nms_experiment(device: torch.device, batch: int, size: tuple[int, int], repeat: int = 10) -> dict:
+    """Post-processing of one batch (bf16 head outputs of the optimized model on photos):
+    NMS of the shortlists image by image (torchvision's NMS, one call per image) against all
+    images at once (`BatchedNMS`, eager and compiled), all through `first_kept_batched`;
+    median seconds of the selection and of the whole post-processing as the compiled model
+    runs it (`forward_inference`), and how many images' detections equal the per-image ones
+    (up to the order of tied scores)."""
+    fast, prepared, logits, deltas, anchors = _head_outputs(device, batch, size)
     post = fast.postprocessor
     boxes, scores, labels, keep = post.gather_candidates(logits, deltas, anchors, prepared.image_sizes)
 
@@ -201,13 +208,7 @@ def nms_profile(device: torch.device, batch: int, size: tuple[int, int], output_
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    _, _, config, state = _models(device)
-    fast = optimized_copy(config, state, device)
-    fast.preprocessor.test_min_size, fast.preprocessor.max_size = min(size), max(size)
-    images = [im.to(device) for im in _photos(batch, *size)]
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        prepared, _ = fast.preprocessor(images, None, training=False)
-        logits, deltas, anchors = fast.run_network(prepared.tensor)
+    fast, prepared, logits, deltas, anchors = _head_outputs(device, batch, size)
     post = fast.postprocessor.compile()
     rounds = []
     step = post.nms.round
