@@ -250,3 +250,27 @@ def test_compiled_batched_nms_keeps_what_the_eager_one_keeps():
             n = int(valid[b].sum())
             expected = batched_nms(boxes[b, :n].double(), -torch.arange(n, dtype=torch.float64), groups[b, :n], 0.5)
             assert torch.equal(kept[b].nonzero()[:, 0], expected.sort().values), (batch, b)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_pairs_are_the_top_k_over_all_pairs(ties):
+    """`top_pairs` (best anchors first, then their classes) selects what one top-k over every
+    (anchor, class) pair selects: the same pairs without ties, the same values with many
+    (integer logits, as bf16 logits tie), also when an anchor's classes all beat the rest and
+    for a level with fewer anchors than k."""
+    from retinanet.model.postprocess import top_pairs
+
+    generator = torch.Generator().manual_seed(4)
+    for batch, anchors, classes, k in [(2, 5000, 91, 1000), (3, 700, 20, 1000), (1, 3000, 4, 50)]:
+        if ties:
+            logits = (torch.randn(batch, anchors, classes, generator=generator) * 3).round()
+        else:  # distinct values
+            logits = torch.stack([torch.randperm(anchors * classes, generator=generator) for _ in range(batch)])
+            logits = logits.reshape(batch, anchors, classes).float() / 1000 - 5
+        logits[0, 7] = 1000.0 + torch.arange(classes)  # one anchor holds the best `classes` pairs
+        values, anchor_idx, labels = top_pairs(logits, k)
+        expected_values, expected_idx = logits.reshape(batch, -1).topk(min(k, anchors * classes), dim=1)
+        assert torch.equal(values, expected_values)
+        assert torch.equal(values, logits[torch.arange(batch)[:, None], anchor_idx, labels])
+        if not ties:
+            assert torch.equal(anchor_idx * classes + labels, expected_idx)

@@ -147,10 +147,27 @@ class PostProcessor:
             labels = torch.arange(num_classes, device=level_logits.device).expand(batch, k, num_classes)
             anchor_idx = anchor_idx[..., None].expand(-1, -1, num_classes)
             return top_logits.reshape(batch, -1), anchor_idx.reshape(batch, -1), labels.reshape(batch, -1)
-        flat = level_logits.reshape(batch, -1)
-        k = min(self.topk_candidates, flat.shape[1])
-        top_logits, top_idx = chunked_topk(flat, k)  # sigmoid is monotonic: select on logits
-        return top_logits, top_idx // num_classes, top_idx % num_classes
+        return top_pairs(level_logits, self.topk_candidates)  # sigmoid is monotonic: select on logits
+
+
+def top_pairs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best `k` (anchor, class) pairs of `logits (B, A, K)`: values, anchor indices and
+    classes, each `(B, k)`, best first (the same values as one top-k over all A x K pairs;
+    indices may differ among exact ties).
+
+    They lie among the k anchors whose best class scores highest: an anchor outside those has
+    k better pairs (each of those anchors' best one) above every pair of its own. So one pass
+    takes each anchor's best class and a top-k runs over A anchors and then k x K pairs,
+    instead of over A x K pairs (12M at P3 of an 800x1216 image, 91 classes)."""
+    batch, num_anchors, num_classes = logits.shape
+    k = min(k, num_anchors * num_classes)
+    if num_anchors > k:
+        anchors = chunked_topk(logits.amax(-1), k)[1]  # (B, k)
+        logits = torch.gather(logits, 1, anchors[..., None].expand(-1, -1, num_classes))
+    else:
+        anchors = torch.arange(num_anchors, device=logits.device).expand(batch, -1)
+    values, index = logits.reshape(batch, -1).topk(k, dim=1)
+    return values, anchors.gather(1, index // num_classes), index % num_classes
 
 
 def chunked_topk(values: torch.Tensor, k: int, chunks: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
