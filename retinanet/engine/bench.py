@@ -154,7 +154,8 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
     ours.eval(), tv.eval()
     if compile:
         _compile_networks(tv, ours, fast)
-        ours.postprocessor.compile(), fast.postprocessor.compile()  # its NMS kernels (GPU only)
+        for model in (ours, fast):
+            model.postprocessor.compile()  # our NMS kernels (used on a GPU only)
     short, long = min(size), max(size)
     tv.transform.min_size, tv.transform.max_size = (short,), long
     for model in (ours, fast):
