@@ -8,6 +8,7 @@ import torch
 from torchvision.ops import nms
 
 from .box_coding import BoxCoder
+from .preprocess import scale_ratios
 
 
 @dataclass
@@ -21,18 +22,14 @@ class Detections:
     counts: list[int]
 
     def scaled(self, from_sizes: list[tuple[int, int]], to_sizes: list[tuple[int, int]]) -> "Detections":
-        """Boxes scaled from images of `from_sizes (h, w)` to `to_sizes`, with float32 ratios
-        (as torchvision computes them)."""
-        ratios = [(float(torch.tensor(tw, dtype=torch.float32) / torch.tensor(fw, dtype=torch.float32)),
-                   float(torch.tensor(th, dtype=torch.float32) / torch.tensor(fh, dtype=torch.float32)))
-                  for (fh, fw), (th, tw) in zip(from_sizes, to_sizes)]
-        factor = torch.tensor([[rw, rh, rw, rh] for rw, rh in ratios], dtype=torch.float32).to(self.boxes.device)
+        """Boxes scaled from images of `from_sizes (h, w)` to `to_sizes` (`scale_ratios`)."""
+        ratios = [scale_ratios(size, to_size) for size, to_size in zip(from_sizes, to_sizes)]
+        factor = torch.tensor([[rw, rh, rw, rh] for rh, rw in ratios], dtype=torch.float32).to(self.boxes.device)
         return replace(self, boxes=self.boxes * factor[:, None, :])
 
     def clipped(self, sizes: list[tuple[int, int]]) -> "Detections":
         """Boxes clipped to `sizes (h, w)`, those left empty dropped (order kept)."""
-        limit = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=self.boxes.dtype).to(self.boxes.device)
-        boxes = torch.minimum(self.boxes.clamp(min=0), limit[:, None, :])
+        boxes = clip_to_sizes(self.boxes, sizes)
         counts = torch.tensor(self.counts, device=boxes.device)
         keep = ((boxes[..., 2:] - boxes[..., :2]) > 0).all(-1)
         keep &= torch.arange(boxes.shape[1], device=boxes.device) < counts[:, None]
@@ -118,7 +115,6 @@ class PostProcessor:
         (decoded, clipped unless `clip_boxes` is "after_nms"), scores `(B, C)`, labels `(B, C)`
         and `keep (B, C)`, the ones over the score threshold and not empty. Reads nothing back."""
         threshold = self.score_threshold if score_threshold is None else score_threshold
-        device = logits[0].device
         boxes, scores, labels = [], [], []
         for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors):
             top_logits, anchor_idx, label = self._level_candidates(level_logits)
@@ -128,11 +124,9 @@ class PostProcessor:
             labels.append(label)
         boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)  # (B, C, ...)
 
-        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) as (h, w)
         keep = scores > threshold
         if self.clip_boxes == "before_nms":
-            limit = sizes.flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4) as (w, h, w, h)
-            boxes = torch.minimum(boxes.clamp(min=0), limit)
+            boxes = clip_to_sizes(boxes, image_sizes)
         if self.clip_boxes != "after_nms":
             keep &= (boxes[..., 2:] - boxes[..., :2] > self.min_box_size).all(-1)
         return boxes, scores, labels, keep
@@ -148,6 +142,12 @@ class PostProcessor:
             anchor_idx = anchor_idx[..., None].expand(-1, -1, num_classes)
             return top_logits.reshape(batch, -1), anchor_idx.reshape(batch, -1), labels.reshape(batch, -1)
         return top_pairs(level_logits, self.topk_candidates)  # sigmoid is monotonic: select on logits
+
+
+def clip_to_sizes(boxes: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """`boxes (B, N, 4)` xyxy clipped to each image's `(h, w)` in `sizes`."""
+    limit = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=boxes.dtype, device=boxes.device)
+    return torch.minimum(boxes.clamp(min=0), limit[:, None, :])
 
 
 def top_pairs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

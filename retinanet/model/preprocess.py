@@ -79,7 +79,7 @@ class Preprocessor:
             stacked = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
             stacked = self.normalize(stacked)
             if self.resize:
-                stacked = self.resize_images(stacked, key[-1])
+                stacked = self.resize_images(stacked, min_sizes[members[0]])
             for i, image in zip(members, stacked):
                 out[i] = image
         return out
@@ -148,11 +148,17 @@ class Preprocessor:
 def scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
     """Scale `(N, 4)` xyxy boxes from an image of `from_size (h, w)` to one of `to_size`.
 
-    The ratios are float32 (as torchvision computes them) but applied as scalars: a ratio
-    tensor would be copied to the boxes' device, and on a GPU such a copy waits for it."""
-    ratio_h, ratio_w = (float(torch.tensor(t, dtype=torch.float32) / torch.tensor(f, dtype=torch.float32))
-                        for t, f in zip(to_size, from_size))
+    The ratios are applied as scalars: a ratio tensor would be copied to the boxes' device,
+    and on a GPU such a copy waits for it."""
+    ratio_h, ratio_w = scale_ratios(from_size, to_size)
     scaled = boxes.clone() if boxes.is_floating_point() else boxes.to(torch.float32)
     scaled[..., 0::2] *= ratio_w
     scaled[..., 1::2] *= ratio_h
     return scaled
+
+
+def scale_ratios(from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[float, float]:
+    """`(h, w)` ratios from an image of `from_size (h, w)` to one of `to_size`, computed in
+    float32 as torchvision computes them."""
+    return tuple(float(torch.tensor(t, dtype=torch.float32) / torch.tensor(f, dtype=torch.float32))
+                 for f, t in zip(from_size, to_size))
