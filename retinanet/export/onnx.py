@@ -63,20 +63,23 @@ class ExportedDetector(nn.Module):
         self.bgr = pre.bgr
 
     def level_candidates(self, level_logits: torch.Tensor):
-        """`PostProcessor._level_candidates` with a top-k size that follows the input size in the
-        graph (a small input has levels with fewer than `topk_candidates` entries)."""
+        """`PostProcessor._level_candidates` with top-k sizes that follow the input size in the
+        graph (a small input has levels with fewer than `topk_candidates` entries). Both modes
+        first take the top-k anchors by their best class (`per_anchor` keeps all their classes;
+        `per_class` then the top-k of those pairs, which are the level's best pairs: `top_pairs`)."""
         post = self.model.postprocessor
         batch, _, num_classes = level_logits.shape
+        best = level_logits.amax(-1)
+        anchor_idx = best.topk(_topk_min(best, post.topk_candidates), dim=1).indices  # (B, k)
+        top_logits = torch.gather(level_logits, 1, anchor_idx[..., None].expand(-1, -1, num_classes))
         if post.candidates == "per_anchor":
-            best = level_logits.max(-1).values
-            anchor_idx = best.topk(_topk_min(best, post.topk_candidates), dim=1).indices
-            top_logits = torch.gather(level_logits, 1, anchor_idx[..., None].expand(-1, -1, num_classes))
             labels = torch.arange(num_classes, device=level_logits.device).expand_as(top_logits)
             anchor_idx = anchor_idx[..., None].expand_as(top_logits)
             return top_logits.reshape(batch, -1), anchor_idx.reshape(batch, -1), labels.reshape(batch, -1)
-        flat = level_logits.reshape(batch, -1)
+        flat = top_logits.reshape(batch, -1)
         top_logits, top_idx = flat.topk(_topk_min(flat, post.topk_candidates), dim=1)
-        return top_logits, torch.div(top_idx, num_classes, rounding_mode="floor"), top_idx % num_classes
+        anchor_idx = anchor_idx.gather(1, torch.div(top_idx, num_classes, rounding_mode="floor"))
+        return top_logits, anchor_idx, top_idx % num_classes
 
     def anchors(self, features: list[torch.Tensor], images: torch.Tensor) -> list[torch.Tensor]:
         """The model's own anchors, from sizes read inside the graph (so that they follow a
