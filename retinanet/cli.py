@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in this process)")
     p.add_argument("--save-txt", choices=["yolo", "csv"],
                    help="also one label file per image in OUTPUT_DIR/labels: YOLO txt or CSV rows")
+    p.add_argument("--amp", choices=["none", "auto", "bf16", "fp16"], default="none",
+                   help="autocast precision (torch backend): none = fp32 (default); auto = bf16 on GPUs and "
+                        "CPUs with native bf16, fp32 elsewhere")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (and NMS on a GPU): pays over many images of few sizes; "
+                        "each new input size waits for the compiler first")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: run an exported .onnx given as --weights (no torch needed)")
     p.add_argument("--device", default="auto", type=_device)
@@ -335,7 +341,8 @@ def cmd_eval(args) -> int:
         raise OutputError("no validation set: set data.val_images and data.val_annotations (or pass --config)")
     info = distributed.setup(args.device)
     model_overrides = [o[len("model."):] for o in args.overrides if o.startswith("model.")]
-    model = load_model(args.weights, info.device, model_overrides).to(info.device).optimize_for_inference()
+    model = load_model(args.weights, info.device, model_overrides).to(info.device)
+    model.optimize_for_inference(compile=cfg.eval.compile)
     dataset = open_dataset(cfg.data, "val", model.class_names)
     from .engine.evaluate import resolve_amp
 
@@ -362,13 +369,18 @@ def cmd_predict(args) -> int:
     output_dir = _output_folder(args.output_dir)
     if args.max_pixels:
         Image.MAX_IMAGE_PIXELS = args.max_pixels
+    from .engine.evaluate import resolve_amp
+
     device = resolve_device(args.device)
-    model = load_model(args.weights, map_location=device).to(device).optimize_for_inference()
+    amp, why = resolve_amp(args.amp, device)
+    if args.amp != "none":
+        print(f"precision: {'fp32' if amp == 'none' else amp} ({why})", file=sys.stderr)
+    model = load_model(args.weights, map_location=device).to(device).optimize_for_inference(compile=args.compile)
     tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image} \
         if args.tile else None
     predictions, errors = predict_files(model, args.images, output_dir, args.score_threshold,
                                         draw=not args.no_draw, batch_size=args.batch_size, tiling=tiling,
-                                        workers=max(0, args.workers), save_txt=args.save_txt)
+                                        workers=max(0, args.workers), save_txt=args.save_txt, amp=amp)
     images = len({p["file_name"] for p in predictions})
     print(f"{len(predictions)} detections in {images} image(s) with detections -> {output_dir / 'predictions.json'}"
           + (f"; {len(errors)} input(s) could not be used" if errors else ""))

@@ -83,6 +83,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: PositiveInt = 8  # global
     max_images: NonNegativeInt = 0  # 0: all
+    compile: bool = False  # `retinanet eval`: torch.compile the network (and NMS on a GPU); compiling costs minutes
 
 
 @dataclass

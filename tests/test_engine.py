@@ -58,6 +58,52 @@ def test_tiny_end_to_end_train_eval_predict(shapes_data, tmp_path, capsys):
     assert all(p["category_id"] in range(1, 6) and len(p["bbox"]) == 4 for p in preds)
     assert (tmp_path / "pred" / f"{images[0].stem}.jpg").is_file()
 
+    # compiled (torch.compile'd network), `predict` and `eval` give the same detections
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert cli(["predict", "--weights", str(out / "model_final.pt"), *map(str, images), "--output-dir",
+                str(tmp_path / "pred_compiled"), "--score-threshold", "0.0", "--compile", "--no-draw"]) == 0
+    compiled = json.loads((tmp_path / "pred_compiled" / "predictions.json").read_text())
+    _assert_same_records(compiled, preds)
+    assert counters["stats"]["unique_graphs"] > graphs  # it did go through the compiler
+    assert cli(["eval", "--weights", str(out / "model_final.pt"), "--output-dir", str(tmp_path / "ev_compiled"),
+                "model.inference.score_threshold=0.0", "eval.compile=true"]) == 0
+    _assert_same_records(json.loads((tmp_path / "ev_compiled" / "detections.json").read_text()), detections)
+
+
+def _assert_same_records(got: list[dict], expected: list[dict]) -> None:
+    """The same detection records up to float rounding (boxes 1e-2 px, scores 1e-4)."""
+    assert len(got) == len(expected) > 0
+    key = lambda p: (str(p.get("file_name", p.get("image_id"))), -p["score"])  # noqa: E731
+    for a, b in zip(sorted(got, key=key), sorted(expected, key=key)):
+        assert a["category_id"] == b["category_id"] and abs(a["score"] - b["score"]) <= 1e-4, (a, b)
+        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1e-2, (a, b)
+
+
+def test_predict_runs_the_network_in_the_precision_asked(tmp_path, photo_path):
+    """`predict --amp`: the model runs under autocast in the resolved precision, else in fp32."""
+    from retinanet.engine.predict import predict_files
+
+    class Spy(torch.nn.Module):
+        category_ids, class_names = [1], ["thing"]
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.preprocessor = type("P", (), {"check_size": None})()
+            self.seen = []
+
+        def predict(self, images, score_threshold=None):
+            self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long),
+                     "class_names": []} for _ in images]
+
+    spy = Spy()
+    for amp in ("none", "bf16"):
+        predict_files(spy, [photo_path], tmp_path / amp, draw=False, workers=0, progress=False, amp=amp)
+    assert spy.seen == [None, torch.bfloat16]
+
 
 def test_exact_resume_after_interruption(shapes_data, tmp_path, monkeypatch):
     def config(out):

