@@ -211,15 +211,15 @@ def nms_profile(device: torch.device, batch: int, size: tuple[int, int], output_
     fast, prepared, logits, deltas, anchors = _head_outputs(device, batch, size)
     post = fast.postprocessor.compile()
     rounds = []
-    step = post.nms.round
-    post.nms.round = lambda *args: rounds.append(1) or step(*args)
+    step = post.gpu_nms.round
+    post.gpu_nms.round = lambda *args: rounds.append(1) or step(*args)
     with torch.no_grad():
         for _ in range(2):
             fast.forward_inference(logits, deltas, anchors, prepared)
         rounds.clear()
         boxes, scores, labels, keep = post.gather_candidates(logits, deltas, anchors, prepared.image_sizes)
         _, counts = first_kept_batched(boxes, scores, labels, keep, post.nms_threshold, post.detections_per_image,
-                                       post.nms)
+                                       post.gpu_nms)
         taken = len(rounds)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=activities) as prof:

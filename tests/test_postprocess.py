@@ -70,7 +70,20 @@ def nms_kind(request, monkeypatch):
 
     if request.param == "batched":
         monkeypatch.setattr(postprocess, "greedy_nms_per_image", postprocess.BatchedNMS())
-    return request.param
+    return postprocess.greedy_nms_per_image
+
+
+def test_nms_runs_image_by_image_on_a_cpu_and_batched_on_a_gpu():
+    """The choice `PostProcessor.shortlist_nms` makes (no GPU needed to ask it): a CPU keeps
+    torchvision's NMS per image, a GPU one `BatchedNMS`, compiled after `compile()`."""
+    from retinanet.model.postprocess import BatchedNMS, greedy_nms_per_image
+
+    post = PostProcessor(BoxCoder())
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert post.shortlist_nms(cpu) is greedy_nms_per_image
+    assert isinstance(post.shortlist_nms(gpu), BatchedNMS) and not post.shortlist_nms(gpu).compiled
+    post.compile()
+    assert post.shortlist_nms(gpu).compiled and post.shortlist_nms(cpu) is greedy_nms_per_image
 
 
 def test_batched_detections_equal_one_image_at_a_time(nms_kind):
@@ -170,7 +183,7 @@ def test_nms_over_a_shortlist_keeps_the_same_boxes_as_over_all(spread, nms_kind)
     groups = torch.randint(0, 3, (n,), generator=generator)
     expected = batched_nms(boxes.double(), scores.double(), groups, 0.5)[:count]  # torchvision's, every box
     index, counts = first_kept_batched(boxes[None], scores[None], groups[None], torch.ones(1, n, dtype=torch.bool),
-                                       0.5, count)
+                                       0.5, count, nms_kind)
     assert counts == [len(expected)] and torch.equal(index[0, : counts[0]], expected)
     shortlist = scores.argsort(descending=True)[: 8 * count]
     kept_in_shortlist = len(batched_nms(boxes[shortlist].double(), scores[shortlist].double(), groups[shortlist], 0.5))

@@ -77,14 +77,21 @@ class PostProcessor:
         self.detections_per_image = detections_per_image
         self.clip_boxes = clip_boxes
         self.min_box_size = min_box_size
-        self.nms = None  # NMS of the shortlists: by device (see first_kept_batched), or a BatchedNMS
+        self.gpu_nms = BatchedNMS()  # `compile()` swaps in the compiled one
 
     def compile(self) -> "PostProcessor":
         """On a GPU, run NMS through torch.compile'd kernels (`BatchedNMS(compiled=True)`):
         the pairwise IoUs in one kernel instead of ~10 passes over memory. On a CPU NMS
         stays image by image."""
-        self.nms = BatchedNMS(compiled=True)
+        self.gpu_nms = BatchedNMS(compiled=True)
         return self
+
+    def shortlist_nms(self, device: torch.device):
+        """NMS of the shortlists (see `first_kept_batched`) on `device`: on a GPU all images at
+        once (`self.gpu_nms`: one read-back per two rounds and for the counts, where image by
+        image took ~1.2 ms of launches and a read-back each); on a CPU one torchvision call
+        per image, which skips suppressed boxes (the batched rounds measured 2x slower there)."""
+        return greedy_nms_per_image if device.type == "cpu" else self.gpu_nms
 
     def __call__(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
                  image_sizes: list[tuple[int, int]], score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
@@ -103,9 +110,8 @@ class PostProcessor:
         boxes, scores, labels, keep = self.gather_candidates(logits, deltas, anchors, image_sizes, score_threshold)
         if self.nms_pre_per_class > 0:
             keep = keep & (rank_in_group(scores, labels, keep) < self.nms_pre_per_class)
-        nms = self.nms if self.nms is not None and boxes.device.type != "cpu" else None
         index, counts = first_kept_batched(boxes, scores, labels, keep, self.nms_threshold,
-                                           self.detections_per_image, nms)
+                                           self.detections_per_image, self.shortlist_nms(boxes.device))
         return Detections(boxes.gather(1, index[..., None].expand(-1, -1, 4)), scores.gather(1, index),
                           labels.gather(1, index), counts)
 
@@ -191,8 +197,7 @@ def chunked_topk(values: torch.Tensor, k: int, chunks: int = 16) -> tuple[torch.
 
 
 def first_kept_batched(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
-                       iou_threshold: float, count: int,
-                       nms=None) -> tuple[torch.Tensor, list[int]]:
+                       iou_threshold: float, count: int, nms) -> tuple[torch.Tensor, list[int]]:
     """Greedy NMS within each group (class) for every image of a batch at once.
 
     Args:
@@ -206,17 +211,13 @@ def first_kept_batched(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.
     `8 * count` candidates of every image go through `nms` (a `BatchedNMS` or
     `greedy_nms_per_image`), and only an image that keeps fewer than `count` of them while
     it has more candidates takes `grouped_nms` over all of them. NMS costs the square of its
-    input: 800 boxes an image instead of 5,000 cost ~40x less. By default a GPU puts all
-    images through one `BatchedNMS`, which reads back one flag per round and the counts once
-    (NMS image by image took ~1.2 ms of launches and a read-back each), and a CPU runs
-    `greedy_nms_per_image`, cheaper there as it skips suppressed boxes.
+    input: 800 boxes an image instead of 5,000 cost ~40x less. (`PostProcessor.shortlist_nms`
+    picks `nms` by device.)
     """
     batch = scores.shape[0]
     order = scores.masked_fill(~valid, float("-inf")).sort(dim=1, descending=True, stable=True).indices
     shortlist = order[:, : 8 * count]
     width = min(count, shortlist.shape[1])
-    if nms is None:
-        nms = greedy_nms_per_image if scores.device.type == "cpu" else BatchedNMS()
     kept = nms(boxes.gather(1, shortlist[..., None].expand(-1, -1, 4)), groups.gather(1, shortlist),
                valid.gather(1, shortlist), iou_threshold)
     rank = kept.cumsum(1)
@@ -254,6 +255,7 @@ class BatchedNMS:
     """
 
     def __init__(self, compiled: bool = False):
+        self.compiled = compiled
         self.max_pairs = 2**28 if compiled else 2**25
         # shapes are specialised first (index arithmetic with constants is much cheaper in the
         # kernels) and made dynamic if they change
