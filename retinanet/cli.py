@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="autocast precision (torch backend): none = fp32 (default); auto = bf16 on GPUs and "
                         "CPUs with native bf16, fp32 elsewhere")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (and NMS on a GPU): pays over many images of few sizes; "
-                        "each new input size waits for the compiler first")
+                   help="torch.compile the network and NMS: pays on a GPU over many images of few sizes "
+                        "(each new input size waits for the compiler first)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: run an exported .onnx given as --weights (no torch needed)")
     p.add_argument("--device", default="auto", type=_device)
