@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="bench_output", help="gets bench.json and bench.png")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN time its convolution algorithms at each new input size (both libraries)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="compiled cases: the networks of both libraries replay as CUDA graphs")
     p.add_argument("--append-results", metavar="MARKDOWN", help="append the table to this file "
                                                                 "(e.g. benchmarks/RESULTS.md)")
 
@@ -451,10 +453,11 @@ def _source_commit(folder: Path) -> str:
 def cmd_bench(args) -> int:
     from .engine.bench import markdown_table, run_bench
 
-    results = run_bench(args.device, args.quick, args.output_dir, args.only, args.cudnn_benchmark)
+    results = run_bench(args.device, args.quick, args.output_dir, args.only, args.cudnn_benchmark, args.cuda_graphs)
     commit = _source_commit(Path(__file__).parent)
     flags = [f"--device {args.device}"] + (["--quick"] if args.quick else []) + (
-        [f"--only {args.only}"] if args.only else []) + (["--cudnn-benchmark"] if args.cudnn_benchmark else [])
+        [f"--only '{args.only}'"] if args.only else []) + (["--cudnn-benchmark"] if args.cudnn_benchmark else []) + (
+        ["--cuda-graphs"] if args.cuda_graphs else [])
     table = markdown_table(results, "retinanet bench " + " ".join(flags), commit)
     print(table)
     if args.append_results:

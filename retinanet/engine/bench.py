@@ -307,9 +307,15 @@ def machine() -> dict:
 
 
 def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path = "bench_output",
-              only: str = "", cudnn_benchmark: bool = False) -> dict:
+              only: str = "", cudnn_benchmark: bool = False, cuda_graphs: bool = False) -> dict:
+    """`cuda_graphs`: the compiled cases' networks (both libraries) replay as CUDA graphs
+    (inductor's `triton.cudagraphs`, what torch.compile's mode "reduce-overhead" sets)."""
     dev = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    if cuda_graphs:
+        import torch._inductor.config
+
+        torch._inductor.config.triton.cudagraphs = True
     repeat = 2 if quick else 3
     peaks = peak_gflops(dev)
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": device, "peaks": peaks,
