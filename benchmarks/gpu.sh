@@ -10,6 +10,9 @@
 #      matching and losses in training, NMS in inference, too). Ours and torchvision's alternate
 #      in one process; cuDNN picks its algorithms by timing them, for both (the sizes are fixed).
 # Targets on one H100: training >= 1.5x torchvision's images/s and >= 150 images/s; inference >= 500 images/s.
+# INFERENCE_ONLY=1 measures the inference target alone in about 5 minutes of device time: the
+# compiled inference case with and without --cuda-graphs (both libraries' compiled networks replayed
+# as CUDA graphs), then where the compiled post-processing spends its time (gpu_checks nms_profile).
 # Usage: bash benchmarks/gpu.sh [output dir, default bench_gpu]; RESULTS=path appends the table there
 # (default benchmarks/RESULTS.md); PYTHON=python picks the interpreter (default .venv/bin/python, else python3).
 set -uo pipefail
@@ -21,6 +24,14 @@ fi
 mkdir -p "$OUT_DIR"
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
 status=0
+if [ -n "${INFERENCE_ONLY:-}" ]; then
+  for graphs in "" "--cuda-graphs"; do
+    "$PYTHON" -m retinanet.cli bench --device cuda --only "inference, bf16 compiled" --cudnn-benchmark $graphs \
+      --output-dir "$OUT_DIR/inference${graphs:+_graphs}" --append-results "${RESULTS:-benchmarks/RESULTS.md}" || status=1
+  done
+  PYTHONPATH=. "$PYTHON" benchmarks/gpu_checks.py --output-dir "$OUT_DIR/checks" --only nms_profile || status=1
+  exit $status
+fi
 PYTHONPATH=. "$PYTHON" benchmarks/gpu_checks.py --output-dir "$OUT_DIR" || status=1
 "$PYTHON" -m retinanet.cli bench --device cuda --cudnn-benchmark ${QUICK:+--quick} --output-dir "$OUT_DIR" \
   --append-results "${RESULTS:-benchmarks/RESULTS.md}" || status=1
