@@ -214,16 +214,19 @@ def test_batched_nms_equals_torchvision_per_image():
         assert torch.equal(kept[b].nonzero()[:, 0], expected), b
 
 
-def test_batched_nms_follows_a_long_chain_of_suppressions():
+@pytest.mark.parametrize("rounds_per_check", [1, 2, 8, 64])
+def test_batched_nms_follows_a_long_chain_of_suppressions(rounds_per_check):
     """40 boxes in a row, each overlapping only the next by IoU > 0.5: greedy NMS keeps every
     other one, which the rounds reach only after ~40 of them (a first round that kept only
-    boxes nothing overlaps would keep only the first)."""
+    boxes nothing overlaps would keep only the first), however many rounds go between two
+    checks for the fixed point (2 eager, 8 compiled)."""
     from retinanet.model.postprocess import BatchedNMS
 
     x = torch.arange(40, dtype=torch.float32) * 3.0
     boxes = torch.stack([x, torch.zeros(40), x + 10, torch.full((40,), 10.0)], 1)  # IoU(i, i+1) = 7/13
-    kept = BatchedNMS()(boxes[None], torch.zeros(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.bool),
-                              0.5)
+    nms = BatchedNMS()
+    nms.rounds_per_check = rounds_per_check
+    kept = nms(boxes[None], torch.zeros(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.bool), 0.5)
     assert kept[0].nonzero()[:, 0].tolist() == list(range(0, 40, 2))
 
 

@@ -257,6 +257,10 @@ class BatchedNMS:
     def __init__(self, compiled: bool = False):
         self.compiled = compiled
         self.max_pairs = 2**28 if compiled else 2**25
+        # rounds between two checks (each a read-back that stalls the host): a packed round reads
+        # 1/8 of the bytes of an eager one (23 MB at 32 x 2,400 boxes, ~10 us on an H100), less
+        # than a read-back costs, so the compiled one checks every 8 rounds
+        self.rounds_per_check = 8 if compiled else 2
         # shapes are specialised first (index arithmetic with constants is much cheaper in the
         # kernels) and made dynamic if they change
         self.suppression = torch.compile(packed_suppression_matrix) if compiled else suppression_matrix
@@ -270,17 +274,16 @@ class BatchedNMS:
         for start in range(0, batch, chunk):
             part = slice(start, start + chunk)
             suppressed_by = self.suppression(boxes[part], groups[part], valid[part], iou_threshold)
-            part_kept = valid[part]
-            # two rounds per check: one read-back for every two; r rounds settle the first r boxes
-            for _ in range(size // 2 + 1):
-                once = self.round(suppressed_by, part_kept, valid[part])
-                twice = self.round(suppressed_by, once, valid[part])
-                if torch.equal(once, twice):  # `once` is a fixed point
+            current = valid[part]
+            # r rounds settle the first r boxes, so size + 1 rounds always reach the fixed point
+            for _ in range(size // self.rounds_per_check + 2):
+                for _ in range(self.rounds_per_check):
+                    previous, current = current, self.round(suppressed_by, current, valid[part])
+                if torch.equal(previous, current):  # a fixed point: one read-back per check
                     break
-                part_kept = twice
             else:
                 raise RuntimeError("NMS rounds did not settle: the suppression matrix is not triangular")
-            kept.append(once)
+            kept.append(current)
         return torch.cat(kept) if kept else valid.clone()
 
 
