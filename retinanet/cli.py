@@ -131,12 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in this process)")
     p.add_argument("--save-txt", choices=["yolo", "csv"],
                    help="also one label file per image in OUTPUT_DIR/labels: YOLO txt or CSV rows")
-    p.add_argument("--amp", choices=["none", "auto", "bf16", "fp16"], default="none",
-                   help="autocast precision (torch backend): none = fp32 (default); auto = bf16 on GPUs and "
-                        "CPUs with native bf16, fp32 elsewhere")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network and NMS: pays on a GPU over many images of few sizes "
-                        "(each new input size waits for the compiler first)")
+    _add_speed_options(p)
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: run an exported .onnx given as --weights (no torch needed)")
     p.add_argument("--device", default="auto", type=_device)
@@ -210,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest request body accepted (default 20 MiB)")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="concurrent requests batched together")
     p.add_argument("--device", default="auto", type=_device)
+    _add_speed_options(p)
 
     p = commands.add_parser("bench", help="speed against torchvision's RetinaNet, side by side in one run")
     p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
@@ -278,6 +274,26 @@ sources:
 
 Pickles are read with a restricted unpickler that only admits numpy arrays and plain
 containers; anything else is refused unless you pass --trust."""
+
+
+def _add_speed_options(p) -> None:
+    """`--amp` and `--compile` of the commands that run a checkpoint for inference."""
+    p.add_argument("--amp", choices=["none", "auto", "bf16", "fp16"], default="none",
+                   help="autocast precision (checkpoints): none = fp32 (default); auto = bf16 on GPUs and "
+                        "CPUs with native bf16, fp32 elsewhere")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network and NMS (checkpoints): pays on a GPU over many images of "
+                        "few sizes (each new input size waits for the compiler first)")
+
+
+def _resolved_amp(amp: str, device) -> str:
+    """`--amp` resolved for `device` (`resolve_amp`), said on stderr unless it is the default."""
+    from .engine.evaluate import resolve_amp
+
+    resolved, why = resolve_amp(amp, device)
+    if amp != "none":
+        print(f"precision: {'fp32' if resolved == 'none' else resolved} ({why})", file=sys.stderr)
+    return resolved
 
 
 def _known_errors():
@@ -371,12 +387,8 @@ def cmd_predict(args) -> int:
     output_dir = _output_folder(args.output_dir)
     if args.max_pixels:
         Image.MAX_IMAGE_PIXELS = args.max_pixels
-    from .engine.evaluate import resolve_amp
-
     device = resolve_device(args.device)
-    amp, why = resolve_amp(args.amp, device)
-    if args.amp != "none":
-        print(f"precision: {'fp32' if amp == 'none' else amp} ({why})", file=sys.stderr)
+    amp = _resolved_amp(args.amp, device)
     model = load_model(args.weights, map_location=device).to(device).optimize_for_inference(compile=args.compile)
     tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image} \
         if args.tile else None
@@ -398,8 +410,9 @@ def _predict_onnxruntime(args) -> int:
 
     from .export.ort_predict import OnnxDetector
 
-    if args.tile:
-        raise OutputError("--tile runs with the torch backend only")
+    if args.tile or args.compile or args.amp != "none":
+        raise OutputError("--tile, --compile and --amp run with the torch backend only "
+                          "(an ONNX model runs as it was exported)")
     output_dir = _output_folder(args.output_dir)
     weights = Path(args.weights)
     if not weights.is_file():
@@ -472,12 +485,15 @@ def cmd_serve(args) -> int:
         raise OutputError(f"{weights}: no such checkpoint or ONNX file")
     from .serve import serve
 
-    device = args.device
+    device, amp = args.device, "none"
     if weights.suffix != ".onnx":
         from .engine.distributed import resolve_device
 
         device = str(resolve_device(args.device))
-    serve(weights, args.host, args.port, device, args.max_bytes, args.max_batch)
+        amp = _resolved_amp(args.amp, resolve_device(args.device))
+    elif args.compile or args.amp != "none":
+        raise OutputError("--compile and --amp apply to a checkpoint; an ONNX model runs as it was exported")
+    serve(weights, args.host, args.port, device, args.max_bytes, args.max_batch, amp, args.compile)
     return 0
 
 

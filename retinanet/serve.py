@@ -22,7 +22,9 @@ class Predictor:
     """The model behind the service: a checkpoint (torch) or an exported `.onnx`
     (onnxruntime). `predict(images)` takes `(3, H, W)` uint8 tensors / `(H, W, 3)` arrays."""
 
-    def __init__(self, weights: str | Path, device: str = "cpu"):
+    def __init__(self, weights: str | Path, device: str = "cpu", amp: str = "none", compile: bool = False):
+        """`amp` ("none", "bf16", "fp16", resolved) and `compile` (torch.compile the network
+        and NMS) apply to a checkpoint; an ONNX model runs as exported."""
         weights = Path(weights)
         if weights.suffix == ".onnx":
             from .export.ort_predict import OnnxDetector
@@ -34,11 +36,12 @@ class Predictor:
             from .checkpoint import load_model
 
             self.onnx = None
-            self.model = load_model(weights, map_location=device).to(device).optimize_for_inference()
+            self.model = load_model(weights, map_location=device).to(device).optimize_for_inference(compile=compile)
             self.class_names, self.category_ids = self.model.class_names, self.model.category_ids
+            self.device, self.amp = device, amp
             pre = self.model.preprocessor
-            self.info = {"backend": "torch", "device": device,
-                         "input": {"test_min_size": pre.test_min_size, "max_size": pre.max_size}}
+            self.info = {"backend": "torch", "device": device, "precision": "fp32" if amp == "none" else amp,
+                         "compiled": compile, "input": {"test_min_size": pre.test_min_size, "max_size": pre.max_size}}
         self.info.update({"model": weights.name, "classes": self.class_names, "category_ids": self.category_ids})
 
     def predict(self, arrays: list) -> list[dict]:
@@ -48,8 +51,12 @@ class Predictor:
         import torch
 
         tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
-        return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()}
-                for d in self.model.predict(tensors, batch_size=len(tensors))]
+        from .engine.evaluate import amp_dtype
+
+        dtype = amp_dtype(self.amp)
+        with torch.autocast(torch.device(self.device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            detections = self.model.predict(tensors, batch_size=len(tensors))
+        return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()} for d in detections]
 
 
 class Batcher:
@@ -151,8 +158,8 @@ async def _file_from_multipart(request, body: bytes) -> tuple[bytes, str]:
 
 
 def serve(weights: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          max_bytes: int = 20 * 1024 * 1024, max_batch: int = 8) -> None:
+          max_bytes: int = 20 * 1024 * 1024, max_batch: int = 8, amp: str = "none", compile: bool = False) -> None:
     import uvicorn
 
-    app = create_app(Predictor(weights, device), max_bytes, max_batch)
+    app = create_app(Predictor(weights, device, amp, compile), max_bytes, max_batch)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -86,6 +86,20 @@ def test_bench_compares_with_torchvision_in_one_run(tmp_path):
     assert "| inference batch 2 at 128x192 |" in table and "speed-up vs torchvision" in table
 
 
+def test_bench_command_runs_end_to_end_and_appends_its_table(tmp_path):
+    """`retinanet bench` as a user runs it (here with a case filter that selects no case, so
+    that only the peak measurements run): it writes bench.json and appends the table with
+    the command's flags."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# earlier results\n")
+    assert cli(["bench", "--quick", "--only", "no such case", "--cuda-graphs", "--output-dir", str(tmp_path / "b"),
+                "--append-results", str(results)]) == 0
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert report["cases"] == [] and report["peaks"]["conv3x3"] > 0
+    text = results.read_text()
+    assert text.startswith("# earlier results\n") and "--cuda-graphs" in text
+
+
 def test_bench_says_when_the_kernels_were_capped_below_the_cpu():
     """Timings with AVX2 kernels forced on an AVX-512 CPU (how the AVX2-only machines are
     approximated) must say so in the table; an uncapped run says nothing."""

@@ -107,3 +107,29 @@ def test_bad_requests_get_4xx_and_the_service_keeps_answering(server):
     no_file = httpx.post(url + "/predict", data={"x": "1"}, files={"other": ("a.txt", b"x", "text/plain")})
     assert no_file.status_code == 400
     assert httpx.post(url + "/predict", content=_jpeg(3)).status_code == 200
+
+
+def test_a_checkpoint_is_served_in_the_precision_asked(tmp_path, shapes_data):
+    """`serve --amp`: the model runs under autocast in that precision, and /info says which;
+    an ONNX model runs as exported, so asking it for --amp or --compile is refused."""
+    import torch
+
+    from retinanet import RetinaNet, save_model
+    from retinanet.cli import main as cli
+    from retinanet.serve import Predictor
+
+    weights = save_model(RetinaNet.from_config(tiny_config(shapes_data, tmp_path).model), tmp_path / "m.pt")
+    arrays = [np.zeros((90, 120, 3), dtype=np.uint8)]
+    for amp, expected in (("none", None), ("bf16", torch.bfloat16)):
+        predictor = Predictor(weights, "cpu", amp=amp)
+        seen, predict = [], predictor.model.predict
+        predictor.model.predict = lambda *a, **k: seen.append(
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None) or predict(*a, **k)
+        predictor.predict(arrays)
+        assert seen == [expected] and predictor.info["precision"] == (amp if expected else "fp32")
+    (tmp_path / "m.onnx").write_bytes(b"not read")
+    for args in (["serve", "--weights", str(tmp_path / "m.onnx"), "--compile"],
+                 ["predict", "--backend", "onnxruntime", "--weights", str(tmp_path / "m.onnx"), "x.jpg",
+                  "--output-dir", str(tmp_path / "out"), "--amp", "bf16"]):
+        assert cli(args) == 2
+    assert not (tmp_path / "out").exists()

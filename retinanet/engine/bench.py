@@ -313,9 +313,9 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
     dev = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if cuda_graphs:
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.triton.cudagraphs = True
+        inductor_config.triton.cudagraphs = True
     repeat = 2 if quick else 3
     peaks = peak_gflops(dev)
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": device, "peaks": peaks,
