@@ -88,8 +88,8 @@ class PostProcessor:
 
     def shortlist_nms(self, device: torch.device):
         """NMS of the shortlists (see `first_kept_batched`) on `device`: on a GPU all images at
-        once (`self.gpu_nms`: one read-back per two rounds and for the counts, where image by
-        image took ~1.2 ms of launches and a read-back each); on a CPU one torchvision call
+        once (`self.gpu_nms`: a read-back per `rounds_per_check` rounds and one for the counts,
+        where image by image took ~1.2 ms of launches and a read-back each); on a CPU one torchvision call
         per image, which skips suppressed boxes (the batched rounds measured 2x slower there)."""
         return greedy_nms_per_image if device.type == "cpu" else self.gpu_nms
 
