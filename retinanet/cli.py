@@ -282,8 +282,8 @@ def _add_speed_options(p) -> None:
                    help="autocast precision (checkpoints): none = fp32 (default); auto = bf16 on GPUs and "
                         "CPUs with native bf16, fp32 elsewhere")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network and NMS (checkpoints): pays on a GPU over many images of "
-                        "few sizes (each new input size waits for the compiler first)")
+                   help="torch.compile the network and NMS (checkpoints; on a CPU with the weights frozen "
+                        "in): pays over many images of few sizes (each new input size waits for the compiler)")
 
 
 def _resolved_amp(amp: str, device) -> str:

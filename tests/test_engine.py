@@ -67,6 +67,8 @@ def test_tiny_end_to_end_train_eval_predict(shapes_data, tmp_path, capsys):
     compiled = json.loads((tmp_path / "pred_compiled" / "predictions.json").read_text())
     _assert_same_records(compiled, preds)
     assert counters["stats"]["unique_graphs"] > graphs  # it did go through the compiler
+    # on a CPU with the weights frozen in: oneDNN prepacked the convolutions' weights
+    assert counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > 0
     assert cli(["eval", "--weights", str(out / "model_final.pt"), "--output-dir", str(tmp_path / "ev_compiled"),
                 "model.inference.score_threshold=0.0", "eval.compile=true"]) == 0
     _assert_same_records(json.loads((tmp_path / "ev_compiled" / "detections.json").read_text()), detections)

@@ -4,6 +4,7 @@ measured in the same run) beside each figure."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -162,7 +163,7 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
     images = [im.to(device) for im in _photos(batch, *size)]
     floats = [im.float() / 255 for im in images]  # torchvision takes [0, 1] floats
     peaks: dict[str, float] = {}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), _cpu_freezing(compile, device):
         times = alternate({"torchvision": lambda: tv(floats), "ours": lambda: ours(images),
                            "ours_optimized": lambda: fast(images)}, repeat, device, peaks)
         batch_tensor, _ = fast.preprocessor(images)
@@ -273,6 +274,16 @@ def bench_demo_step(repeat: int, device: torch.device) -> dict:
             "images_per_second": {"ours": round(len(images) / seconds, 3)}, "peak_memory_mb": peaks}
 
 
+def _cpu_freezing(compile: bool, device: torch.device):
+    """For compiled cases on a CPU, inductor's `freezing` for every model compiled inside (as
+    `optimize_for_inference(compile=True)` sets it for ours), so that both libraries get it."""
+    if not (compile and device.type == "cpu"):
+        return contextlib.nullcontext()
+    from torch._inductor import config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
 def _compile_networks(*models) -> None:
     """torch.compile on the network part of each model (backbone, FPN, head): the tensor
     work; pre- and post-processing stay eager in both libraries."""
@@ -333,7 +344,9 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
     else:
         cases = {"inference batch 1": lambda: bench_inference(1, (800, 1216), repeat, dev)}
         if not quick:
-            cases.update({"inference batch 8": lambda: bench_inference(8, (512, 512), repeat, dev),
+            cases.update({"inference batch 1, compiled": lambda: bench_inference(1, (800, 1216), repeat, dev,
+                                                                                 compile=True),
+                          "inference batch 8": lambda: bench_inference(8, (512, 512), repeat, dev),
                           "training": lambda: bench_training(2, (800, 1216), 2, dev),
                           "demo training step": lambda: bench_demo_step(5, dev)})
     for name, case in cases.items():
