@@ -86,6 +86,22 @@ def test_bench_compares_with_torchvision_in_one_run(tmp_path):
     assert "| inference batch 2 at 128x192 |" in table and "speed-up vs torchvision" in table
 
 
+def test_bench_trains_the_same_backbone_parameters_in_both_libraries():
+    """The training case compares like with like: torchvision as it is released (frozen BN,
+    stem and res2 frozen) trains exactly the backbone parameters ours trains, and all of both
+    heads; no BatchNorm computes batch statistics in either."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from retinanet.engine.bench import _models
+
+    tv, ours, _, _ = _models(torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in tv.modules())
+    assert isinstance(tv.backbone.body.layer2[0].bn1, FrozenBatchNorm2d)
+    trained = lambda module: {n for n, p in module.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trained(tv.backbone.body) == trained(ours.backbone) and "layer1.0.conv1.weight" not in trained(ours.backbone)
+    assert all(p.requires_grad for p in tv.head.parameters()) and all(p.requires_grad for p in ours.head.parameters())
+
+
 def test_bench_command_runs_end_to_end_and_appends_its_table(tmp_path):
     """`retinanet bench` as a user runs it (here with a case filter that selects no case, so
     that only the peak measurements run): it writes bench.json and appends the table with
