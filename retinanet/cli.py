@@ -489,8 +489,8 @@ def cmd_serve(args) -> int:
     if weights.suffix != ".onnx":
         from .engine.distributed import resolve_device
 
-        device = str(resolve_device(args.device))
-        amp = _resolved_amp(args.amp, resolve_device(args.device))
+        resolved = resolve_device(args.device)
+        device, amp = str(resolved), _resolved_amp(args.amp, resolved)
     elif args.compile or args.amp != "none":
         raise OutputError("--compile and --amp apply to a checkpoint; an ONNX model runs as it was exported")
     serve(weights, args.host, args.port, device, args.max_bytes, args.max_batch, amp, args.compile)

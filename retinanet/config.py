@@ -83,7 +83,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: PositiveInt = 8  # global
     max_images: NonNegativeInt = 0  # 0: all
-    compile: bool = False  # `retinanet eval`: torch.compile the network (and NMS on a GPU); compiling costs minutes
+    compile: bool = False  # `retinanet eval`: torch.compile the network (and NMS on a GPU); the first batches wait for the compiler
 
 
 @dataclass

@@ -51,10 +51,9 @@ class Predictor:
         import torch
 
         tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
-        from .engine.evaluate import amp_dtype
+        from .engine.evaluate import autocast
 
-        dtype = amp_dtype(self.amp)
-        with torch.autocast(torch.device(self.device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(self.amp, torch.device(self.device).type):
             detections = self.model.predict(tensors, batch_size=len(tensors))
         return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()} for d in detections]
 

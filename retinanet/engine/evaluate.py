@@ -30,6 +30,12 @@ def amp_dtype(amp: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
+def autocast(amp: str, device_type: str):
+    """Autocast in a resolved `train.amp` precision on `device_type`; for "none" a disabled one."""
+    dtype = amp_dtype(amp)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 autocast
     is emulated and measured ~15x slower than fp32."""
@@ -91,11 +97,10 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     indices = list(range(rank, count, world))
     device = next(model.parameters()).device
-    dtype = amp_dtype(amp)
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(amp, device.type):
             if tile is not None and tile.size > 0:
                 return _predict_tiles(model, dataset, indices, tile, batch_size)
             return _predict_batches(model, dataset, indices, batch_size, num_workers, device)

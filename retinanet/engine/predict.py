@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from ..data.image_io import ImageReadError, read_image
 from ..data.raster import crs_name, open_raster, pixel_to_crs
-from .evaluate import amp_dtype
+from .evaluate import autocast
 from .tiling import predict_tiled
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -100,10 +100,9 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
         print(f"error: {line}", file=sys.stderr)
     drawn = drawn_names(paths, output_dir)
     bar = _progress_bar(len(paths), progress)
-    dtype = amp_dtype(amp)
-    device_type = next(model.parameters()).device.type if dtype is not None else "cpu"
+    device_type = next(model.parameters()).device.type if amp != "none" else "cpu"
     try:
-        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(amp, device_type):
             if tiling is not None:
                 predictions = _predict_tiled_files(model, paths, drawn, draw, score_threshold, tiling, save_txt,
                                                    output_dir / "labels", errors, bar)

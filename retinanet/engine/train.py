@@ -30,7 +30,7 @@ from ..model.detector import RetinaNet
 from . import distributed
 from .analyze import coverage_warning
 from .checkpoint import capture_rng, restore_rng
-from .evaluate import amp_dtype, evaluate, resolve_amp
+from .evaluate import autocast, evaluate, resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -584,9 +584,8 @@ class Trainer:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in tg.items()}
                    for tg in targets]
-        dtype = amp_dtype(self.amp)
         reducer = distributed.sum_over_processes if distributed.is_distributed() else None
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(self.amp, device.type):
             losses = self.ddp_model(images, targets, generator=self.size_generator, reduce_foreground=reducer)
         loss = sum(losses.values())
         values = {k: float(v.detach()) for k, v in losses.items()}
