@@ -109,7 +109,7 @@ def test_bad_requests_get_4xx_and_the_service_keeps_answering(server):
     assert httpx.post(url + "/predict", content=_jpeg(3)).status_code == 200
 
 
-def test_a_checkpoint_is_served_in_the_precision_asked(tmp_path, shapes_data):
+def test_a_checkpoint_is_served_in_the_precision_asked(tmp_path, shapes_data, capsys):
     """`serve --amp`: the model runs under autocast in that precision, and /info says which;
     an ONNX model runs as exported, so asking it for --amp or --compile is refused."""
     import torch
@@ -132,4 +132,5 @@ def test_a_checkpoint_is_served_in_the_precision_asked(tmp_path, shapes_data):
                  ["predict", "--backend", "onnxruntime", "--weights", str(tmp_path / "m.onnx"), "x.jpg",
                   "--output-dir", str(tmp_path / "out"), "--amp", "bf16"]):
         assert cli(args) == 2
+        assert "ONNX model runs as it was exported" in capsys.readouterr().err  # refused, not a load failure
     assert not (tmp_path / "out").exists()
