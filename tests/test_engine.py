@@ -347,3 +347,15 @@ def test_ema_follows_the_ramped_decay_and_copies_counters():
     assert torch.allclose(ema.module[0].weight, expected, atol=1e-6)
     assert not torch.allclose(ema.module[0].weight, model[0].weight)
     assert int(ema.module[1].num_batches_tracked) == 3
+
+
+def test_demo_makes_its_images_at_the_training_size_not_the_test_size(tmp_path):
+    # the demo tests at a larger size than it trains at; images made at the test size would be
+    # downscaled in training, and every object smaller than the demo means
+    from retinanet.engine.demo import demo_config
+    cfg = demo_config(tmp_path, num_train=2, num_val=2)
+    train_size = max(cfg.model.input.train_min_sizes)
+    assert cfg.model.input.test_min_size != train_size
+    for split in ("train", "val"):
+        images = json.loads(Path(getattr(cfg.data, f"{split}_annotations")).read_text())["images"]
+        assert {(im["width"], im["height"]) for im in images} == {(train_size, train_size)}

@@ -22,7 +22,8 @@ def demo_config(output_dir: str | Path, minutes: float | None = None, overrides:
     t0 = time.perf_counter()
     budget = [f"train.max_minutes={minutes}", "train.max_iter=1000000"] if minutes is not None else []
     cfg = load_config("demo", list(overrides or []) + budget)  # shipped inside the package; checked before any work
-    size = cfg.model.input.test_min_size
+    # images are made at the training size (no resizing while training); the demo tests them upscaled
+    size = max(cfg.model.input.train_min_sizes)
     paths = generate_dataset(output_dir / "data", num_train=num_train, num_val=num_val, image_size=size, seed=seed)
     print(f"data: {num_train} train / {num_val} val images in {output_dir / 'data'} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
