@@ -30,7 +30,8 @@ PY
 "$PY" -m retinanet.cli train --config demo --output-dir "$WORK/run" --overwrite data.format=csv \
     data.train_annotations="$WORK/train.csv" model.num_classes=1 data.tile.size=128 data.tile.overlap=0.2 \
     data.num_workers=0 train.max_iter=200 train.warmup_iters=30 train.ema_decay=0 train.amp=none \
-    train.base_lr=0.002 model.loss.box_loss=smooth_l1 train.channels_last=true  # the recipe of the README figure
+    train.base_lr=0.002 model.loss.box_loss=smooth_l1 train.channels_last=true \
+    model.input.test_min_size=128 model.input.max_size=128  # the recipe of the README figure
 for mode in tiled whole; do
   flags=(); [ "$mode" = tiled ] && flags=(--tile 128 --overlap 0.2 --merge nmm)
   rm -rf "$WORK/$mode"

@@ -192,7 +192,8 @@ def test_a_model_trained_on_tiles_finds_each_object_of_a_large_image_once(tmp_pa
         "train.max_iter=200", "train.warmup_iters=30", "train.ema_decay=0", "train.amp=none",
         "train.checkpoint_period=100000",
         # the recipe the bars below were measured with, whatever the demo's becomes
-        "train.base_lr=0.002", "model.loss.box_loss=smooth_l1", "train.channels_last=true"])
+        "train.base_lr=0.002", "model.loss.box_loss=smooth_l1", "train.channels_last=true",
+        "model.input.test_min_size=128", "model.input.max_size=128"])
     assert Trainer(cfg, progress=False).run()["status"] == "finished"
     model = load_model(run / "model_final.pt").optimize_for_inference()
 
