@@ -4,7 +4,6 @@ measured in the same run) beside each figure."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -165,6 +164,8 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
     input size (with `amp`, both in bf16 autocast; with `compile`, both networks through
     torch.compile, and on a GPU our NMS kernels: `PostProcessor.compile`, as torchvision's
     per-image post-processing has no such part); ours also split into its stages."""
+    from ..model.detector import cpu_freezing  # for every model compiled inside: both libraries get it
+
     tv, ours, config, state = _models(device)
     fast = optimized_copy(config, state, device, compile=compile)
     ours.eval(), tv.eval()
@@ -178,7 +179,7 @@ def bench_inference(batch: int, size: tuple[int, int], repeat: int, device: torc
     images = [im.to(device) for im in _photos(batch, *size)]
     floats = [im.float() / 255 for im in images]  # torchvision takes [0, 1] floats
     peaks: dict[str, float] = {}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), _cpu_freezing(compile, device):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), cpu_freezing(device, compile):
         times = alternate({"torchvision": lambda: tv(floats), "ours": lambda: ours(images),
                            "ours_optimized": lambda: fast(images)}, repeat, device, peaks)
         batch_tensor, _ = fast.preprocessor(images)
@@ -287,16 +288,6 @@ def bench_demo_step(repeat: int, device: torch.device) -> dict:
     seconds = alternate({"ours": step}, repeat, device, peaks)["ours"]
     return {"case": f"demo training step batch {len(images)} at 128x128 (ours only)", "seconds": {"ours": seconds},
             "images_per_second": {"ours": round(len(images) / seconds, 3)}, "peak_memory_mb": peaks}
-
-
-def _cpu_freezing(compile: bool, device: torch.device):
-    """For compiled cases on a CPU, inductor's `freezing` for every model compiled inside (as
-    `optimize_for_inference(compile=True)` sets it for ours), so that both libraries get it."""
-    if not (compile and device.type == "cpu"):
-        return contextlib.nullcontext()
-    from torch._inductor import config as inductor_config
-
-    return inductor_config.patch(freezing=True)
 
 
 def _compile_networks(*models) -> None:
