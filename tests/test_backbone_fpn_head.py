@@ -93,6 +93,35 @@ def test_head_layout_is_location_major_anchor_minor():
     assert logits[0][0].tolist() == [[0, 1, 2], [3, 4, 5], [0, 1, 2], [3, 4, 5]]
 
 
+@pytest.mark.parametrize("num_convs", [4, 1, 0])
+def test_box_subnet_at_chosen_locations_equals_it_over_whole_maps(num_convs):
+    """`regress_at` (what training on a CPU runs): the same deltas and the same gradients, for
+    the weights and the features, as the whole-map subnet read at those locations; corners,
+    edges and maps smaller than the subnet's window included (float64, so equal to rounding)."""
+    torch.manual_seed(0)
+    head = RetinaNetHead(8, num_anchors=3, num_classes=2, num_convs=num_convs).double()
+    for conv in head.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.normal_(conv.weight, std=0.3)
+            nn.init.normal_(conv.bias, std=0.3)
+    shapes = [(9, 14), (3, 4), (1, 2)]
+    features = [torch.randn(2, 8, h, w, dtype=torch.float64, requires_grad=True) for h, w in shapes]
+    locations = [torch.tensor([[0, 0, 0], [1, 8, 13], [0, 4, 7], [1, 0, 13], [0, 8, 0], [1, 4, 7]]),
+                 torch.tensor([[1, 2, 3], [0, 1, 0]]), torch.tensor([[0, 0, 1], [1, 0, 0]])]
+    local = head.regress_at(features, locations)
+    _, dense = head(features)
+    read = torch.cat([d.view(2, h, w, 3, 4)[loc[:, 0], loc[:, 1], loc[:, 2]]
+                      for d, (h, w), loc in zip(dense, shapes, locations)])
+    assert local.shape == (10, 3, 4)
+    torch.testing.assert_close(local, read, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(local)
+    params = [*features, *head.bbox_subnet.parameters(), *head.bbox_pred.parameters()]
+    from_local = torch.autograd.grad((local * weights).sum(), params)
+    from_dense = torch.autograd.grad((read * weights).sum(), params)
+    for a, b in zip(from_local, from_dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_group_norm_head_has_no_conv_bias():
     head = RetinaNetHead(32, 9, 3, norm="gn")
     convs = [m for m in head.cls_subnet if isinstance(m, nn.Conv2d)]
@@ -198,3 +227,43 @@ def test_images_of_one_shape_are_preprocessed_together_with_the_same_numbers(cha
     resized = F.interpolate(normalized[None], scale_factor=1.0, mode="bilinear", recompute_scale_factor=True,
                             align_corners=False)[0]
     assert torch.equal(together.tensor[3, :, :96, :120], resized)
+
+
+def test_training_on_a_cpu_runs_the_box_subnet_at_foreground_locations_with_the_same_gradients(monkeypatch):
+    from retinanet.config import load_config
+    from retinanet.model.build import build_retinanet
+
+    cfg = load_config("retinanet_r18_fpn_1x_coco")
+    cfg.model.input.train_min_sizes, cfg.model.input.max_size = [256], 384
+    torch.manual_seed(0)
+    model = build_retinanet(cfg.model).train()
+    for conv in model.head.bbox_subnet.modules():  # a box subnet whose outputs vary with its input
+        if isinstance(conv, nn.Conv2d):
+            nn.init.normal_(conv.weight, std=0.05)
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 255, (3, 240, 350), dtype=torch.uint8, generator=generator) for _ in range(2)]
+    boxed = [{"boxes": torch.tensor([[0.0, 0, 40, 50], [100, 120, 300, 230], [320, 10, 350, 40]]),
+              "labels": torch.tensor([1, 3, 7])},
+             {"boxes": torch.tensor([[5.0, 150, 60, 240]]), "labels": torch.tensor([2])}]
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    calls = []
+    regress_at = model.head.regress_at
+    monkeypatch.setattr(model.head, "regress_at", lambda *a: calls.append(1) or regress_at(*a))
+
+    def step(local: bool, targets):
+        model.local_box_training = local
+        model.zero_grad(set_to_none=True)
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        return losses, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    for targets in (boxed, empty):
+        dense_losses, dense_grads = step(False, targets)
+        local_losses, local_grads = step(True, targets)
+        for key in dense_losses:
+            torch.testing.assert_close(local_losses[key], dense_losses[key], rtol=1e-6, atol=1e-6)
+        for name, grad in dense_grads.items():
+            assert local_grads[name] is not None, name  # every parameter takes part (as DDP needs)
+            torch.testing.assert_close(local_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item())
+    assert len(calls) == 2
+    assert not build_retinanet(load_config("demo").model).head.regresses_locally  # GroupNorm needs whole maps

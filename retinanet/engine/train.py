@@ -93,6 +93,7 @@ def compile_for_training(model: RetinaNet) -> None:
     92 to 193 images/s (benchmarks/RESULTS.md)."""
     for part in (model.backbone, model.fpn, model.head):
         part.compile()
+    model.local_box_training = False  # its count of foreground locations would break the graph
     model.forward_training = torch.compile(model.forward_training)
 
 

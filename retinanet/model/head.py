@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -53,9 +54,47 @@ class RetinaNetHead(nn.Module):
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        logits = [_flatten(self.cls_score(self.cls_subnet(f)), self.num_classes) for f in features]
-        deltas = [_flatten(self.bbox_pred(self.bbox_subnet(f)), 4) for f in features]
-        return logits, deltas
+        return self.classify(features), [_flatten(self.bbox_pred(self.bbox_subnet(f)), 4) for f in features]
+
+    def classify(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Class logits alone, as `forward` gives them."""
+        return [_flatten(self.cls_score(self.cls_subnet(f)), self.num_classes) for f in features]
+
+    @property
+    def regresses_locally(self) -> bool:
+        """Whether `regress_at` applies: the box subnet is convolutions and ReLUs only (a
+        GroupNorm needs the whole map)."""
+        return all(isinstance(m, (nn.Conv2d, nn.ReLU)) for m in self.bbox_subnet)
+
+    def regress_at(self, features: list[torch.Tensor], locations: list[torch.Tensor]) -> torch.Tensor:
+        """Box deltas at chosen locations only: `(N, A, 4)`, N the locations of all levels in
+        order; `locations[l]` is `(N_l, 3)` long, (image, y, x) on level l. Equal to
+        `forward`'s deltas there: each output depends on a (2R+1)^2 window of its level
+        (R = the number of 3x3 convolutions), taken with the zero padding the whole map gets,
+        and every intermediate position outside the map is zeroed again, as that padding is
+        at every layer. In training only the foreground anchors' deltas reach the loss, so
+        the box subnet need not run over whole maps (~97% of its work at 800x1216)."""
+        convs = [m for m in self.bbox_subnet if isinstance(m, nn.Conv2d)] + [self.bbox_pred]
+        radius = len(convs)
+        offsets = torch.arange(-radius, radius + 1, device=features[0].device)
+        windows, heights, widths = [], [], []
+        for feature, loc in zip(features, locations):
+            padded = F.pad(feature, (radius,) * 4)
+            rows = loc[:, 1, None] + offsets + radius  # (N_l, 2R+1), in padded coordinates
+            cols = loc[:, 2, None] + offsets + radius
+            windows.append(padded[loc[:, 0, None, None], :, rows[:, :, None], cols[:, None, :]])  # (N_l, 2R+1, 2R+1, C)
+            heights.append(torch.full_like(loc[:, 0], feature.shape[-2]))
+            widths.append(torch.full_like(loc[:, 0], feature.shape[-1]))
+        x = torch.cat(windows).permute(0, 3, 1, 2)  # (N, C, 2R+1, 2R+1), channels-last in memory
+        loc, height, width = torch.cat(locations), torch.cat(heights)[:, None], torch.cat(widths)[:, None]
+        for depth, conv in enumerate(convs[:-1]):
+            x = F.conv2d(x, conv.weight, conv.bias).relu()
+            r = radius - 1 - depth  # this output's half-width
+            ys = loc[:, 1, None] + offsets[radius - r : radius + r + 1]
+            xs = loc[:, 2, None] + offsets[radius - r : radius + r + 1]
+            inside = ((ys >= 0) & (ys < height))[:, :, None] & ((xs >= 0) & (xs < width))[:, None, :]
+            x = x * inside[:, None].to(x.dtype)
+        return F.conv2d(x, convs[-1].weight, convs[-1].bias).view(x.shape[0], convs[-1].out_channels // 4, 4)
 
 
 def _flatten(x: torch.Tensor, last: int) -> torch.Tensor:
