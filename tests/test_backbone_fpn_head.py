@@ -34,6 +34,37 @@ def test_backbone_outputs_c3_c5(depth, channels):
     assert all(isinstance(m, FrozenBatchNorm2d) for m in bb.modules() if "BatchNorm" in type(m).__name__)
 
 
+@pytest.mark.parametrize("depth,stride_in_1x1", [(18, False), (50, False), (50, True)])
+def test_frozen_bn_folded_into_the_convolutions_is_the_same_function_with_the_same_gradients(depth, stride_in_1x1):
+    """The backbone applies each FrozenBatchNorm as its convolution's weight scale and bias;
+    the modules' own forwards (conv, then BN) are the reference (float64)."""
+    torch.manual_seed(0)
+    bb = ResNetBackbone(depth, stride_in_1x1=stride_in_1x1).double().train()
+    for bn in bb.modules():
+        if isinstance(bn, FrozenBatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+
+    def reference(x):
+        x = bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
+        outputs = []
+        for stage in (bb.layer1, bb.layer2, bb.layer3, bb.layer4):
+            x = stage(x)
+            outputs.append(x)
+        return outputs[1:]
+
+    x = torch.randn(2, 3, 70, 90, dtype=torch.float64)
+    trainable = [p for p in bb.parameters() if p.requires_grad]
+    folded, expected = bb(x), reference(x)
+    weights = [torch.randn_like(e) for e in expected]
+    grads = torch.autograd.grad(sum((f * w).sum() for f, w in zip(folded, weights)), trainable)
+    expected_grads = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)), trainable)
+    for f, e in zip(folded, expected):
+        torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-10)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
 def test_freeze_at_two_freezes_stem_and_res2_only():
     bb = ResNetBackbone(18, freeze_at=2)
     frozen = {n.split(".")[0] for n, p in bb.named_parameters() if not p.requires_grad}

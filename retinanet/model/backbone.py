@@ -77,10 +77,47 @@ class ResNetBackbone(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if isinstance(self.bn1, FrozenBatchNorm2d):
+            return self._forward_frozen_bn_folded(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return [c3, c4, c5]
+
+    def _forward_frozen_bn_folded(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """`forward` with every FrozenBatchNorm applied as its convolution's weight scale and
+        bias (`conv_frozen_bn`): the same function, one pass over each activation instead of
+        three (convolution, multiply, add), and the same parameters, so that checkpoints and
+        gradients are unchanged (a trainable weight gets its gradient through the scale)."""
+        x = self.maxpool(conv_frozen_bn(self.conv1, self.bn1, x).relu_())
+        features = []
+        for stage in _STAGES:
+            for block in getattr(self, stage):
+                x = _residual_block(block, x)
+            features.append(x)
+        return features[1:]
+
+
+def conv_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """`bn(conv(x))` as one convolution: weight scaled per output channel, BN's shift as bias."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return nn.functional.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding,
+                                conv.dilation, conv.groups)
+
+
+def _residual_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision BasicBlock or Bottleneck with FrozenBatchNorm, through `conv_frozen_bn`."""
+    depth = 3 if hasattr(block, "conv3") else 2
+    out = x
+    for i in range(1, depth + 1):
+        out = conv_frozen_bn(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"), out)
+        if i < depth:
+            out = out.relu_()
+    identity = conv_frozen_bn(block.downsample[0], block.downsample[1], x) if block.downsample is not None else x
+    return (out + identity).relu_()
 
