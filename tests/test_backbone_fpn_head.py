@@ -124,8 +124,8 @@ def test_head_layout_is_location_major_anchor_minor():
     assert logits[0][0].tolist() == [[0, 1, 2], [3, 4, 5], [0, 1, 2], [3, 4, 5]]
 
 
-@pytest.mark.parametrize("num_convs", [4, 1, 0])
-def test_box_subnet_at_chosen_locations_equals_it_over_whole_maps(num_convs):
+@pytest.mark.parametrize("num_convs,block", [(4, 4), (4, 1), (4, 3), (1, 4), (0, 2)])
+def test_box_subnet_at_chosen_locations_equals_it_over_whole_maps(num_convs, block):
     """`regress_at` (what training on a CPU runs): the same deltas and the same gradients, for
     the weights and the features, as the whole-map subnet read at those locations; corners,
     edges and maps smaller than the subnet's window included (float64, so equal to rounding)."""
@@ -137,13 +137,13 @@ def test_box_subnet_at_chosen_locations_equals_it_over_whole_maps(num_convs):
             nn.init.normal_(conv.bias, std=0.3)
     shapes = [(9, 14), (3, 4), (1, 2)]
     features = [torch.randn(2, 8, h, w, dtype=torch.float64, requires_grad=True) for h, w in shapes]
-    locations = [torch.tensor([[0, 0, 0], [1, 8, 13], [0, 4, 7], [1, 0, 13], [0, 8, 0], [1, 4, 7]]),
-                 torch.tensor([[1, 2, 3], [0, 1, 0]]), torch.tensor([[0, 0, 1], [1, 0, 0]])]
-    local = head.regress_at(features, locations)
+    locations = [torch.tensor([[0, 0, 0], [1, 8, 13], [0, 4, 7], [1, 0, 13], [0, 8, 0], [1, 4, 7], [0, 5, 6]]),
+                 torch.tensor([[1, 2, 3], [0, 1, 0], [1, 0, 0]]), torch.tensor([[0, 0, 1], [1, 0, 0]])]
+    local = head.regress_at(features, locations, block)
     _, dense = head(features)
     read = torch.cat([d.view(2, h, w, 3, 4)[loc[:, 0], loc[:, 1], loc[:, 2]]
                       for d, (h, w), loc in zip(dense, shapes, locations)])
-    assert local.shape == (10, 3, 4)
+    assert local.shape == (12, 3, 4)
     torch.testing.assert_close(local, read, rtol=1e-12, atol=1e-12)
     weights = torch.randn_like(local)
     params = [*features, *head.bbox_subnet.parameters(), *head.bbox_pred.parameters()]

@@ -66,35 +66,46 @@ class RetinaNetHead(nn.Module):
         GroupNorm needs the whole map)."""
         return all(isinstance(m, (nn.Conv2d, nn.ReLU)) for m in self.bbox_subnet)
 
-    def regress_at(self, features: list[torch.Tensor], locations: list[torch.Tensor]) -> torch.Tensor:
+    def regress_at(self, features: list[torch.Tensor], locations: list[torch.Tensor], block: int = 4) -> torch.Tensor:
         """Box deltas at chosen locations only: `(N, A, 4)`, N the locations of all levels in
         order; `locations[l]` is `(N_l, 3)` long, (image, y, x) on level l. Equal to
-        `forward`'s deltas there: each output depends on a (2R+1)^2 window of its level
-        (R = the number of 3x3 convolutions), taken with the zero padding the whole map gets,
-        and every intermediate position outside the map is zeroed again, as that padding is
-        at every layer. In training only the foreground anchors' deltas reach the loss, so
-        the box subnet need not run over whole maps (~97% of its work at 800x1216)."""
+        `forward`'s deltas there. Each output depends on a (2R+1)^2 window of its level
+        (R = the number of 3x3 convolutions): the subnet runs on the windows of the
+        `block` x `block` tiles of locations that hold a chosen one (neighbouring locations
+        share most of their windows), taken with the zero padding the whole map gets, and
+        every intermediate position outside the map is zeroed again, as that padding is at
+        every layer. In training only the foreground anchors' deltas reach the loss, so the
+        box subnet need not run over whole maps (~97% of its work at 800x1216)."""
         convs = [m for m in self.bbox_subnet if isinstance(m, nn.Conv2d)] + [self.bbox_pred]
-        radius = len(convs)
-        offsets = torch.arange(-radius, radius + 1, device=features[0].device)
-        windows, heights, widths = [], [], []
+        radius, device = len(convs), features[0].device
+        span = torch.arange(block + 2 * radius, device=device)  # a tile's window, from its corner - R
+        windows, tiles, picks, sizes, first_tile = [], [], [], [], 0
         for feature, loc in zip(features, locations):
-            padded = F.pad(feature, (radius,) * 4)
-            rows = loc[:, 1, None] + offsets + radius  # (N_l, 2R+1), in padded coordinates
-            cols = loc[:, 2, None] + offsets + radius
-            windows.append(padded[loc[:, 0, None, None], :, rows[:, :, None], cols[:, None, :]])  # (N_l, 2R+1, 2R+1, C)
-            heights.append(torch.full_like(loc[:, 0], feature.shape[-2]))
-            widths.append(torch.full_like(loc[:, 0], feature.shape[-1]))
-        x = torch.cat(windows).permute(0, 3, 1, 2)  # (N, C, 2R+1, 2R+1), channels-last in memory
-        loc, height, width = torch.cat(locations), torch.cat(heights)[:, None], torch.cat(widths)[:, None]
+            height, width = feature.shape[-2:]
+            tiles_down, tiles_across = -(-height // block), -(-width // block)
+            key = (loc[:, 0] * tiles_down + loc[:, 1] // block) * tiles_across + loc[:, 2] // block
+            keys, tile_of = torch.unique(key, return_inverse=True)  # the tiles that hold a location
+            image = keys // (tiles_down * tiles_across)
+            corner = torch.stack([keys // tiles_across % tiles_down, keys % tiles_across], 1) * block
+            padded = F.pad(feature, (radius, radius + block, radius, radius + block))
+            rows, cols = corner[:, :1] + span, corner[:, 1:] + span  # (M_l, T+2R), padded coordinates
+            windows.append(padded[image[:, None, None], :, rows[:, :, None], cols[:, None, :]])
+            picks.append(torch.stack([first_tile + tile_of, loc[:, 1] % block, loc[:, 2] % block], 1))
+            tiles.append(corner)
+            sizes.append(torch.tensor([height, width], device=device).expand(len(corner), 2))
+            first_tile += len(corner)
+        x = torch.cat(windows).permute(0, 3, 1, 2)  # (M, C, T+2R, T+2R), channels-last in memory
+        corner, size = torch.cat(tiles), torch.cat(sizes)
         for depth, conv in enumerate(convs[:-1]):
             x = F.conv2d(x, conv.weight, conv.bias).relu()
-            r = radius - 1 - depth  # this output's half-width
-            ys = loc[:, 1, None] + offsets[radius - r : radius + r + 1]
-            xs = loc[:, 2, None] + offsets[radius - r : radius + r + 1]
-            inside = ((ys >= 0) & (ys < height))[:, :, None] & ((xs >= 0) & (xs < width))[:, None, :]
+            margin = radius - 1 - depth  # how far this output reaches beyond its tile
+            along = span[: block + 2 * margin] - margin
+            ys, xs = corner[:, :1] + along, corner[:, 1:] + along
+            inside = ((ys >= 0) & (ys < size[:, :1]))[:, :, None] & ((xs >= 0) & (xs < size[:, 1:]))[:, None, :]
             x = x * inside[:, None].to(x.dtype)
-        return F.conv2d(x, convs[-1].weight, convs[-1].bias).view(x.shape[0], convs[-1].out_channels // 4, 4)
+        out = F.conv2d(x, convs[-1].weight, convs[-1].bias)  # (M, A*4, T, T)
+        pick = torch.cat(picks)
+        return out[pick[:, 0], :, pick[:, 1], pick[:, 2]].view(len(pick), convs[-1].out_channels // 4, 4)
 
 
 def _flatten(x: torch.Tensor, last: int) -> torch.Tensor:
