@@ -7,6 +7,8 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .fuse import bn_scale_shift
+
 RESNET_DEPTHS = (18, 34, 50, 101)
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -101,9 +103,9 @@ class ResNetBackbone(nn.Module):
 
 
 def conv_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """`bn(conv(x))` as one convolution: weight scaled per output channel, BN's shift as bias."""
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    shift = bn.bias - bn.running_mean * scale
+    """`bn(conv(x))` as one convolution: weight scaled per output channel, BN's shift as bias
+    (`fold_conv_bn` does the same once, in place, for inference)."""
+    scale, shift = bn_scale_shift(bn)
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     return nn.functional.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding,

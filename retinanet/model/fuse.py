@@ -8,12 +8,17 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 
+def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frozen (or eval-mode) BatchNorm as the per-channel affine map it computes:
+    `bn(x) == x * scale + shift`, each `(C,)`."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> None:
     """Fold a (frozen, or eval-mode) BatchNorm into `conv` in place: `bn(conv(x)) == conv'(x)`."""
-    eps = bn.eps
-    scale = bn.weight / torch.sqrt(bn.running_var + eps)
-    bias = bn.bias - bn.running_mean * scale
+    scale, bias = bn_scale_shift(bn)
     conv.weight.mul_(scale.view(-1, 1, 1, 1))
     if conv.bias is None:
         conv.bias = nn.Parameter(bias.clone(), requires_grad=False)
