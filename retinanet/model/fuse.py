@@ -11,7 +11,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """A frozen (or eval-mode) BatchNorm as the per-channel affine map it computes:
     `bn(x) == x * scale + shift`, each `(C,)`."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # as FrozenBatchNorm2d computes it
     return scale, bn.bias - bn.running_mean * scale
 
 
