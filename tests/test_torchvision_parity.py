@@ -59,10 +59,9 @@ def test_identical_detections(pair, photo_path):
         expected = tv([image])[0]
         got = ours([image])[0]
     assert len(expected["boxes"]) > 100
-    assert len(got["boxes"]) == len(expected["boxes"])
-    assert torch.allclose(got["boxes"], expected["boxes"], atol=1e-2, rtol=0)
-    assert torch.allclose(got["scores"], expected["scores"], atol=1e-4, rtol=0)
-    assert torch.equal(got["labels"], expected["labels"])
+    # Order-free matching at the same tolerances: on random weights, detections of one class
+    # share scores to 1e-7 and an ulp in a BatchNorm scale may swap their rows.
+    assert_same_detections(got, expected, box_tol=1e-2, score_tol=1e-4)
 
 
 def test_optimized_inference_keeps_the_detections(pair, photo_path):
