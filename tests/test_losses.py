@@ -148,9 +148,40 @@ def test_per_anchor_focal_loss_equals_the_elementwise_form(alpha, gamma):
     expected = sigmoid_focal_loss(logits, targets, alpha, gamma).sum(-1)
     got = focal_loss_per_anchor(logits, fg, labels, alpha, gamma)
     assert torch.allclose(got, expected, atol=1e-10)
-    (g1,) = torch.autograd.grad(expected.sum(), logits)
-    (g2,) = torch.autograd.grad(got.sum(), logits)
+    weights = torch.rand(2, 50, dtype=torch.float64)  # an upstream gradient that differs by anchor
+    (g1,) = torch.autograd.grad((expected * weights).sum(), logits)
+    (g2,) = torch.autograd.grad((got * weights).sum(), logits)
     assert torch.allclose(g1, g2, atol=1e-10)
+
+
+@pytest.mark.parametrize("gamma", [2.0, 1.5])
+def test_focal_loss_float32_gradient_equals_float64_for_confident_logits(gamma):
+    """The hand-written gradient, for positives and negatives from x = -1e4 to 1e4, in
+    float32 against the elementwise form's autograd gradient in float64."""
+    x = torch.tensor([-1e4, -1e3, -30.0, -8.0, -2.0, 0.0, 0.5, 8.0, 30.0, 1e3, 1e4])
+    logits = x.view(1, -1, 1).repeat(1, 1, 3)  # (1, 11, 3): every value as positive and negative
+    fg = torch.ones(1, len(x), dtype=torch.bool)
+    labels = torch.ones(1, len(x), dtype=torch.long)
+    targets = torch.zeros(1, len(x), 3, dtype=torch.float64)
+    targets[..., 1] = 1
+    reference = logits.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(sigmoid_focal_loss(reference, targets, 0.25, gamma).sum(), reference)
+    logits.requires_grad_(True)
+    (got,) = torch.autograd.grad(focal_loss_per_anchor(logits, fg, labels, 0.25, gamma).sum(), logits)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-12), (got, expected)
+
+
+def test_focal_loss_of_bf16_logits_is_float32_with_a_bf16_gradient():
+    logits = torch.randn(2, 30, 4).bfloat16().requires_grad_(True)
+    fg, labels = torch.rand(2, 30) < 0.3, torch.randint(0, 4, (2, 30))
+    loss = focal_loss_per_anchor(logits, fg, labels)
+    assert loss.dtype == torch.float32
+    loss.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    reference = logits.detach().float().requires_grad_(True)
+    focal_loss_per_anchor(reference, fg, labels).sum().backward()
+    assert torch.allclose(logits.grad.float(), reference.grad, rtol=1e-2, atol=1e-4)
 
 
 def test_giou_loss_equals_torchvision_values_and_gradients():

@@ -40,28 +40,56 @@ def focal_loss_per_anchor(logits: torch.Tensor, fg: torch.Tensor, anchor_labels:
                           gamma: float = 2.0) -> torch.Tensor:
     """Focal loss summed over classes for every anchor: `(B, A)` from logits `(B, A, K)`.
 
-    The same numbers as `sigmoid_focal_loss(logits, one_hot_targets).sum(-1)`, where the
-    one-hot target of a foreground anchor (`fg (B, A)`) is its class `anchor_labels (B, A)`
-    (ignored elsewhere). Computed the cheap way: every element is charged as a negative
-    (four passes over the big tensor instead of a dozen), then each anchor's element at its
-    label gets the positive term instead where the anchor is foreground. Gathers and
-    scatters of one element per anchor, no boolean indexing: no host synchronisation.
+    The same numbers and gradients as `sigmoid_focal_loss(logits, one_hot_targets).sum(-1)`,
+    where the one-hot target of a foreground anchor (`fg (B, A)`) is its class
+    `anchor_labels (B, A)` (ignored elsewhere), computed the cheap way (`_FocalLossPerAnchor`).
     """
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    p = torch.sigmoid(x)
-    w_neg, w_pos = (1 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
-    negative = F.softplus(x) * (p * p if gamma == 2 else p**gamma)  # -log(1 - p) * p^gamma
-    label = anchor_labels.clamp(0, x.shape[-1] - 1).unsqueeze(-1)  # (B, A, 1)
-    x_label = x.gather(-1, label).squeeze(-1)  # (B, A)
-    p_label = torch.sigmoid(x_label)
-    negative_label = F.softplus(x_label) * (p_label * p_label if gamma == 2 else p_label**gamma)
-    # The positive elements are zeroed, not subtracted later: subtracting their (possibly
-    # huge) negative term again would cancel the small positive term away in float32.
-    negative.scatter_(-1, label, torch.where(fg, 0.0, negative_label).unsqueeze(-1))
-    per_anchor = negative.sum(-1) * w_neg
-    q = 1 - p_label
-    positive = w_pos * F.softplus(-x_label) * (q * q if gamma == 2 else q**gamma)  # -log(p) * (1 - p)^gamma
-    return per_anchor + torch.where(fg, positive, 0.0)
+    return _FocalLossPerAnchor.apply(logits, fg, anchor_labels, alpha, gamma)
+
+
+class _FocalLossPerAnchor(torch.autograd.Function):
+    """`focal_loss_per_anchor` with its gradient written out and computed in the forward pass.
+
+    Every element is charged as a negative, then each anchor's element at its label gets the
+    positive term instead where the anchor is foreground: gathers and scatters of one element
+    per anchor, no boolean indexing, so no host synchronisation. The gradient is formed while
+    the forward's intermediates are at hand and is the one tensor kept for the backward pass,
+    which is then a single multiply: about 9 passes over the `(B, A, K)` tensor in all instead
+    of the ~16 autograd takes through the elementwise form, and one saved tensor instead of four.
+    With p = sigmoid(x) and s = softplus(x) = -log(1 - p):
+        negative  n(x) = s p^g,                  n'(x) = p^g (p + g s (1 - p))
+        positive  q(x) = softplus(-x) (1 - p)^g, q'(x) = -(1 - p)^g ((1 - p) + g p softplus(-x))
+    """
+
+    @staticmethod
+    def forward(ctx, logits, fg, anchor_labels, alpha: float, gamma: float):
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        w_neg, w_pos = (1 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
+        p, s = torch.sigmoid(x), F.softplus(x)
+        p_gamma = p * p if gamma == 2 else p.pow(gamma)
+        grad = torch.addcmul(p, 1 - p, s, value=gamma).mul_(p_gamma).mul_(w_neg)  # w_neg n'(x)
+        negative = s.mul_(p_gamma)  # n(x), in the softplus's memory
+        del p, p_gamma
+
+        label = anchor_labels.clamp(0, x.shape[-1] - 1).unsqueeze(-1)  # (B, A, 1)
+        x_label = x.gather(-1, label).squeeze(-1)  # (B, A)
+        p_label, q_label = torch.sigmoid(x_label), torch.sigmoid(-x_label)
+        log_p = F.softplus(-x_label)  # -log(p)
+        q_gamma = q_label * q_label if gamma == 2 else q_label.pow(gamma)
+        positive = w_pos * log_p * q_gamma
+        positive_grad = -w_pos * q_gamma * (q_label + gamma * p_label * log_p)
+        # The positive elements are replaced, not subtracted later: subtracting their (possibly
+        # huge) negative term again would cancel the small positive term away in float32.
+        negative.scatter_(-1, label, torch.where(fg, 0.0, negative.gather(-1, label).squeeze(-1)).unsqueeze(-1))
+        grad.scatter_(-1, label, torch.where(fg, positive_grad, grad.gather(-1, label).squeeze(-1)).unsqueeze(-1))
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
+        return negative.sum(-1) * w_neg + torch.where(fg, positive, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.unsqueeze(-1)).to(ctx.logits_dtype), None, None, None, None
 
 
 def giou_loss(boxes: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
