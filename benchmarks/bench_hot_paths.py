@@ -73,9 +73,22 @@ def main() -> None:
         split = {"cls_logits": list(logits), "bbox_regression": list(deltas)}
         return tv.postprocess_detections(split, tv_level_anchors, image_sizes)
 
+    def with_backward(loss_fn, inputs):
+        """`loss_fn` forward and backward into the head outputs `inputs` (their gradients)."""
+        def run():
+            for x in inputs:
+                x.requires_grad_(True)
+            losses = loss_fn()
+            torch.autograd.grad(sum(losses.values()), inputs)
+            for x in inputs:
+                x.requires_grad_(False)
+        return run
+
     with torch.no_grad():
         rows = [("matching + losses", median_time(ours_loss, args.repeat), median_time(tv_loss, args.repeat)),
                 ("post-processing", median_time(ours_post, args.repeat), median_time(tv_post, args.repeat))]
+    rows.insert(1, ("losses + backward", median_time(with_backward(ours_loss, logits + deltas), args.repeat),
+                    median_time(with_backward(tv_loss, list(tv_head.values())), args.repeat)))
     print(f"batch {b}, {h}x{w} input ({sum(num_anchors)} anchors/image), {args.boxes} GT/image, "
           f"{torch.get_num_threads()} threads, median of {args.repeat}")
     print(f"{'part':<20} {'ours (s)':>10} {'torchvision (s)':>16} {'speed-up':>9}")

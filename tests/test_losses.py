@@ -172,6 +172,17 @@ def test_focal_loss_float32_gradient_equals_float64_for_confident_logits(gamma):
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-12), (got, expected)
 
 
+def test_focal_loss_without_gradient_gives_the_same_values():
+    """Evaluated only (no gradient wanted), the forward skips forming the gradient."""
+    logits = torch.randn(2, 40, 5) * 4
+    fg, labels = torch.rand(2, 40) < 0.3, torch.randint(0, 5, (2, 40))
+    with torch.no_grad():
+        evaluated = focal_loss_per_anchor(logits, fg, labels)
+    trained = focal_loss_per_anchor(logits.clone().requires_grad_(True), fg, labels)
+    assert evaluated.grad_fn is None and trained.grad_fn is not None
+    assert torch.equal(evaluated, trained.detach())
+
+
 def test_focal_loss_of_bf16_logits_is_float32_with_a_bf16_gradient():
     logits = torch.randn(2, 30, 4).bfloat16().requires_grad_(True)
     fg, labels = torch.rand(2, 30) < 0.3, torch.randint(0, 4, (2, 30))

@@ -67,7 +67,9 @@ class _FocalLossPerAnchor(torch.autograd.Function):
         w_neg, w_pos = (1 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
         p, s = torch.sigmoid(x), F.softplus(x)
         p_gamma = p * p if gamma == 2 else p.pow(gamma)
-        grad = torch.addcmul(p, 1 - p, s, value=gamma).mul_(p_gamma).mul_(w_neg)  # w_neg n'(x)
+        wants_grad = ctx.needs_input_grad[0]  # not when the loss is only evaluated
+        if wants_grad:
+            grad = torch.addcmul(p, 1 - p, s, value=gamma).mul_(p_gamma).mul_(w_neg)  # w_neg n'(x)
         negative = s.mul_(p_gamma)  # n(x), in the softplus's memory
         del p, p_gamma
 
@@ -77,13 +79,14 @@ class _FocalLossPerAnchor(torch.autograd.Function):
         log_p = F.softplus(-x_label)  # -log(p)
         q_gamma = q_label * q_label if gamma == 2 else q_label.pow(gamma)
         positive = w_pos * log_p * q_gamma
-        positive_grad = -w_pos * q_gamma * (q_label + gamma * p_label * log_p)
         # The positive elements are replaced, not subtracted later: subtracting their (possibly
         # huge) negative term again would cancel the small positive term away in float32.
         negative.scatter_(-1, label, torch.where(fg, 0.0, negative.gather(-1, label).squeeze(-1)).unsqueeze(-1))
-        grad.scatter_(-1, label, torch.where(fg, positive_grad, grad.gather(-1, label).squeeze(-1)).unsqueeze(-1))
-        ctx.save_for_backward(grad)
-        ctx.logits_dtype = logits.dtype
+        if wants_grad:
+            positive_grad = -w_pos * q_gamma * (q_label + gamma * p_label * log_p)
+            grad.scatter_(-1, label, torch.where(fg, positive_grad, grad.gather(-1, label).squeeze(-1)).unsqueeze(-1))
+            ctx.save_for_backward(grad)
+            ctx.logits_dtype = logits.dtype
         return negative.sum(-1) * w_neg + torch.where(fg, positive, 0.0)
 
     @staticmethod
