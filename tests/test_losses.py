@@ -237,3 +237,39 @@ def test_a_training_step_reads_no_value_back_from_the_device(box_loss, normaliza
     sum(losses.values()).backward()
     assert set(losses) == {"loss_cls", "loss_box"} and all(v.device.type == "meta" for v in losses.values())
     assert next(model.head.parameters()).grad is not None
+
+
+def test_per_level_logit_views_give_the_flat_losses_and_gradients():
+    """The head's `(B, H, W, A, K)` views of its NCHW maps, level by level, against the same
+    logits flattened and concatenated; a level list that does not cover the anchors is refused."""
+    from retinanet.model.head import _anchor_view
+    from retinanet.model.matching import AnchorMatcher
+
+    def flat(m):  # channel a * K + k at (y, x) is anchor (y, x, a), class k
+        return m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, num_classes)
+
+    torch.manual_seed(0)
+    num_anchors, num_classes, sizes = 3, 5, [(6, 8), (3, 4), (2, 2)]
+    maps = [torch.randn(2, num_anchors * num_classes, h, w, dtype=torch.float64) * 3 for h, w in sizes]
+    count = sum(h * w for h, w in sizes) * num_anchors
+    anchors = torch.rand(count, 2) * 50
+    anchors = torch.cat([anchors, anchors + 8 + torch.rand(count, 2) * 20], 1).double()
+    gt_boxes = anchors[torch.randint(0, count, (2, 6))] + torch.randn(2, 6, 4).double()
+    gt_labels = torch.randint(0, num_classes, (2, 6))
+    matches = AnchorMatcher()(anchors, gt_boxes, torch.ones(2, 6, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.bool))
+    assert (matches.labels == FOREGROUND).sum() > 5 and (matches.labels == IGNORE).any()
+    deltas = torch.randn(2, count, 4, dtype=torch.float64)
+    loss = RetinaNetLoss(BoxCoder())
+    results = []
+    for per_level in (True, False):
+        leaves = [m.clone().requires_grad_(True) for m in maps]
+        logits = ([_anchor_view(m, num_classes) for m in leaves] if per_level
+                  else torch.cat([flat(m) for m in leaves], 1))
+        out = loss(logits, deltas, anchors, matches, gt_boxes, gt_labels)
+        results.append((out["loss_cls"], torch.autograd.grad(out["loss_cls"], leaves)))
+    (views, view_grads), (flat, flat_grads) = results
+    assert torch.allclose(views, flat, rtol=1e-12)
+    for a, b in zip(view_grads, flat_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-15)
+    with pytest.raises(ValueError, match="anchors"):
+        loss([_anchor_view(m, num_classes) for m in maps[:2]], deltas, anchors, matches, gt_boxes, gt_labels)

@@ -116,15 +116,17 @@ class RetinaNet(nn.Module):
             raise ValueError("targets are required in training mode")
         batch, targets = self.preprocessor(images, targets, training=self.training, generator=generator)
         x = batch.tensor
-        if self.training and self.local_box_training and x.device.type == "cpu" and self.head.regresses_locally:
-            features = self.run_features(x)
-            anchors = self.anchors_for(features, x)
-            return self.forward_training(self.head.classify(features), None, anchors, targets, reduce_foreground,
-                                         features)
-        logits, deltas, anchors = self.run_network(x)
-        if self.training:
-            return self.forward_training(logits, deltas, anchors, targets, reduce_foreground)
-        return self.forward_inference(logits, deltas, anchors, batch)
+        if not self.training:
+            logits, deltas, anchors = self.run_network(x)
+            return self.forward_inference(logits, deltas, anchors, batch)
+        # the class logits stay (B, H, W, A, K) views of the head's maps: the loss reads them as they are
+        features = self.run_features(x)
+        anchors = self.anchors_for(features, x)
+        if self.local_box_training and x.device.type == "cpu" and self.head.regresses_locally:
+            return self.forward_training(self.head.classify(features, flatten=False), None, anchors, targets,
+                                         reduce_foreground, features)
+        logits, deltas = self.head(features, flatten=False)
+        return self.forward_training(logits, deltas, anchors, targets, reduce_foreground)
 
     def run_network(self, x: torch.Tensor):
         """Backbone, FPN and head on the padded batch `x (B, 3, H, W)`: per-level class logits
@@ -147,8 +149,9 @@ class RetinaNet(nn.Module):
                          anchors: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
                          reduce_foreground: ForegroundReducer | None = None,
                          features: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Losses. `deltas` None: the box subnet runs on `features` at the foreground
-        locations only (`foreground_deltas`)."""
+        """Losses. `logits` per level, `(B, A_l, K)` or the head's `(B, H, W, A, K)` views;
+        `deltas` per level `(B, A_l, 4)`, or None: the box subnet runs on `features` at the
+        foreground locations only (`foreground_deltas`)."""
         all_anchors = torch.cat(anchors)
         gt_boxes, gt_labels, gt_valid, gt_crowd = pack_targets(targets, all_anchors.device)
         matches = self.matcher(all_anchors, gt_boxes, gt_valid, gt_crowd)
@@ -157,7 +160,7 @@ class RetinaNet(nn.Module):
         self.assignment_stats = {"foreground": fg.sum().detach(), "boxes": (gt_valid & ~gt_crowd).sum().detach()}
         if deltas is None:
             deltas = [self.foreground_deltas(features, fg)]
-        return self.loss(torch.cat(logits, 1), torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels,
+        return self.loss(list(logits), torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels,
                          reduce_foreground)
 
     def foreground_deltas(self, features: list[torch.Tensor], fg: torch.Tensor) -> torch.Tensor:

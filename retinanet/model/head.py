@@ -53,12 +53,16 @@ class RetinaNetHead(nn.Module):
         # negatives do not swamp the loss in the first iterations.
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return self.classify(features), [_flatten(self.bbox_pred(self.bbox_subnet(f)), 4) for f in features]
+    def forward(self, features: list[torch.Tensor], flatten: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`flatten=False`: the class logits as `classify` gives them unflattened."""
+        return self.classify(features, flatten), [_flatten(self.bbox_pred(self.bbox_subnet(f)), 4) for f in features]
 
-    def classify(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Class logits alone, as `forward` gives them."""
-        return [_flatten(self.cls_score(self.cls_subnet(f)), self.num_classes) for f in features]
+    def classify(self, features: list[torch.Tensor], flatten: bool = True) -> list[torch.Tensor]:
+        """Class logits alone, as `forward` gives them; `flatten=False`: each level as a
+        `(N, Hi, Wi, A, num_classes)` view of the predictor's output, the same order without
+        the copy that flattening an NCHW map takes (and its mirror in the backward pass)."""
+        maps = [_anchor_view(self.cls_score(self.cls_subnet(f)), self.num_classes) for f in features]
+        return [m.flatten(1, 3) for m in maps] if flatten else maps
 
     @property
     def regresses_locally(self) -> bool:
@@ -108,7 +112,12 @@ class RetinaNetHead(nn.Module):
         return out[pick[:, 0], :, pick[:, 1], pick[:, 2]].view(len(pick), convs[-1].out_channels // 4, 4)
 
 
+def _anchor_view(x: torch.Tensor, last: int) -> torch.Tensor:
+    """(N, A*last, H, W) -> a (N, H, W, A, last) view."""
+    n, _, h, w = x.shape
+    return x.view(n, -1, last, h, w).permute(0, 3, 4, 1, 2)
+
+
 def _flatten(x: torch.Tensor, last: int) -> torch.Tensor:
     """(N, A*last, H, W) -> (N, H*W*A, last)."""
-    n, _, h, w = x.shape
-    return x.view(n, -1, last, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, last)
+    return _anchor_view(x, last).flatten(1, 3)

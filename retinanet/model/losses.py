@@ -147,16 +147,18 @@ class RetinaNetLoss(nn.Module):
                 reduce_foreground: ForegroundReducer | None = None) -> dict[str, torch.Tensor]:
         """
         Args:
-            logits: `(B, A, K)` class logits; deltas: `(B, A, 4)`; anchors: `(A, 4)`.
+            logits: `(B, A, K)` class logits, or a list of them per level, each `(B, ..., K)`
+                whose middle dimensions flatten to that level's anchors in order (e.g. the
+                head's `(B, H, W, A, K)` views of its NCHW maps: then nothing copies them).
+            deltas: `(B, A, 4)`; anchors: `(A, 4)`.
             matches: from `AnchorMatcher`; gt_boxes `(B, G, 4)`, gt_labels `(B, G)` in [0, K).
             reduce_foreground: sums the foreground count over processes (None: one process).
         """
         fg = matches.labels == FOREGROUND
         valid = fg | (matches.labels == BACKGROUND)
-        batch_idx = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        batch_idx = torch.arange(fg.shape[0], device=fg.device)[:, None]
         anchor_labels = gt_labels[batch_idx, matches.gt_index]  # (B, A), meaningful where fg
-        cls = focal_loss_per_anchor(logits, fg, anchor_labels, self.focal_alpha, self.focal_gamma)
-        cls = (cls * valid).sum(-1)  # (B,)
+        cls = (self._focal_loss(logits, fg, anchor_labels) * valid).sum(-1)  # (B,)
 
         box = self._box_loss(deltas, anchors, gt_boxes[batch_idx, matches.gt_index], fg)  # (B,)
         norm = self._normalizer(fg, reduce_foreground)
@@ -164,6 +166,23 @@ class RetinaNetLoss(nn.Module):
             "loss_cls": (cls / norm).sum(),
             "loss_box": self.box_loss_weight * (box / norm).sum(),
         }
+
+    def _focal_loss(self, logits: torch.Tensor | list[torch.Tensor], fg: torch.Tensor,
+                    anchor_labels: torch.Tensor) -> torch.Tensor:
+        """Focal loss of each anchor `(B, A)`, for logits whole or per level."""
+        if isinstance(logits, torch.Tensor):
+            return focal_loss_per_anchor(logits, fg, anchor_labels, self.focal_alpha, self.focal_gamma)
+        per_anchor, start = [], 0
+        for level in logits:
+            shape = level.shape[:-1]
+            stop = start + shape[1:].numel()
+            per_anchor.append(focal_loss_per_anchor(level, fg[:, start:stop].view(shape),
+                                                    anchor_labels[:, start:stop].view(shape), self.focal_alpha,
+                                                    self.focal_gamma).reshape(fg.shape[0], -1))
+            start = stop
+        if start != fg.shape[1]:
+            raise ValueError(f"the levels' logits hold {start} anchors, the matches {fg.shape[1]}")
+        return torch.cat(per_anchor, 1)
 
     def _box_loss(self, deltas, anchors, matched_boxes, fg) -> torch.Tensor:
         """Sum of the box loss over each image's foreground anchors: `(B,)`.
