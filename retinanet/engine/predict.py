@@ -249,8 +249,10 @@ def write_labels(det: dict, size: tuple[int, int], path: Path, kind: str) -> Pat
 
 def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale: int = 1,
                     ground_truth: torch.Tensor | None = None) -> Image.Image:
-    """The image `(3, H, W)` uint8, enlarged `scale` times, with boxes, class names and scores
-    on a dark label background; `ground_truth (G, 4)` boxes, when given, outlined in white."""
+    """The image `(3, H, W)` uint8, enlarged `scale` times, with the `max_boxes` best boxes,
+    their class names and scores on a dark label background (placed by `place_labels`, so
+    that labels of overlapping boxes do not cover each other); `ground_truth (G, 4)` boxes,
+    when given, outlined in white."""
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     if scale != 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.BILINEAR)
@@ -260,13 +262,38 @@ def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale:
             canvas.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], outline=(255, 255, 255), width=1)
     palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-    for box, score, label, name in list(zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
-                                            det["class_names"]))[:max_boxes]:
-        colour = palette[label % len(palette)]
-        box = [v * scale for v in box]
-        canvas.rectangle(box, outline=colour, width=2)
-        text = f"{name} {score:.2f}"
-        left, top, right, bottom = canvas.textbbox((box[0] + 2, box[1] + 1), text)
-        canvas.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
-        canvas.text((box[0] + 2, box[1] + 1), text, fill=colour)
+    shown = sorted(zip(det["scores"].tolist(), det["boxes"].tolist(), det["labels"].tolist(), det["class_names"]),
+                   key=lambda d: -d[0])[:max_boxes]
+    boxes = [[v * scale for v in box] for _, box, _, _ in shown]
+    texts = [f"{name} {score:.2f}" for score, _, _, name in shown]
+    for box, (_, _, label, _) in zip(boxes, shown):  # all boxes first: no box line crosses a label
+        canvas.rectangle(box, outline=palette[label % len(palette)], width=2)
+    sizes = []
+    for text in texts:
+        left, top, right, bottom = canvas.textbbox((0, 0), text)
+        sizes.append((right - left + 2, bottom - top + 2))
+    for (x, y), text, size, (_, _, label, _) in zip(place_labels(boxes, sizes, pil.size), texts, sizes, shown):
+        canvas.rectangle([x, y, x + size[0], y + size[1]], fill=(0, 0, 0))
+        left, top, _, _ = canvas.textbbox((0, 0), text)
+        canvas.text((x + 1 - left, y + 1 - top), text, fill=palette[label % len(palette)])
     return pil
+
+
+def place_labels(boxes: list[list[float]], sizes: list[tuple[int, int]],
+                 image_size: tuple[int, int]) -> list[tuple[float, float]]:
+    """Top-left corners for the labels of `boxes` (xyxy, best first) of `sizes` (w, h) in an
+    image of `image_size` (w, h): each at the first of its box's top-left inside, above, bottom-left
+    inside and below that stays in the image and overlaps no label placed before it; if none
+    does, at the first that stays in the image."""
+    width, height = image_size
+    placed: list[tuple[float, float, float, float]] = []
+    corners = []
+    for (x0, y0, _, y1), (w, h) in zip(boxes, sizes):
+        x = min(max(x0 + 1, 0), max(width - w, 0))
+        spots = [(x, y) for y in (y0 + 1, y0 - h - 1, y1 - h - 1, y1 + 1) if 0 <= y <= height - h] or [(x, 0)]
+        free = [(sx, sy) for sx, sy in spots
+                if not any(sx < r and px < sx + w and sy < b and py < sy + h for px, py, r, b in placed)]
+        corner = (free or spots)[0]
+        placed.append((corner[0], corner[1], corner[0] + w, corner[1] + h))
+        corners.append(corner)
+    return corners
