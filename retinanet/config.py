@@ -43,6 +43,11 @@ class DataConfig:
     voc_difficult: Literal["ignore", "train", "drop"] = "ignore"  # VOC `difficult` objects
     tile: TileConfig = field(default_factory=TileConfig)
     horizontal_flip: Fraction = 0.5  # probability
+    # training: each image is cropped to 1/z of its sides (z uniform in [1, max_zoom], at a random
+    # place) and resized back, so that objects appear up to max_zoom times larger; boxes cut to
+    # under half their area are ignored. 1: off. On the demo (max_zoom 1.25, 2026-11-28) it traded
+    # small objects for large: AP 0.737 vs 0.747, APl 0.848 vs 0.815, APs 0.715 vs 0.731
+    max_zoom: Annotated[float, Range(1, 4)] = 1.0
     aspect_ratio_grouping: bool = True  # batches of only landscape or only portrait images
     num_workers: NonNegativeInt = 4  # data-loading processes per GPU (0: load in the main process)
     strict: bool = False  # a bad image stops the run instead of being skipped and listed

@@ -146,3 +146,50 @@ def test_truncated_image_fails_even_if_pil_was_told_to_pad(tmp_path, monkeypatch
     with pytest.raises(ImageReadError, match="damaged or truncated"):
         read_image(path)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+
+
+def test_zoom_crop_keeps_cuts_and_drops_boxes():
+    from retinanet.data.dataset import zoom_crop
+
+    image = torch.arange(100 * 80).reshape(1, 80, 100).expand(3, -1, -1).to(torch.int32)
+    target = {"boxes": torch.tensor([[50.0, 40, 70, 60], [0, 0, 30, 20], [40, 0, 60, 14], [0, 70, 10, 80]]),
+              "labels": torch.tensor([0, 1, 2, 3]), "iscrowd": torch.tensor([False, False, False, True]), "image_id": 7}
+    crop, out = zoom_crop(image, target, 2.0, 1.0, 0.25)  # a 50 x 40 window at (50, 10)
+    assert crop.shape == (3, 40, 50) and torch.equal(crop, image[:, 10:50, 50:100])
+    # inside: shifted; 2 of 20 px inside: ignored; outside: dropped
+    assert out["boxes"].tolist() == [[0, 30, 20, 40], [0, 0, 10, 4]]
+    assert out["labels"].tolist() == [0, 2] and out["iscrowd"].tolist() == [False, True]
+    assert out["image_id"] == 7
+    same, unchanged = zoom_crop(image, target, 1.0, 0.3, 0.9)  # zoom 1: the whole image
+    assert torch.equal(same, image) and torch.equal(unchanged["boxes"], target["boxes"])
+
+
+def test_sampler_zoom_draws_leave_the_rest_of_the_stream_alone():
+    ratios = [1.0] * 12
+    plain = iter(TrainBatchSampler(ratios, 4, seed=3, flip_prob=0.5))
+    zoomed = iter(TrainBatchSampler(ratios, 4, seed=3, flip_prob=0.5, max_zoom=1.5))
+    again = iter(TrainBatchSampler(ratios, 4, seed=3, flip_prob=0.5, max_zoom=1.5, start_batch=2))
+    batches = [next(zoomed) for _ in range(6)]
+    for batch in batches:
+        assert [item[:2] for item in batch] == next(plain)  # the same images and flips
+        for _, _, (zoom, fx, fy) in batch:
+            assert 1 <= zoom <= 1.5 and 0 <= fx <= 1 and 0 <= fy <= 1
+    zooms = [item[2][0] for batch in batches for item in batch]
+    assert max(zooms) - min(zooms) > 0.2
+    assert [next(again) for _ in range(4)] == batches[2:]  # resumable
+    with pytest.raises(ValueError, match="max_zoom"):
+        TrainBatchSampler(ratios, 4, max_zoom=0.5)
+
+
+def test_dataset_item_with_zoom_is_cropped_then_flipped(tmp_path):
+    from retinanet.data.dataset import zoom_crop
+
+    img = make_image(tmp_path, "a.png", size=(40, 30))
+    anns = [{"id": 1, "image_id": img["id"], "category_id": 1, "bbox": [22, 12, 10, 8]}]
+    ds = CocoDetection(tmp_path, write_json(tmp_path / "a.json", coco([img], anns)))
+    image, target = ds[0]
+    got_image, got = ds[(0, True, (1.6, 0.75, 0.5))]
+    crop, expected = zoom_crop(image, target, 1.6, 0.75, 0.5)
+    flipped, boxes = hflip(crop, expected["boxes"])
+    assert got_image.shape == (3, 19, 25) and torch.equal(got_image, flipped)
+    assert torch.equal(got["boxes"], boxes) and got["boxes"].tolist() == [[4.0, 6, 14, 14]]

@@ -11,9 +11,11 @@ from torchvision.ops import box_iou
 from retinanet.checkpoint import load_model
 from retinanet.cli import main as cli
 from retinanet.config import apply_overrides, load_config
+from retinanet.data.dataset import zoom_crop
 from retinanet.data.synthetic import render_large_scene
 from retinanet.data.tiles import TiledDataset, crop_boxes, tile_windows
 from retinanet.engine.tiling import merge_detections, predict_tiled
+from retinanet.engine import train as train_module
 from retinanet.engine.train import Trainer
 
 from conftest import require_peer, tiny_config
@@ -123,7 +125,7 @@ def test_tiled_prediction_finds_each_object_once_and_beats_resizing_whole():
     assert recall_tiled == 1.0 and recall_tiled > recall_whole
 
 
-def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path):
+def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path, monkeypatch):
     from retinanet.data.coco import CocoDetection
 
     base = CocoDetection(shapes_data["train_images"], shapes_data["train_annotations"])
@@ -134,12 +136,24 @@ def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path):
     index, (x0, y0, x1, y1) = tiled.windows[0]
     full, _ = base[index]
     assert torch.equal(image, full[:, y0:y1, x0:x1])
+    zoomed, zoomed_target = tiled[(0, False, (2.0, 0.0, 1.0))]  # the tile's bottom-left quarter
+    assert torch.equal(zoomed, image[:, 32:, :32])
+    assert torch.equal(zoomed_target["boxes"], zoom_crop(image, target, 2.0, 0.0, 1.0)[1]["boxes"])
 
     out = tmp_path / "run"
     cfg = tiny_config(shapes_data, out, train__max_iter=2, data__tile__size=64, data__tile__overlap=0.25,
                       model__input__train_min_sizes=[64], model__input__test_min_size=64, model__input__max_size=64,
-                      model__fpn__out_channels=64)
+                      model__fpn__out_channels=64, data__max_zoom=1.5)
+    samplers = []
+
+    class RecordingSampler(train_module.TrainBatchSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            samplers.append(self)
+
+    monkeypatch.setattr(train_module, "TrainBatchSampler", RecordingSampler)
     summary = Trainer(cfg, progress=False).run()
+    assert [s.max_zoom for s in samplers] == [1.5]
     assert summary["status"] == "finished" and summary["metrics"]["num_images"] == 8
 
     big = tmp_path / "big.png"

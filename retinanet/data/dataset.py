@@ -83,7 +83,7 @@ class DetectionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, item):
-        index, flip = item if isinstance(item, tuple) else (item, False)
+        index, flip, zoom = sampled_item(item)
         record = self.records[index]
         path = self.image_dir / record.file_name
         try:
@@ -103,6 +103,8 @@ class DetectionDataset(Dataset):
             "iscrowd": torch.tensor(record.crowd, dtype=torch.bool),
             "image_id": record.image_id,
         }
+        if zoom is not None:
+            image, target = zoom_crop(image, target, *zoom)
         if flip:
             image, target["boxes"] = hflip(image, target["boxes"])
         return image, target
@@ -187,6 +189,47 @@ def valid_xyxy(box, width: int, height: int) -> list[float] | None:
     if x1 - x0 <= 1 or y1 - y0 <= 1:
         return None
     return [x0, y0, x1, y1]
+
+
+def sampled_item(item) -> tuple[int, bool, tuple[float, float, float] | None]:
+    """`(index, flip, zoom)` from a dataset item: an index, `(index, flip)` or
+    `(index, flip, (zoom, fx, fy))` as `TrainBatchSampler` draws them."""
+    if not isinstance(item, tuple):
+        return item, False, None
+    return item[0], item[1], item[2] if len(item) > 2 else None
+
+
+def crop_boxes(boxes: torch.Tensor, window: tuple[int, int, int, int], min_visible: float):
+    """Boxes `(N, 4)` seen through `window`, in window pixels: `(boxes, kept, partial)` where
+    `kept` marks boxes with at least `min_visible` of their area inside (trained as usual) and
+    `partial` those cut more than that (kept as ignored regions, so that detecting a part
+    is not punished)."""
+    x0, y0, x1, y1 = window
+    clipped = torch.stack([boxes[:, 0].clamp(x0, x1), boxes[:, 1].clamp(y0, y1),
+                           boxes[:, 2].clamp(x0, x1), boxes[:, 3].clamp(y0, y1)], dim=1)
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).clamp(min=1e-9)
+    visible_wh = clipped[:, 2:] - clipped[:, :2]
+    visible = visible_wh.prod(dim=1) / area
+    inside = (visible_wh > 1).all(dim=1)
+    shifted = clipped - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+    kept = inside & (visible >= min_visible)
+    return shifted, kept, inside & ~kept
+
+
+def zoom_crop(image: torch.Tensor, target: dict, zoom: float, fx: float, fy: float,
+              min_visible: float = 0.5) -> tuple[torch.Tensor, dict]:
+    """Crop `image (C, H, W)` to a window of `1/zoom` of its width and height whose top-left
+    corner is at `(fx, fy)` of the free range; the model resizes it back, so that objects
+    appear `zoom` times larger. Boxes with at least `min_visible` of their area inside are kept,
+    those cut more become ignored regions (`iscrowd`), those outside are dropped."""
+    height, width = image.shape[-2:]
+    crop_w, crop_h = max(1, round(width / zoom)), max(1, round(height / zoom))
+    x0, y0 = round(fx * (width - crop_w)), round(fy * (height - crop_h))
+    shifted, kept, partial = crop_boxes(target["boxes"], (x0, y0, x0 + crop_w, y0 + crop_h), min_visible)
+    use = kept | partial
+    target = {**target, "boxes": shifted[use], "labels": target["labels"][use],
+              "iscrowd": (target["iscrowd"] | partial)[use]}
+    return image[:, y0 : y0 + crop_h, x0 : x0 + crop_w], target
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:

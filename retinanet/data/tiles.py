@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 
-from .dataset import DetectionDataset, ImageRecord, hflip
+from .dataset import DetectionDataset, ImageRecord, crop_boxes, hflip, sampled_item, zoom_crop  # noqa: F401 (crop_boxes: re-exported)
 from .image_io import ImageReadError
 from .raster import Raster, open_raster
 
@@ -25,23 +25,6 @@ def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tup
         return list(range(0, size - tile, step)) + [size - tile]
 
     return [(x, y, min(x + tile, width), min(y + tile, height)) for y in starts(height) for x in starts(width)]
-
-
-def crop_boxes(boxes: torch.Tensor, window: tuple[int, int, int, int], min_visible: float):
-    """Boxes `(N, 4)` seen through `window`, in window pixels: `(boxes, kept, partial)` where
-    `kept` marks boxes with at least `min_visible` of their area inside (trained as usual) and
-    `partial` those cut more than that (kept as ignored regions, so that detecting a part
-    is not punished)."""
-    x0, y0, x1, y1 = window
-    clipped = torch.stack([boxes[:, 0].clamp(x0, x1), boxes[:, 1].clamp(y0, y1),
-                           boxes[:, 2].clamp(x0, x1), boxes[:, 3].clamp(y0, y1)], dim=1)
-    area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).clamp(min=1e-9)
-    visible_wh = clipped[:, 2:] - clipped[:, :2]
-    visible = visible_wh.prod(dim=1) / area
-    inside = (visible_wh > 1).all(dim=1)
-    shifted = clipped - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
-    kept = inside & (visible >= min_visible)
-    return shifted, kept, inside & ~kept
 
 
 class TiledDataset(DetectionDataset):
@@ -77,7 +60,7 @@ class TiledDataset(DetectionDataset):
         return {**self.__dict__, "_cache": None}
 
     def __getitem__(self, item):
-        index, flip = item if isinstance(item, tuple) else (item, False)
+        index, flip, zoom = sampled_item(item)
         image_index, (x0, y0, x1, y1) = self.windows[index]
         path = self.base.image_dir / self.base.records[image_index].file_name
         try:
@@ -95,6 +78,8 @@ class TiledDataset(DetectionDataset):
         target = {"boxes": torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.tensor(record.labels, dtype=torch.long),
                   "iscrowd": torch.tensor(record.crowd, dtype=torch.bool), "image_id": record.image_id}
+        if zoom is not None:
+            crop, target = zoom_crop(crop, target, *zoom)
         if flip:
             crop, target["boxes"] = hflip(crop, target["boxes"])
         return crop, target
