@@ -103,11 +103,7 @@ class DetectionDataset(Dataset):
             "iscrowd": torch.tensor(record.crowd, dtype=torch.bool),
             "image_id": record.image_id,
         }
-        if zoom is not None:
-            image, target = zoom_crop(image, target, *zoom)
-        if flip:
-            image, target["boxes"] = hflip(image, target["boxes"])
-        return image, target
+        return augment(image, target, flip, zoom)
 
     def coco_dict(self) -> dict:
         """The dataset as a COCO annotation dict (boxes as read, after clipping)."""
@@ -197,6 +193,16 @@ def sampled_item(item) -> tuple[int, bool, tuple[float, float, float] | None]:
     if not isinstance(item, tuple):
         return item, False, None
     return item[0], item[1], item[2] if len(item) > 2 else None
+
+
+def augment(image: torch.Tensor, target: dict, flip: bool,
+            zoom: tuple[float, float, float] | None) -> tuple[torch.Tensor, dict]:
+    """An item's training augmentation as the sampler drew it: the zoom crop, then the flip."""
+    if zoom is not None:
+        image, target = zoom_crop(image, target, *zoom)
+    if flip:
+        image, target["boxes"] = hflip(image, target["boxes"])
+    return image, target
 
 
 def crop_boxes(boxes: torch.Tensor, window: tuple[int, int, int, int], min_visible: float):

@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 
-from .dataset import DetectionDataset, ImageRecord, crop_boxes, hflip, sampled_item, zoom_crop  # noqa: F401 (crop_boxes: re-exported)
+from .dataset import DetectionDataset, ImageRecord, augment, crop_boxes, sampled_item
 from .image_io import ImageReadError
 from .raster import Raster, open_raster
 
@@ -78,11 +78,7 @@ class TiledDataset(DetectionDataset):
         target = {"boxes": torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.tensor(record.labels, dtype=torch.long),
                   "iscrowd": torch.tensor(record.crowd, dtype=torch.bool), "image_id": record.image_id}
-        if zoom is not None:
-            crop, target = zoom_crop(crop, target, *zoom)
-        if flip:
-            crop, target["boxes"] = hflip(crop, target["boxes"])
-        return crop, target
+        return augment(crop, target, flip, zoom)
 
 
 def as_training_items(dataset: DetectionDataset, tile) -> DetectionDataset:

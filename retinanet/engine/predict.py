@@ -265,17 +265,16 @@ def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale:
     shown = sorted(zip(det["scores"].tolist(), det["boxes"].tolist(), det["labels"].tolist(), det["class_names"]),
                    key=lambda d: -d[0])[:max_boxes]
     boxes = [[v * scale for v in box] for _, box, _, _ in shown]
+    colours = [palette[label % len(palette)] for _, _, label, _ in shown]
     texts = [f"{name} {score:.2f}" for score, _, _, name in shown]
-    for box, (_, _, label, _) in zip(boxes, shown):  # all boxes first: no box line crosses a label
-        canvas.rectangle(box, outline=palette[label % len(palette)], width=2)
-    sizes = []
-    for text in texts:
-        left, top, right, bottom = canvas.textbbox((0, 0), text)
-        sizes.append((right - left + 2, bottom - top + 2))
-    for (x, y), text, size, (_, _, label, _) in zip(place_labels(boxes, sizes, pil.size), texts, sizes, shown):
+    for box, colour in zip(boxes, colours):  # all boxes first: no box line crosses a label
+        canvas.rectangle(box, outline=colour, width=2)
+    extents = [canvas.textbbox((0, 0), text) for text in texts]
+    sizes = [(right - left + 2, bottom - top + 2) for left, top, right, bottom in extents]
+    for (x, y), text, size, (left, top, _, _), colour in zip(place_labels(boxes, sizes, pil.size), texts, sizes,
+                                                             extents, colours):
         canvas.rectangle([x, y, x + size[0], y + size[1]], fill=(0, 0, 0))
-        left, top, _, _ = canvas.textbbox((0, 0), text)
-        canvas.text((x + 1 - left, y + 1 - top), text, fill=palette[label % len(palette)])
+        canvas.text((x + 1 - left, y + 1 - top), text, fill=colour)
     return pil
 
 

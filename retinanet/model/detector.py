@@ -160,7 +160,7 @@ class RetinaNet(nn.Module):
         self.assignment_stats = {"foreground": fg.sum().detach(), "boxes": (gt_valid & ~gt_crowd).sum().detach()}
         if deltas is None:
             deltas = [self.foreground_deltas(features, fg)]
-        return self.loss(list(logits), torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels,
+        return self.loss(logits, torch.cat(deltas, 1), all_anchors, matches, gt_boxes, gt_labels,
                          reduce_foreground)
 
     def foreground_deltas(self, features: list[torch.Tensor], fg: torch.Tensor) -> torch.Tensor:

@@ -169,11 +169,10 @@ class RetinaNetLoss(nn.Module):
 
     def _focal_loss(self, logits: torch.Tensor | list[torch.Tensor], fg: torch.Tensor,
                     anchor_labels: torch.Tensor) -> torch.Tensor:
-        """Focal loss of each anchor `(B, A)`, for logits whole or per level."""
-        if isinstance(logits, torch.Tensor):
-            return focal_loss_per_anchor(logits, fg, anchor_labels, self.focal_alpha, self.focal_gamma)
+        """Focal loss of each anchor `(B, A)`, for logits whole (one level) or per level."""
+        levels = [logits] if isinstance(logits, torch.Tensor) else logits
         per_anchor, start = [], 0
-        for level in logits:
+        for level in levels:
             shape = level.shape[:-1]
             stop = start + shape[1:].numel()
             per_anchor.append(focal_loss_per_anchor(level, fg[:, start:stop].view(shape),
