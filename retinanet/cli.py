@@ -87,11 +87,41 @@ def _device(text: str) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command; each command's options are added by its own function."""
     parser = argparse.ArgumentParser(prog="retinanet", description="RetinaNet: train, evaluate, predict, convert.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_parser in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_convert_parser,
+                       _add_demo_parser, _add_check_data_parser, _add_analyze_parser, _add_anchors_parser,
+                       _add_assign_parser, _add_export_parser, _add_serve_parser, _add_bench_parser,
+                       _add_data_parser, _add_plot_parser):
+        add_parser(commands)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
+    try:
+        return COMMANDS[args.command](args)
+    except _known_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}) during {args.command}: stopped; files already written "
+              "are intact (checkpoints are written atomically)"
+              + ("; `retinanet train --resume` continues from the last checkpoint" if args.command == "train"
+                 else ""), file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _add_train_parser(commands) -> None:
     p = commands.add_parser("train", help="train on a COCO-format dataset (torchrun for several GPUs/nodes)")
     p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--output-dir", help="where checkpoints and logs go (default: the config's output_dir)")
@@ -101,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.base_lr=0.02")
 
+
+def _add_eval_parser(commands) -> None:
     p = commands.add_parser("eval", help="COCO metrics of a checkpoint on the config's validation set")
     p.add_argument("--weights", required=True, help="checkpoint (ours; convert others first)")
     p.add_argument("--config", help="config for the data (default: the checkpoint's own); " + _config_help())
@@ -111,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="config overrides; model.* ones apply to the checkpoint's model (e.g. "
                         "model.inference.score_threshold=0.01)")
 
+
+def _add_predict_parser(commands) -> None:
     p = commands.add_parser("predict", help="detect objects in image files, folders or glob patterns")
     p.add_argument("--weights", required=True)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
@@ -136,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxruntime: run an exported .onnx given as --weights (no torch needed)")
     p.add_argument("--device", default="auto", type=_device)
 
+
+def _add_convert_parser(commands) -> None:
     p = commands.add_parser("convert", help="convert torchvision / detectron2 / PaddleDetection weights",
                             description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="source", required=True, choices=["torchvision", "detectron2", "paddle"])
@@ -147,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust", action="store_true",
                    help="allow a full (code-executing) unpickle of SRC; only for files you trust")
 
+
+def _add_demo_parser(commands) -> None:
     p = commands.add_parser("demo", help="generate a shapes dataset, train from scratch, evaluate, draw")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--minutes", type=_positive_minutes, help="train for this wall-clock budget instead of the fixed train.max_iter of configs/demo.yaml")
@@ -155,11 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in OUTPUT_DIR")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+
+def _add_check_data_parser(commands) -> None:
     p = commands.add_parser("check-data", help="validate the config's datasets and print a report")
     p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--decode", action="store_true", help="also decode every image (slow, finds damaged files)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+
+def _add_analyze_parser(commands) -> None:
     p = commands.add_parser("analyze", help="dataset statistics, anchor coverage and suggested anchors")
     p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--split", choices=["train", "val"], default="train")
@@ -168,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plots", action="store_true", help="report.json and the console table only")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+
+def _add_anchors_parser(commands) -> None:
     p = commands.add_parser("anchors", help="draw the anchors of one location and the anchor grid of a level")
     p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--image", help="draw over this image, resized as the network sees it (default: a blank canvas)")
@@ -176,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+
+def _add_assign_parser(commands) -> None:
     p = commands.add_parser("assign", help="draw one training image with the anchors the matcher assigns")
     p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--image-id", required=True, help="the image's id in the annotation file")
@@ -183,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+
+def _add_export_parser(commands) -> None:
     p = commands.add_parser("export", help="export a checkpoint to ONNX, post-processing included")
     p.add_argument("--weights", required=True, help="checkpoint to export")
     p.add_argument("--format", choices=["onnx"], default="onnx")
@@ -197,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simplify", action="store_true", help="fold constants with onnxsim when it is installed")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
+
+def _add_serve_parser(commands) -> None:
     p = commands.add_parser("serve", help="an HTTP service: POST /predict, GET /health, GET /info")
     p.add_argument("--weights", required=True, help="a checkpoint, or an exported .onnx (onnxruntime)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -207,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", type=_device)
     _add_speed_options(p)
 
+
+def _add_bench_parser(commands) -> None:
     p = commands.add_parser("bench", help="speed against torchvision's RetinaNet, side by side in one run")
     p.add_argument("--device", default="cpu", type=_device, help="cpu | cuda")
     p.add_argument("--quick", action="store_true", help="batch 1 at 800x1216 only, 2 repeats")
@@ -219,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append-results", metavar="MARKDOWN", help="append the table to this file "
                                                                 "(e.g. benchmarks/RESULTS.md)")
 
+
+def _add_data_parser(commands) -> None:
     p = commands.add_parser("data", help="dataset tools: convert between COCO, CSV, VOC and YOLO")
     data_commands = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data_commands.add_parser("convert", help="rewrite annotations in another format",
@@ -234,28 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="coco: the json to write; yolo: the labels folder to fill")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
+
+def _add_plot_parser(commands) -> None:
     p = commands.add_parser("plot", help="loss, learning-rate and AP curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (with metrics.jsonl)")
     p.add_argument("--output", default="training_curves.png", help="PNG to write")
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
-    try:
-        return COMMANDS[args.command](args)
-    except _known_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, Interrupted) as err:
-        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
-        print(f"interrupted ({signal.Signals(signum).name}) during {args.command}: stopped; files already written "
-              "are intact (checkpoints are written atomically)"
-              + ("; `retinanet train --resume` continues from the last checkpoint" if args.command == "train"
-                 else ""), file=sys.stderr)
-        return 128 + int(signum)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _main_thread() -> bool:
