@@ -368,10 +368,18 @@ class Trainer:
     def setup(self) -> "Trainer":
         if self.ready:
             return self
-        cfg, t = self.cfg, self.cfg.train
-        check_output_dir(self.output_dir, cfg, self.resume, self.overwrite)
+        check_output_dir(self.output_dir, self.cfg, self.resume, self.overwrite)
         self.dist = distributed.setup(self.device)
         self.progress = self.progress and self.dist.is_main
+        self._seed_and_check()
+        self._open_data()
+        self._build_model()
+        self.ready = True
+        return self
+
+    def _seed_and_check(self) -> None:
+        """Threads, seeds and the checks that need the number of processes."""
+        t = self.cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -380,11 +388,14 @@ class Trainer:
         self.size_generator = torch.Generator().manual_seed(t.seed * 1009 + self.dist.rank)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if cfg.model.backbone.norm == "bn" and t.batch_size // self.dist.world_size < 2:
+        if self.cfg.model.backbone.norm == "bn" and t.batch_size // self.dist.world_size < 2:
             raise TrainingError("model.backbone.norm=bn (trainable BatchNorm) needs at least 2 images per process, "
                                 f"got train.batch_size={t.batch_size} over {self.dist.world_size} process(es); "
                                 "use norm frozen_bn or gn, or a larger batch")
 
+    def _open_data(self) -> None:
+        """The training and validation sets; fills the config's class names and ids from them."""
+        cfg = self.cfg
         if not has_split(cfg.data, "train"):
             raise TrainingError("no training data: set data.train_annotations (and data.train_images)")
         self.train_set = as_training_items(open_dataset(cfg.data, "train"), cfg.data.tile)
@@ -407,7 +418,10 @@ class Trainer:
         if self.val_set is not None and len(self.val_set) == 0:
             raise DatasetError(f"{cfg.data.val_annotations}: the validation set has no images")
 
-        self.model = RetinaNet.from_config(cfg.model)
+    def _build_model(self) -> None:
+        """Model, schedule, optimizer, precision, EMA, compilation and the DDP wrapper."""
+        t = self.cfg.train
+        self.model = RetinaNet.from_config(self.cfg.model)
         if t.pretrained_backbone:
             load_pretrained_backbone(self.model, t.pretrained_backbone)
         self.model.to(self.dist.device)
@@ -432,8 +446,6 @@ class Trainer:
         self.ddp_model = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.dist.local_rank]
                                                               if self.dist.device.type == "cuda" else None)
                           if self.dist.world_size > 1 else self.model)
-        self.ready = True
-        return self
 
     @property
     def final_model(self) -> RetinaNet:
