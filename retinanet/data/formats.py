@@ -90,30 +90,8 @@ def read_csv(csv_file: str | Path, image_dir: str | Path | None = None, class_na
         rows = list(csv.reader(csv_file.read_text().splitlines()))
     except (UnicodeDecodeError, csv.Error) as err:
         raise DatasetError(f"{csv_file}: not a readable CSV ({err})") from None
-    header = [c.strip().lower() for c in rows[0]] if rows else []
-    deepforest = header[:1] == ["image_path"]
-    start = 1 if deepforest else 0
-    problems, entries = [], []
-    for number, row in enumerate(rows[start:], start + 1):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != 6:
-            problems.append(f"line {number}: expected 6 fields (path,x1,y1,x2,y2,class), got {len(row)}")
-            continue
-        path, *coords, name = (c.strip() for c in row)
-        empty = all(not c for c in coords + [name]) or (deepforest and all(c in ("0", "0.0") for c in coords))
-        if empty:
-            entries.append((number, path, None, None))
-            continue
-        try:
-            box = [float(c) for c in coords]
-        except ValueError:
-            problems.append(f"line {number}: coordinates {coords} are not numbers")
-            continue
-        if not name:
-            problems.append(f"line {number}: no class name")
-            continue
-        entries.append((number, path, box, name))
+    problems: list[str] = []
+    entries = _csv_entries(rows, problems)
     names = _class_map([e[3] for e in entries if e[3] is not None], class_names, csv_file, problems)
     label_of = {n: i for i, n in enumerate(names)}
     records: dict[str, ImageRecord] = {}
@@ -139,6 +117,36 @@ def read_csv(csv_file: str | Path, image_dir: str | Path | None = None, class_na
                                finish_report(records_list, report, csv_file), strict)
     dataset.format = "csv"
     return dataset
+
+
+def _csv_entries(rows: list[list[str]], problems: list[str]) -> list[tuple]:
+    """`(line number, path, box or None, class name or None)` per data row; a row that cannot
+    be read adds a line to `problems` instead."""
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    deepforest = header[:1] == ["image_path"]
+    start = 1 if deepforest else 0
+    entries = []
+    for number, row in enumerate(rows[start:], start + 1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 6:
+            problems.append(f"line {number}: expected 6 fields (path,x1,y1,x2,y2,class), got {len(row)}")
+            continue
+        path, *coords, name = (c.strip() for c in row)
+        empty = all(not c for c in coords + [name]) or (deepforest and all(c in ("0", "0.0") for c in coords))
+        if empty:
+            entries.append((number, path, None, None))
+            continue
+        try:
+            box = [float(c) for c in coords]
+        except ValueError:
+            problems.append(f"line {number}: coordinates {coords} are not numbers")
+            continue
+        if not name:
+            problems.append(f"line {number}: no class name")
+            continue
+        entries.append((number, path, box, name))
+    return entries
 
 
 # ------------------------------------------------------------------------------ Pascal VOC
