@@ -4,12 +4,13 @@
 channels-last), eager and compiled, batch 1 at 800x1216, alternating; prints each time and the
 medians. `--probe faults`: seconds and minor page faults of one inference (batch 1) and of
 training steps (batch 2, 800x1216). Allocator settings are read when a process starts, so
-compare them one process each, e.g.
+compare them one process each (`--keep-freed-memory`: what the command line sets,
+`retinanet.engine.allocator.keep_freed_memory`), e.g.
 
     python benchmarks/cpu_probes.py --probe compile --repeat 6
     for i in 1 2 3; do
       python benchmarks/cpu_probes.py --probe faults
-      GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432 python benchmarks/cpu_probes.py --probe faults
+      python benchmarks/cpu_probes.py --probe faults --keep-freed-memory
     done
 """
 
@@ -22,6 +23,7 @@ import time
 
 import torch
 
+from retinanet.engine.allocator import keep_freed_memory
 from retinanet.engine.bench import _models, _photos, optimized_copy, random_targets, timed, training_step
 from retinanet.model.detector import cpu_freezing
 
@@ -79,7 +81,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", choices=["compile", "faults"], required=True)
     parser.add_argument("--repeat", type=int, default=3, help="alternations (compile) or training steps (faults)")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="first call keep_freed_memory()")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        print("keep_freed_memory applied:", keep_freed_memory())
     (probe_compile if args.probe == "compile" else probe_faults)(args.repeat)
 
 

@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
+    from .engine.allocator import keep_freed_memory
+
+    keep_freed_memory()  # ~3-4% on CPU inference and training; see its docstring
     try:
         return COMMANDS[args.command](args)
     except _known_errors() as err:
