@@ -14,6 +14,17 @@ from retinanet.config import save_config
 from conftest import tiny_config
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Ctrl-C as a terminal delivers it, to Python's own SIGINT handler. A process started from
+    a background shell inherits SIGINT ignored and Python keeps it so (as it should: such a
+    process is not meant to be interrupted), which would make these tests depend on how the
+    suite was launched."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _send(sig):
     def raiser(*args, **kwargs):
         os.kill(os.getpid(), sig)
