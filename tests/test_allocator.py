@@ -1,7 +1,6 @@
 """keep_freed_memory: freed activations stay in the process instead of returning to the kernel."""
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 
 from retinanet.engine import allocator
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = allocator.uses_glibc()
 
 # Three forward passes of a small conv stack in a fresh process; prints the minor page faults they
 # took after a warm-up pass, and whether keep_freed_memory applied (argv[1] == "keep").

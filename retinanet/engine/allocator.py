@@ -20,13 +20,18 @@ MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit (half its 64 MB
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
 
+def uses_glibc() -> bool:
+    """Whether this process's C library is glibc (on Linux), the malloc this module tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Blocks up to 32 MB come from the heap, and freed heap memory stays in the process up to
     2 GB, instead of going back to the kernel. Process-wide; the command line calls it. Not
     applied where the user already tunes malloc (`GLIBC_TUNABLES` with `glibc.malloc`, or
     `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`) or where the C library is not glibc.
     Returns whether it was applied."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not uses_glibc():
         return False
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
             name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
