@@ -13,6 +13,8 @@ EXAMPLES = """examples:
   retinanet train --config retinanet_r50_fpn_1x_coco --output-dir runs/r50
   torchrun --nproc_per_node 8 -m retinanet.cli train --config retinanet_r50_fpn_1x_coco
   retinanet eval --weights runs/r50/model_final.pt
+  retinanet zoo                                    # the published COCO RetinaNets: any --weights takes their names
+  retinanet predict --weights torchvision/retinanet_resnet50_fpn_v2_coco photo.jpg --output-dir out
   retinanet predict --weights model.pt photo.jpg photos/ "shots/*.png" --output-dir out
   retinanet convert --from torchvision retinanet_resnet50_fpn_coco.pth model.pt
   retinanet check-data --config my_config.yaml
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_convert_parser,
                        _add_demo_parser, _add_check_data_parser, _add_analyze_parser, _add_anchors_parser,
                        _add_assign_parser, _add_export_parser, _add_serve_parser, _add_bench_parser,
-                       _add_data_parser, _add_plot_parser):
+                       _add_data_parser, _add_plot_parser, _add_zoo_parser):
         add_parser(commands)
     return parser
 
@@ -137,7 +139,8 @@ def _add_train_parser(commands) -> None:
 
 def _add_eval_parser(commands) -> None:
     p = commands.add_parser("eval", help="COCO metrics of a checkpoint on the config's validation set")
-    p.add_argument("--weights", required=True, help="checkpoint (ours; convert others first)")
+    p.add_argument("--weights", required=True, help="checkpoint (ours; convert others first), or a zoo name "
+                                                    "(retinanet zoo)")
     p.add_argument("--config", help="config for the data (default: the checkpoint's own); " + _config_help())
     p.add_argument("--output-dir", help="where metrics.json and detections.json go (default: a new folder "
                                         "eval_<weights>[_N] beside the weights)")
@@ -149,7 +152,8 @@ def _add_eval_parser(commands) -> None:
 
 def _add_predict_parser(commands) -> None:
     p = commands.add_parser("predict", help="detect objects in image files, folders or glob patterns")
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, help="checkpoint, zoo name (retinanet zoo) or, with --backend "
+                                                    "onnxruntime, an exported .onnx")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
     p.add_argument("--output-dir", required=True, help="gets predictions.json and the images with boxes drawn")
     p.add_argument("--score-threshold", type=_score_threshold, help="in [0, 1]; default: the model's (0.05)")
@@ -235,7 +239,7 @@ def _add_assign_parser(commands) -> None:
 
 def _add_export_parser(commands) -> None:
     p = commands.add_parser("export", help="export a checkpoint to ONNX, post-processing included")
-    p.add_argument("--weights", required=True, help="checkpoint to export")
+    p.add_argument("--weights", required=True, help="checkpoint to export, or a zoo name (retinanet zoo)")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--height", type=_positive_int, help="input height (default: the model's test size, padded)")
@@ -251,7 +255,8 @@ def _add_export_parser(commands) -> None:
 
 def _add_serve_parser(commands) -> None:
     p = commands.add_parser("serve", help="an HTTP service: POST /predict, GET /health, GET /info")
-    p.add_argument("--weights", required=True, help="a checkpoint, or an exported .onnx (onnxruntime)")
+    p.add_argument("--weights", required=True, help="a checkpoint, a zoo name (retinanet zoo), or an exported "
+                                                    ".onnx (onnxruntime)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=_positive_int, default=8000)
     p.add_argument("--max-bytes", type=_positive_int, default=20 * 1024 * 1024,
@@ -271,8 +276,8 @@ def _add_bench_parser(commands) -> None:
                    help="let cuDNN time its convolution algorithms at each new input size (both libraries)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="compiled cases: the networks of both libraries replay as CUDA graphs")
-    p.add_argument("--append-results", metavar="MARKDOWN", help="append the table to this file "
-                                                                "(e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--append-results", metavar="MARKDOWN",
+                   help="also append the markdown table to this file (a results log of your own)")
 
 
 def _add_data_parser(commands) -> None:
@@ -296,6 +301,14 @@ def _add_plot_parser(commands) -> None:
     p = commands.add_parser("plot", help="loss, learning-rate and AP curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (with metrics.jsonl)")
     p.add_argument("--output", default="training_curves.png", help="PNG to write")
+
+
+def _add_zoo_parser(commands) -> None:
+    commands.add_parser("zoo", help="list the published COCO RetinaNets that --weights accepts by name",
+                        description="The published COCO RetinaNets. Every --weights (eval, predict, export, "
+                                    "serve, train) takes a name below: the file is downloaded into torch's hub "
+                                    "cache and converted on first use; with no network, put the file at the "
+                                    "path the error names.")
 
 
 def _main_thread() -> bool:
@@ -344,9 +357,10 @@ def _known_errors():
     from .engine.distributed import DeviceError
     from .engine.train import TrainingError
     from .model.config import ConfigError
+    from .zoo import ZooError
 
     return (CheckpointError, ConfigError, DatasetError, ImageReadError, FileNotFoundError, ConversionError,
-            TrainingError, DeviceError, OutputError)
+            TrainingError, DeviceError, OutputError, ZooError)
 
 
 class OutputError(ValueError):
@@ -369,6 +383,14 @@ def _unique_folder(base: Path) -> Path:
     return candidate
 
 
+def _resolve_weights(args) -> None:
+    """`--weights` as a model-zoo name becomes its cached checkpoint (downloaded and converted on
+    first use); a file stays itself."""
+    from .zoo import resolve_weights
+
+    args.weights = str(resolve_weights(args.weights))
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .engine.train import train
@@ -385,6 +407,7 @@ def cmd_eval(args) -> int:
     from .engine import distributed
     from .engine.evaluate import evaluate
 
+    _resolve_weights(args)
     output_dir = (_output_folder(args.output_dir) if args.output_dir
                   else _unique_folder(Path(args.weights).parent / f"eval_{Path(args.weights).stem}"))
     checkpoint = read_checkpoint(args.weights)
@@ -420,6 +443,7 @@ def cmd_predict(args) -> int:
 
     if args.backend == "onnxruntime":
         return _predict_onnxruntime(args)
+    _resolve_weights(args)
     from .checkpoint import load_model
     from .engine.distributed import resolve_device
     from .engine.predict import predict_files
@@ -488,30 +512,14 @@ def _predict_onnxruntime(args) -> int:
     return 1 if errors else 0
 
 
-def _source_commit(folder: Path) -> str:
-    """The git commit of the code in `folder`, with "+changes" when tracked files differ from
-    it (a figure must name the code it came from), or "unknown" outside a git checkout."""
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=folder, check=False).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], capture_output=True,
-                                 text=True, cwd=folder, check=False).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (commit + ("+changes" if changed else "")) if commit else "unknown"
-
-
 def cmd_bench(args) -> int:
     from .engine.bench import markdown_table, run_bench
 
     results = run_bench(args.device, args.quick, args.output_dir, args.only, args.cudnn_benchmark, args.cuda_graphs)
-    commit = _source_commit(Path(__file__).parent)
     flags = [f"--device {args.device}"] + (["--quick"] if args.quick else []) + (
         [f"--only '{args.only}'"] if args.only else []) + (["--cudnn-benchmark"] if args.cudnn_benchmark else []) + (
         ["--cuda-graphs"] if args.cuda_graphs else [])
-    table = markdown_table(results, "retinanet bench " + " ".join(flags), commit)
+    table = markdown_table(results, "retinanet bench " + " ".join(flags))
     print(table)
     if args.append_results:
         with open(args.append_results, "a") as f:
@@ -520,6 +528,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if not args.weights.endswith(".onnx"):
+        _resolve_weights(args)
     weights = Path(args.weights)
     if not weights.is_file():
         raise OutputError(f"{weights}: no such checkpoint or ONNX file")
@@ -543,6 +553,7 @@ def cmd_export(args) -> int:
     from .checkpoint import load_model
     from .export.onnx import export_onnx
 
+    _resolve_weights(args)
     output = Path(args.output)
     if output.exists() and not args.force:
         raise OutputError(f"{output}: already exists; pass --force to replace it")
@@ -568,6 +579,13 @@ def cmd_export(args) -> int:
                 onnx.save(simplified, str(output))
     print(f"wrote {output}: input images (B, 3, {height}, {width}) float32 RGB in [0, 255] and image_sizes (B, 2)"
           + (" (dynamic batch and size)" if args.dynamic else f" (batch {args.batch})"))
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from .zoo import format_table
+
+    print(format_table())
     return 0
 
 
@@ -677,7 +695,7 @@ def cmd_plot(args) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert": cmd_convert,
             "demo": cmd_demo, "check-data": cmd_check_data, "analyze": cmd_analyze, "anchors": cmd_anchors,
             "assign": cmd_assign, "plot": cmd_plot, "data": cmd_data, "export": cmd_export,
-            "serve": cmd_serve, "bench": cmd_bench}
+            "serve": cmd_serve, "bench": cmd_bench, "zoo": cmd_zoo}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -150,10 +152,15 @@ def training_step(model, images: list[torch.Tensor], targets: list[dict], optimi
 
 
 def _photos(count: int, height: int, width: int) -> list[torch.Tensor]:
+    """`count` uint8 images `(3, height, width)`: one generated scene of textured background,
+    clutter and a dozen shapes (the demo's generator, seeded, so every run times the same
+    pixels), resized and shifted sideways differently for each image."""
     import numpy as np
-    import skimage.data
 
-    photo = torch.from_numpy(np.ascontiguousarray(skimage.data.coffee())).permute(2, 0, 1)
+    from ..data.synthetic import render_image
+
+    scene, _ = render_image(np.random.default_rng(0), 512, 12, 12, 40, 220)
+    photo = torch.from_numpy(np.array(scene)).permute(2, 0, 1)
     resized = torch.nn.functional.interpolate(photo[None].float(), size=(height, width), mode="bilinear")[0]
     return [resized.roll(shifts=17 * i, dims=-1).clamp(0, 255).to(torch.uint8) for i in range(count)]
 
@@ -335,8 +342,8 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
         inductor_config.triton.cudagraphs = True
     repeat = 2 if quick else 3
     peaks = peak_gflops(dev)
-    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": device, "peaks": peaks,
-               "cases": []}
+    results = {"date": datetime.date.today().isoformat(), "version": __version__, "machine": machine(),
+               "device": device, "peaks": peaks, "cases": []}
     if dev.type == "cuda":  # the GPU targets of the project: 800x1333, bf16, large batches
         inference_batch, training_batch = (4, 2) if quick else (32, 16)
         cases = {"inference, bf16": lambda: bench_inference(inference_batch, (800, 1333), repeat, dev, amp=True),
@@ -398,9 +405,11 @@ def _kernels(machine: dict) -> str:
     return "; kernels capped: " + ", ".join(parts)
 
 
-def markdown_table(results: dict, command: str, commit: str) -> str:
+def markdown_table(results: dict, command: str) -> str:
+    """The run as markdown: a heading with the date, the command and the package version
+    (`results["version"]`), the machine, then one row per case."""
     m = results["machine"]
-    lines = [f"### {results['date']}: `{command}` (commit {commit})", "",
+    lines = [f"### {results['date']}: `{command}` (retinanet {results.get('version', 'unknown')})", "",
              f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}{_kernels(m)}), {m['threads']} threads, "
              f"torch {m['torch']}, device {results['device']}; peaks in the same run ({results['peaks'].get('dtype', 'float32')}): matmul "
              f"{results['peaks']['matmul']} GFLOP/s, 3x3 conv (channels-last) {results['peaks']['conv3x3']} GFLOP/s.", "",
