@@ -3,9 +3,8 @@
 glibc gives large freed blocks back to the kernel: blocks over its mmap threshold at once, and
 the free top of the heap once it passes the trim threshold. A network's activations are such
 blocks, so every forward and backward pass gets fresh pages, each zeroed by the kernel on its
-first touch (a training step at batch 2, 800x1216: 0.5-1.6 million page faults). Keeping them
-made that CPU training step 6% faster; inference moved within noise (benchmarks/RESULTS.md,
-2026-12-04).
+first touch (a training step at batch 2, 800x1216 takes about a million page faults). Keeping
+them makes such a CPU training step faster (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def autocast(amp: str, device_type: str):
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 autocast
-    is emulated and measured ~15x slower than fp32."""
+    is emulated and much slower than fp32."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split() for line in f if line.startswith("flags")), [])

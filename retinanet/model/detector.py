@@ -68,12 +68,10 @@ class RetinaNet(nn.Module):
         for inference afterwards: folding cannot be undone, and training mode is refused.
 
         `compile`: the backbone, FPN and head go through torch.compile, and so does NMS on a
-        GPU (`PostProcessor.compile`); on one H100 at batch 32 in bf16 this took 255 to 478
-        images/s. On a CPU the weights are frozen into the compiled graph (inductor's
-        `freezing`: oneDNN prepacks them and fuses each convolution with its ReLU or sum),
-        ~8% faster at 800x1216 on a 2-core CPU. The first batch of each new input size waits
-        for the compiler (10-20 s for R-50 on that CPU), so it pays over many images of few
-        sizes."""
+        GPU (`PostProcessor.compile`), which fuses what eager mode runs as separate kernels. On
+        a CPU the weights are frozen into the compiled graph (inductor's `freezing`: oneDNN
+        prepacks them and fuses each convolution with its ReLU or sum). The first batch of each
+        new input size waits for the compiler, so it pays over many images of few sizes."""
         from .fuse import fold_backbone_batchnorm
 
         self.eval()
@@ -166,9 +164,10 @@ class RetinaNet(nn.Module):
     def foreground_deltas(self, features: list[torch.Tensor], fg: torch.Tensor) -> torch.Tensor:
         """Box deltas `(B, A, 4)` for all anchors of all levels, computed (`head.regress_at`)
         only at the locations that hold a foreground anchor (`fg (B, A)`) and zero elsewhere,
-        where the loss never reads them. Same losses and gradients as the dense subnet; at
-        batch 2, 800x1216, its forward and backward took 0.6 s instead of 3.1 s on a 2-core CPU with a
-        window per location, and a third less with a window per 4x4 tile (`regress_at`)."""
+        where the loss never reads them. Same losses and gradients as the dense subnet, for a
+        fraction of its work when foreground locations are few, as they are; the windows are
+        gathered per 4x4 tile of locations (`regress_at`), fewer and larger than one per
+        location."""
         batch, per_location = fg.shape[0], self.head.bbox_pred.out_channels // 4
         locations, first_anchors, start = [], [], 0
         for feature in features:

@@ -89,8 +89,9 @@ class PostProcessor:
     def shortlist_nms(self, device: torch.device):
         """NMS of the shortlists (see `first_kept_batched`) on `device`: on a GPU all images at
         once (`self.gpu_nms`: a read-back per `rounds_per_check` rounds and one for the counts,
-        where image by image took ~1.2 ms of launches and a read-back each); on a CPU one torchvision call
-        per image, which skips suppressed boxes (the batched rounds measured 2x slower there)."""
+        where image by image costs launches and a read-back per image); on a CPU one torchvision
+        call per image, which skips suppressed boxes (the batched rounds do all the pairs, slower
+        there)."""
         return greedy_nms_per_image if device.type == "cpu" else self.gpu_nms
 
     def __call__(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
@@ -258,8 +259,8 @@ class BatchedNMS:
         self.compiled = compiled
         self.max_pairs = 2**28 if compiled else 2**25
         # rounds between two checks (each a read-back that stalls the host): a packed round reads
-        # 1/8 of the bytes of an eager one (23 MB at 32 x 2,400 boxes, ~10 us on an H100), less
-        # than a read-back costs, so the compiled one checks every 8 rounds
+        # 1/8 of the bytes of an eager one, less than a read-back costs on a GPU, so the compiled
+        # one checks every 8 rounds
         self.rounds_per_check = 8 if compiled else 2
         # shapes are specialised first (index arithmetic with constants is much cheaper in the
         # kernels) and made dynamic if they change
