@@ -181,7 +181,7 @@ def chunked_topk(values: torch.Tensor, k: int, chunks: int = 16) -> tuple[torch.
     """`values.topk(k, dim=1)` for `(B, N)` with large N: the top k of each of `chunks` slices
     first, then the top k of those. The same values (indices may differ among exact ties);
     torch's top-k runs one thread per row, so one long row (batch 1: 12M logits at P3 of an
-    800x1216 image) took 4x longer than the slices, which run in parallel."""
+    800x1216 image) is several times slower than the slices, which run in parallel."""
     batch, n = values.shape
     if n < chunks * k * 4:
         return values.topk(k, dim=1)
