@@ -45,8 +45,8 @@ class DataConfig:
     horizontal_flip: Fraction = 0.5  # probability
     # training: each image is cropped to 1/z of its sides (z uniform in [1, max_zoom], at a random
     # place) and resized back, so that objects appear up to max_zoom times larger; boxes cut to
-    # under half their area are ignored. 1: off. On the demo (max_zoom 1.25, 2026-11-28) it traded
-    # small objects for large: AP 0.737 vs 0.747, APl 0.848 vs 0.815, APs 0.715 vs 0.731
+    # under half their area are ignored. 1: off. It trades small objects for large (on the demo it
+    # lowered APs and raised APl)
     max_zoom: Annotated[float, Range(1, 4)] = 1.0
     aspect_ratio_grouping: bool = True  # batches of only landscape or only portrait images
     num_workers: NonNegativeInt = 4  # data-loading processes per GPU (0: load in the main process)
@@ -71,7 +71,7 @@ class TrainConfig:
     clip_grad_norm: NonNegativeFloat = 0.0  # 0: off
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it natively; fp16: grad scaler (CUDA)
     channels_last: bool = False
-    compile: bool = False  # torch.compile networks, matching and losses: ~2x a GPU step; compiling costs minutes
+    compile: bool = False  # torch.compile networks, matching and losses: faster GPU steps; compiling costs minutes
     ema_decay: Annotated[float, Range(0, 1, open_max=True)] = 0.0  # 0: off; else evaluate/export an exponential moving average
     max_minutes: NonNegativeFloat = 0.0  # > 0: shorten max_iter to fit this wall-clock budget
     seed: int = 42
