@@ -89,8 +89,8 @@ def lr_factor(iteration: int, schedule: Schedule, kind: str, gamma: float, warmu
 def compile_for_training(model: RetinaNet) -> None:
     """torch.compile the backbone, FPN and head in place (`Module.compile`: parameter names, and
     so checkpoints, stay as they are) and the matching + losses, which read no value back from
-    the device and so compile as one graph. On an H100 this took a bf16 step at batch 16 from
-    92 to 193 images/s (benchmarks/RESULTS.md)."""
+    the device and so compile as one graph: on a GPU, fused kernels and no host waits between
+    network and loss (figures in benchmarks/RESULTS.md)."""
     for part in (model.backbone, model.fpn, model.head):
         part.compile()
     model.local_box_training = False  # its count of foreground locations would break the graph
@@ -110,8 +110,8 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     if cfg.optimizer == "adamw":
-        # one fused kernel per step instead of a dozen foreach passes: 3x faster on a CPU, where
-        # the optimiser was 10% of the demo's step
+        # one fused kernel per step instead of a dozen foreach passes over the parameters, which
+        # weigh on a CPU step of a small model such as the demo's
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in decay + no_decay)
         return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd or adamw)")
