@@ -172,9 +172,9 @@ def _return_large_buffers_to_the_os() -> None:
     """Serve allocations of 1 MiB and more by mmap, returned to the OS when freed (glibc).
 
     glibc otherwise raises its mmap threshold after the first large free and serves the
-    tile-sized buffers of a tiled pass from the heap, which fragments: measured on
-    2026-11-27, tiled prediction over a 12,000 x 12,000 GeoTIFF grew by 2.7 GB in two runs
-    out of three, and stayed within 100 MB with the threshold fixed."""
+    tile-sized buffers of a tiled pass from the heap, which fragments: tiled prediction over a
+    very large GeoTIFF could then grow by gigabytes, where with the threshold fixed it stays
+    flat (figures in benchmarks/RESULTS.md)."""
     global _HEAP_BOUNDED
     if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
         return
