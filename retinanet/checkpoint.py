@@ -94,7 +94,17 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: cannot be read as a checkpoint (damaged, truncated, or it holds objects that "
             f"a weights-only load refuses): {type(err).__name__}: {first_line}"
         ) from None
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+    return checkpoint_from_data(data, path)
+
+
+def is_checkpoint_data(data: Any) -> bool:
+    """Whether a loaded file's content is one of our checkpoints (of any version)."""
+    return isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT
+
+
+def checkpoint_from_data(data: Any, path: str | Path) -> Checkpoint:
+    """A `Checkpoint` from the content of a file loaded with `weights_only=True`; errors name `path`."""
+    if not is_checkpoint_data(data):
         raise CheckpointError(
             f"{path}: not a retinanet checkpoint (to use weights from torchvision, detectron2 or "
             f"PaddleDetection, convert them first: retinanet convert --help)"

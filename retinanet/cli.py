@@ -127,8 +127,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_train_parser(commands) -> None:
-    p = commands.add_parser("train", help="train on a COCO-format dataset (torchrun for several GPUs/nodes)")
-    p.add_argument("--config", required=True, help=_config_help())
+    p = commands.add_parser("train", help="train, or fine-tune a trained detector, on a dataset (torchrun for "
+                                          "several GPUs/nodes)")
+    p.add_argument("--config", help=_config_help() + "; with --weights and no --config: the shipped finetune "
+                                    "recipe, the model from the weights")
+    p.add_argument("--weights", help="start from this detector: our checkpoint, a torchvision / detectron2 / "
+                                     "PaddleDetection weight file, or a zoo name (retinanet zoo); the data's "
+                                     "classes keep the rows of the detector's classes of the same name")
+    p.add_argument("--trust", action="store_true",
+                   help="allow a full (code-executing) unpickle of a --weights file; only for files you trust")
     p.add_argument("--output-dir", help="where checkpoints and logs go (default: the config's output_dir)")
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt exactly")
@@ -395,8 +402,20 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .engine.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, args.output_dir, resume=args.resume, device=args.device, overwrite=args.overwrite)
+    if args.weights and args.resume:
+        raise OutputError("--weights starts a new run from a detector, --resume continues the run in the output "
+                          "folder: give one of them")
+    if not (args.config or args.weights):
+        raise OutputError("train needs --config (a recipe), --weights (a detector to fine-tune), or both")
+    start = None
+    if args.weights:
+        from .engine.finetune import finetune_config
+
+        cfg, start = finetune_config(args.config, args.weights, args.overrides, trust=args.trust)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, args.output_dir, resume=args.resume, device=args.device, overwrite=args.overwrite,
+                    start=start, trust_weights=args.trust)
     return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0  # 130 SIGINT, 143 SIGTERM
 
 

@@ -81,6 +81,14 @@ class TrainConfig:
     eval_period: NonNegativeInt = 0  # 0: evaluate only at the end
     nonfinite_loss: Literal["stop", "skip"] = "stop"  # what a NaN/inf loss does
     pretrained_backbone: str = ""  # ImageNet weights: a local file, or a torchvision weight name
+    # Fine-tuning: start from a trained detector, i.e. one of our checkpoints, a torchvision /
+    # detectron2 / PaddleDetection weight file, or a zoo name (`retinanet zoo`). The data's
+    # classes keep the classifier rows of the source's classes of the same name.
+    weights: str = ""
+    class_map: str = ""  # names that differ, "mine:theirs,...", e.g. "car:truck,bike:bicycle"
+    # What does not train: "none" (the model's backbone.freeze_at alone), "backbone" (every ResNet
+    # stage), "backbone+fpn", or as torchvision's trainable_backbone_layers, 0-5 trainable stages
+    freeze: Literal["none", "backbone", "backbone+fpn"] | Annotated[int, Range(0, 5)] = "none"
     threads: NonNegativeInt = 0  # CPU threads for torch (0: torch's default)
 
 

@@ -32,6 +32,42 @@ def convert_state(source: str, state: dict, num_classes: int | None = None):
 def read_source(source: str, path: str | Path, trust: bool = False) -> dict:
     """Load a source file without running code in it (unless `trust`)."""
     path = Path(path)
+    state = _load_weight_file(path, trust, as_torch=source == "torchvision")
+    return _weights_dict(state, path)
+
+
+def read_detector(path: str | Path, trust: bool = False) -> tuple[str, dict]:
+    """Load any detector file and say what it is, by its content, not its name:
+    `("retinanet", content)` for one of our checkpoints (see `retinanet.checkpoint`), else
+    `(source, weights dict)` with `source` one of `SOURCES`. No code in the file runs
+    (unless `trust`); a file that is none of these raises `ConversionError`."""
+    path = Path(path)
+    content = _load_weight_file(path, trust, as_torch=False)
+    from ..checkpoint import is_checkpoint_data
+
+    if is_checkpoint_data(content):
+        return "retinanet", content
+    state = _weights_dict(content, path)
+    source = detect_source(state)
+    if source is None:
+        raise ConversionError(f"{path}: not a RetinaNet of torchvision, detectron2 or PaddleDetection, nor a "
+                              f"retinanet checkpoint (keys such as {sorted(state)[:3]})")
+    return source, state
+
+
+def detect_source(state: dict) -> str | None:
+    """Which library's RetinaNet a weights dict is, from its key names; None if none."""
+    if any(key.startswith("head.classification_head.") for key in state):
+        return "torchvision"
+    if "head.retina_cls.weight" in state:
+        return "paddle"
+    if "head.cls_score.weight" in state and any(key.startswith("backbone.bottom_up.") for key in state):
+        return "detectron2"
+    return None
+
+
+def _load_weight_file(path: Path, trust: bool, as_torch: bool):
+    """The content of a torch file or a pickle, read without running code (unless `trust`)."""
     if path.is_dir():
         raise ConversionError(f"{path}: is a folder, not a weight file")
     if not path.is_file():
@@ -40,17 +76,20 @@ def read_source(source: str, path: str | Path, trust: bool = False) -> dict:
         magic = f.read(4)
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch zip, or a pickle (protocol >= 2)
         raise ConversionError(f"{path}: not a weight file (neither a torch checkpoint nor a pickle)")
-    if source == "torchvision" or path.suffix in (".pth", ".pt"):
-        state = load_torch_state(path, trust)
-    else:
-        state = load_pickle(path, trust)
-    if source == "detectron2" and isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
+    if as_torch or magic.startswith(b"PK\x03\x04") or path.suffix in (".pth", ".pt"):
+        return load_torch_state(path, trust)
+    return load_pickle(path, trust)
+
+
+def _weights_dict(content, path: Path) -> dict:
+    """The weights inside a loaded file: detectron2 nests them under "model", training
+    scripts under "state_dict"."""
+    for key in ("model", "state_dict"):
+        if isinstance(content, dict) and isinstance(content.get(key), dict):
+            content = content[key]
+    if not isinstance(content, dict) or not content:
         raise ConversionError(f"{path}: holds no weights dictionary")
-    return state
+    return content
 
 
 def convert_file(source: str, src: str | Path, dst: str | Path, num_classes: int | None = None,

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from ..config import Config, config_to_dict, save_config
+from ..config import Config, ConfigError, config_to_dict, save_config
 from ..data.dataset import DatasetError, collate
 from ..data.formats import has_split, open_dataset
 from ..data.tiles import as_training_items
@@ -31,6 +31,8 @@ from . import distributed
 from .analyze import coverage_warning
 from .checkpoint import capture_rng, restore_rng
 from .evaluate import autocast, evaluate, resolve_amp
+from .finetune import (StartWeights, apply_freeze, architecture_differences, class_table, match_classes,
+                       read_start_weights, start_state)
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +353,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
-                 device: str = "auto", progress: bool = True, overwrite: bool = False):
+                 device: str = "auto", progress: bool = True, overwrite: bool = False,
+                 start: StartWeights | None = None, trust_weights: bool = False):
+        """`start`: the detector of `cfg.train.weights` when the caller has read it already;
+        `trust_weights`: a peer's weight file may be fully unpickled (code in it may run)."""
         self.cfg = copy.deepcopy(cfg)
         self.output_dir = Path(output_dir or cfg.output_dir)
         self.resume, self.device, self.overwrite = resume, device, overwrite
@@ -363,6 +368,8 @@ class Trainer:
         self.nonfinite_skipped = 0
         self.stop_signal: int | None = None
         self.writer = None
+        self.start, self.trust_weights = start, trust_weights
+        self.class_rows: list[int | None] = []  # the start's class for each of ours (fine-tuning)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -372,6 +379,7 @@ class Trainer:
         self.dist = distributed.setup(self.device)
         self.progress = self.progress and self.dist.is_main
         self._seed_and_check()
+        self._read_start()
         self._open_data()
         self._build_model()
         self.ready = True
@@ -393,6 +401,25 @@ class Trainer:
                                 f"got train.batch_size={t.batch_size} over {self.dist.world_size} process(es); "
                                 "use norm frozen_bn or gn, or a larger batch")
 
+    def _read_start(self) -> None:
+        """The detector to start from (`train.weights`; not on resume, where the run's own
+        checkpoint is read), checked against the config's architecture before any data is read."""
+        weights = self.cfg.train.weights
+        if not weights or self.resume:
+            self.start = None
+            return
+        if self.start is None or self.start.name != weights:
+            if not self.dist.is_main:  # rank 0 downloads a zoo file first; the others read it then
+                distributed.barrier()
+            self.start = read_start_weights(weights, self.trust_weights)
+            if self.dist.is_main:
+                distributed.barrier()
+        differences = architecture_differences(self.start.model_config, self.cfg.model)
+        if differences:
+            raise ConfigError(f"the config's model does not fit train.weights {weights}: " + "; ".join(differences)
+                              + " (set these in the config, or leave its model section out to take the "
+                              "weights' own)")
+
     def _open_data(self) -> None:
         """The training and validation sets; fills the config's class names and ids from them."""
         cfg = self.cfg
@@ -401,7 +428,9 @@ class Trainer:
         self.train_set = as_training_items(open_dataset(cfg.data, "train"), cfg.data.tile)
         if len(self.train_set) == 0:
             raise TrainingError(f"{cfg.data.train_annotations}: the training set has no images")
-        if self.train_set.num_classes != cfg.model.num_classes:
+        if self.start is not None:
+            self._classes_from_data()
+        elif self.train_set.num_classes != cfg.model.num_classes:
             raise TrainingError(f"{cfg.data.train_annotations} has {self.train_set.num_classes} categories but "
                                 f"model.num_classes={cfg.model.num_classes}; set model.num_classes="
                                 f"{self.train_set.num_classes}")
@@ -418,12 +447,31 @@ class Trainer:
         if self.val_set is not None and len(self.val_set) == 0:
             raise DatasetError(f"{cfg.data.val_annotations}: the validation set has no images")
 
+    def _classes_from_data(self) -> None:
+        """A fine-tuning run has the data's classes; each keeps the start's rows of its namesake."""
+        model = self.cfg.model
+        model.num_classes = self.train_set.num_classes
+        model.class_names = list(self.train_set.class_names)
+        model.category_ids = list(self.train_set.category_ids)
+        source_names = self.start.class_names
+        self.class_rows = match_classes(model.class_names, source_names, self.cfg.train.class_map)
+        if self.dist.is_main:
+            log.info("starting from %s (%s)\n%s", self.start.name, self.start.source,
+                     class_table(model.class_names, self.class_rows, source_names))
+
     def _build_model(self) -> None:
         """Model, schedule, optimizer, precision, EMA, compilation and the DDP wrapper."""
         t = self.cfg.train
         self.model = RetinaNet.from_config(self.cfg.model)
-        if t.pretrained_backbone:
+        if self.start is not None:
+            state = start_state(self.model.state_dict(), self.start, self.class_rows,
+                                self.model.anchor_generator.num_anchors)
+            self.model.load_state_dict(state)
+            if t.pretrained_backbone and self.dist.is_main:
+                log.info("train.pretrained_backbone is not loaded: train.weights gives every weight")
+        elif t.pretrained_backbone:
             load_pretrained_backbone(self.model, t.pretrained_backbone)
+        apply_freeze(self.model, t.freeze)
         self.model.to(self.dist.device)
         if t.channels_last:
             self.model.to_channels_last()
@@ -691,8 +739,8 @@ class _Timer:
 
 
 def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, device: str = "auto",
-          overwrite: bool = False) -> dict:
-    trainer = Trainer(cfg, output_dir, resume, device, overwrite=overwrite)
+          overwrite: bool = False, start: StartWeights | None = None, trust_weights: bool = False) -> dict:
+    trainer = Trainer(cfg, output_dir, resume, device, overwrite=overwrite, start=start, trust_weights=trust_weights)
     try:
         return trainer.run()
     finally:

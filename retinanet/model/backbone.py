@@ -63,12 +63,13 @@ class ResNetBackbone(nn.Module):
             block.conv2.stride, block.conv1.stride = (1, 1), stride
 
     def freeze(self, freeze_at: int) -> None:
-        """Stop gradients for the stem (1) and the first `freeze_at - 1` stages."""
+        """Stop gradients for the stem (1) and the first `freeze_at - 1` stages; the rest train
+        (so a later call can also unfreeze what an earlier one froze)."""
         modules = [self.conv1, self.bn1] + [getattr(self, s) for s in _STAGES]
         self._frozen = modules[: freeze_at + 1] if freeze_at >= 1 else []
-        for module in self._frozen:
+        for module in modules:
             for param in module.parameters():
-                param.requires_grad_(False)
+                param.requires_grad_(module not in self._frozen)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "ResNetBackbone":

@@ -277,8 +277,13 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where)
+        problems = []
+        for alternative in (a for a in args if a is not type(None)):  # the first that accepts the value
+            try:
+                return _convert(alternative, value, where)
+            except ConfigError as err:
+                problems.append(str(err).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: " + "; or ".join(problems))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
