@@ -675,10 +675,11 @@ def cmd_assign(args) -> int:
 
 def cmd_data(args) -> int:
     from .config import DataConfig
+    from .data.dataset import DatasetError
     from .data.formats import open_dataset, write_coco, write_yolo
 
     output = Path(args.output)
-    if output.exists() and not args.force:
+    if (output.exists() or output.is_symlink()) and not args.force:
         raise OutputError(f"{output}: already exists; pass --force to replace it")
     src = Path(args.src)
     images = args.images or (str(src) if args.source_format == "yolo" else "")
@@ -688,14 +689,18 @@ def cmd_data(args) -> int:
     if args.source_format == "coco" and not images:
         cfg.train_images = str(src.parent)
     dataset = open_dataset(cfg, "train")
-    if output.resolve() in {src.resolve(), Path(images).resolve() if images else None}:
-        raise OutputError(f"{output}: the output would overwrite the input")
+    if not dataset.records:
+        raise DatasetError(f"{dataset.annotation_file}: no images to convert (none listed, or none of those "
+                           "listed could be read); nothing was written")
+    inputs = [src, dataset.annotation_file, args.classes or ""]
+    if args.images or args.source_format != "voc":  # VOC's image folder is only known when given
+        inputs.append(dataset.image_dir)
     if args.target_format == "coco":
-        write_coco(dataset, output)
+        write_coco(dataset, output, inputs)
         print(f"wrote {output}: {len(dataset)} images, {dataset.report.num_boxes} boxes, "
               f"{dataset.num_classes} classes (image folder: {dataset.image_dir})")
     else:
-        labels, classes = write_yolo(dataset, output)
+        labels, classes = write_yolo(dataset, output, inputs)
         print(f"wrote {len(dataset)} label files into {labels} and the class list {classes}")
     return 0
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
@@ -81,7 +86,8 @@ def read_csv(csv_file: str | Path, image_dir: str | Path | None = None, class_na
     """keras-retinanet's layout (no header; `path,x1,y1,x2,y2,class_name`; an image without
     objects is `path,,,,,`) or DeepForest's (header `image_path,xmin,ymin,xmax,ymax,label`; an
     empty image is a row of zeros), told apart by the first line. Paths are relative to
-    `image_dir`, by default the CSV's folder."""
+    `image_dir`, by default the CSV's folder; spellings of one path (`a.jpg`, `./a.jpg`) are
+    one image. A CSV without data rows is a DatasetError."""
     csv_file = Path(csv_file)
     if not csv_file.is_file():
         raise DatasetError(f"{csv_file}: annotation file not found")
@@ -92,19 +98,22 @@ def read_csv(csv_file: str | Path, image_dir: str | Path | None = None, class_na
         raise DatasetError(f"{csv_file}: not a readable CSV ({err})") from None
     problems: list[str] = []
     entries = _csv_entries(rows, problems)
+    if not entries and not problems:
+        raise DatasetError(f"{csv_file}: no annotation rows (the CSV is empty or has only a header)")
     names = _class_map([e[3] for e in entries if e[3] is not None], class_names, csv_file, problems)
     label_of = {n: i for i, n in enumerate(names)}
     records: dict[str, ImageRecord] = {}
     report = DatasetReport()
     missing = []
     for number, path, box, name in entries:
-        record = records.get(path)
+        key = os.path.normpath(root.absolute() / path)  # `a.jpg`, `./a.jpg`, `<root>/a.jpg`: one image
+        record = records.get(key)
         if record is None:
             size = image_size(root / path)
             if size is None:
                 missing.append(path)
                 continue
-            record = records[path] = ImageRecord(len(records) + 1, path, size[0], size[1], [], [], [])
+            record = records[key] = ImageRecord(len(records) + 1, str(Path(path)), size[0], size[1], [], [], [])
         if box is not None and name in label_of:
             add_box(record, report, box, label_of[name], False, f"line {number}")
     raise_problems(csv_file, problems)
@@ -289,30 +298,217 @@ def open_dataset(data_cfg, split: str = "train", class_names: list[str] | None =
 
 
 # ------------------------------------------------------------------------------ writing
-def write_coco(dataset: DetectionDataset, path: str | Path) -> Path:
-    """The dataset as a COCO json; `file_name`s relative to the dataset's image folder, so
-    that it pairs with `data.train_images` = that folder."""
-    data = dataset.coco_dict()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
+_WINDOWS_ROOT = re.compile(r"^(?:[A-Za-z]:|\\)")  # C:..., \\server\share, \root
+
+
+def relative_image_path(file_name: object, image_dir: Path) -> Path:
+    """The path an annotation's `file_name` names relative to `image_dir`, for building an
+    output path from it (a label file at the same relative place). ValueError, saying why, for
+    a name that could lead anywhere else: not a string, empty, control characters, an absolute
+    path outside `image_dir`, a Windows drive or UNC path, or a `..` segment (`/` or `\\`)."""
+    if not isinstance(file_name, str) or file_name.strip() in ("", "."):
+        raise ValueError("is not a file name")
+    if any(ord(c) < 32 or c == "\x7f" for c in file_name):
+        raise ValueError("contains control characters")
+    try:
+        os.fsencode(file_name)
+    except UnicodeEncodeError:
+        raise ValueError("cannot be a file name on this system") from None
+    path = Path(file_name)
+    if path.is_absolute():
+        base = next((b for b in (image_dir.absolute(), image_dir.resolve()) if path.is_relative_to(b)), None)
+        if base is None:
+            raise ValueError(f"is an absolute path outside the image folder {image_dir}")
+        path = path.relative_to(base)
+    if _WINDOWS_ROOT.match(str(path)):
+        raise ValueError("is an absolute Windows path")
+    if ".." in re.split(r"[\\/]", str(path)):
+        raise ValueError("has a '..' segment")
+    if str(path) == ".":
+        raise ValueError("names the image folder itself")
     return path
 
 
-def write_yolo(dataset: DetectionDataset, label_dir: str | Path) -> tuple[Path, Path]:
-    """One `class cx cy w h` txt per image (crowd boxes left out) and a `classes.txt`."""
+class InputGuard:
+    """The files and folders a conversion reads, which nothing it writes may replace or enter."""
+
+    def __init__(self, inputs: Iterable[str | Path]):
+        given = [Path(p) for p in inputs if str(p)]
+        self.inputs = [(p.resolve() if str(p) == "." else p, p.resolve(), _inode(p)) for p in given]
+
+    def hit(self, path: Path, inside: bool = True) -> Path | None:
+        """The input that writing `path` would replace (same resolved path or same inode: a hard
+        link) or, with `inside`, write into (a path inside an input folder); else None."""
+        resolved, inode = path.resolve(), _inode(path)
+        for given, input_path, input_inode in self.inputs:
+            if resolved == input_path or (inode is not None and inode == input_inode):
+                return given
+            if inside and input_path in resolved.parents and input_path.is_dir():
+                return given
+        return None
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except (OSError, ValueError):
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _file_mode() -> int:
+    """The mode `open()` would give a new file (mkstemp's are private)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_atomically(path: Path, text: str, sync: bool = True) -> None:
+    """`text` into `path` through a temporary file beside it and a rename: a failure leaves the
+    old file or none, never a part of one (and a symlink at `path` is replaced, not followed)."""
+    fd, tmp = tempfile.mkstemp(prefix=".convert.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_coco(dataset: DetectionDataset, path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """The dataset as a COCO json; `file_name`s relative to the dataset's image folder, so
+    that it pairs with `data.train_images` = that folder. Written atomically; refused
+    (DatasetError) when `path` is a folder, one of `inputs` (path or inode) or an existing
+    file inside an input folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; --output names the COCO json to write")
+    hit = InputGuard(inputs).hit(path, inside=os.path.lexists(path))
+    if hit is not None:
+        raise DatasetError(f"{path}: is, or would replace a file inside, the input {hit}; a conversion never "
+                           "writes over its inputs, even with --force (write elsewhere, or remove the file "
+                           "yourself)")
+    text = json.dumps(dataset.coco_dict())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, text)
+    except OSError as err:
+        raise DatasetError(f"{path}: could not be written ({err.strerror}); nothing was written") from None
+    return path
+
+
+def write_yolo(dataset: DetectionDataset, label_dir: str | Path,
+               inputs: Iterable[str | Path] = ()) -> tuple[Path, Path]:
+    """One `class cx cy w h` txt per image (crowd boxes left out), at the image's path relative
+    to the image folder, and a `classes.txt`. Every path is checked before anything is written
+    (DatasetError naming the image and the annotation source): it stays inside `label_dir` after
+    symlinks, no two images share a label file (compared ignoring case, as Windows and macOS
+    do), and nothing lands on or in `inputs`. A new `label_dir` is filled under a temporary
+    name and renamed into place (all or nothing); in an existing one (the caller's --force)
+    each file is replaced atomically."""
     label_dir = Path(label_dir)
+    if os.path.lexists(label_dir) and not label_dir.is_dir():
+        raise DatasetError(f"{label_dir}: is a file, not a folder; --output names the folder to fill with labels")
+    guard = InputGuard(inputs)
+    hit = guard.hit(label_dir)
+    if hit is not None:
+        raise DatasetError(f"{label_dir}: the output folder is, or is inside, the input {hit}; write the labels "
+                           "outside the input dataset (--force does not change this)")
+    planned = _yolo_label_paths(dataset, label_dir)
+    _check_label_paths(dataset, label_dir, planned, guard)
+    files = [(label, _yolo_lines(record)) for record, label in planned]
+    files.append((Path("classes.txt"), "".join(n + "\n" for n in dataset.class_names)))
+    _fill_folder(label_dir, files)
+    return label_dir, label_dir / "classes.txt"
+
+
+def _yolo_lines(record: ImageRecord) -> str:
+    lines = []
+    for (x0, y0, x1, y1), label, crowd in zip(record.boxes, record.labels, record.crowd):
+        if crowd:
+            continue
+        cx, cy = (x0 + x1) / 2 / record.width, (y0 + y1) / 2 / record.height
+        w, h = (x1 - x0) / record.width, (y1 - y0) / record.height
+        lines.append(f"{label} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+    return "".join(lines)
+
+
+def _entry(record: ImageRecord) -> str:
+    return f"image {record.image_id} ({record.file_name!r})"
+
+
+def _yolo_label_paths(dataset: DetectionDataset, label_dir: Path) -> list[tuple[ImageRecord, Path]]:
+    """Each record with its label file relative to `label_dir`; refuses names that leave it
+    and names that share a label file (with each other or with `classes.txt`)."""
+    source = dataset.annotation_file
+    taken: dict[str, ImageRecord | None] = {"classes.txt": None}
+    planned = []
     for record in dataset.records:
-        lines = []
-        for (x0, y0, x1, y1), label, crowd in zip(record.boxes, record.labels, record.crowd):
-            if crowd:
-                continue
-            cx, cy = (x0 + x1) / 2 / record.width, (y0 + y1) / 2 / record.height
-            w, h = (x1 - x0) / record.width, (y1 - y0) / record.height
-            lines.append(f"{label} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-        target = (label_dir / record.file_name).with_suffix(".txt")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(line + "\n" for line in lines))
-    classes = label_dir / "classes.txt"
-    classes.write_text("".join(n + "\n" for n in dataset.class_names))
-    return label_dir, classes
+        try:
+            label = relative_image_path(record.file_name, dataset.image_dir).with_suffix(".txt")
+        except ValueError as err:
+            raise DatasetError(f"{source}: {_entry(record)}: the file name {err}; its label file would not stay "
+                               f"inside the output folder {label_dir}; nothing was written") from None
+        key = label.as_posix().casefold()
+        if key in taken:
+            first = taken[key]
+            raise DatasetError(f"{source}: {'the class list' if first is None else _entry(first)} and "
+                               f"{_entry(record)} would share the label file {label.as_posix()} in {label_dir} "
+                               "(YOLO pairs labels with images by name, ignoring the extension): rename one; "
+                               "nothing was written")
+        taken[key] = record
+        planned.append((record, label))
+    return planned
+
+
+def _check_label_paths(dataset: DetectionDataset, label_dir: Path, planned: list[tuple[ImageRecord, Path]],
+                       guard: InputGuard) -> None:
+    """Refuse a label path that a symlink leads out of the output folder, or that lands on or in
+    an input."""
+    root = label_dir.resolve()
+    for record, label in [*planned, (None, Path("classes.txt"))]:
+        what = "the class list" if record is None else _entry(record)
+        target = (label_dir / label).resolve()
+        if not target.is_relative_to(root):
+            raise DatasetError(f"{dataset.annotation_file}: {what}: its label file {label_dir / label} leads "
+                               f"outside the output folder {label_dir} (a symlink to {target}); nothing was written")
+        hit = guard.hit(target)
+        if hit is not None:
+            raise DatasetError(f"{dataset.annotation_file}: {what}: its label file {label_dir / label} would "
+                               f"replace or write into the input {hit}; nothing was written")
+
+
+def _fill_folder(folder: Path, files: list[tuple[Path, str]]) -> None:
+    """Write `files` (relative path, text) into `folder`: a new folder is built under a
+    temporary name beside it and renamed (a failure leaves no folder); an existing one gets
+    each file replaced atomically (a failure leaves every file whole, old or new)."""
+    if folder.is_dir():
+        for done, (relative, text) in enumerate(files):
+            try:
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                _write_atomically(folder / relative, text, sync=False)
+            except OSError as err:
+                raise DatasetError(f"{folder / relative}: could not be written ({err.strerror}); {done} of "
+                                   f"{len(files)} files in {folder} were replaced before it, each whole") from None
+        return
+    stage = folder.with_name(f".{folder.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    relative = Path()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()
+        for relative, text in files:
+            (stage / relative).parent.mkdir(parents=True, exist_ok=True)
+            (stage / relative).write_text(text)
+        os.rename(stage, folder)
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise DatasetError(f"{folder}: could not write {folder / relative} ({err.strerror}); nothing was "
+                           "written") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
