@@ -426,9 +426,9 @@ def cmd_eval(args) -> int:
     from .engine import distributed
     from .engine.evaluate import evaluate
 
-    _resolve_weights(args)
-    output_dir = (_output_folder(args.output_dir) if args.output_dir
+    output_dir = (_output_folder(args.output_dir) if args.output_dir  # a zoo name: ./<publisher>/eval_<model>
                   else _unique_folder(Path(args.weights).parent / f"eval_{Path(args.weights).stem}"))
+    _resolve_weights(args)
     checkpoint = read_checkpoint(args.weights)
     if args.config:
         cfg = load_config(args.config, args.overrides)
