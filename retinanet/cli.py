@@ -62,6 +62,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _value_range(text: str) -> tuple[float, float]:
+    from .data.value_range import check_value_range
+
+    try:
+        return check_value_range([float(v) for v in text.split(",")])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH with LOW < HIGH") from None
+
+
 def _positive_minutes(text: str) -> float:
     value = float(text)
     if not (value > 0 and value < 60 * 24 * 7):  # also refuses nan and inf
@@ -175,6 +184,9 @@ def _add_predict_parser(commands) -> None:
                    help="merge tiles' detections by class-aware NMS, or greedy merging by intersection over the "
                         "smaller box (nmm: an object cut by a border comes out whole)")
     p.add_argument("--full-image", action="store_true", help="with --tile: also predict the whole image resized")
+    p.add_argument("--value-range", type=_value_range, metavar="LOW,HIGH",
+                   help="with --tile: the values of a 16-bit or float image that map to black and white (e.g. "
+                        "0,4095; --value-range=-1,1 for a negative LOW); default: the data's own range, as logged")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images run together (4)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in this process)")
     p.add_argument("--save-txt", choices=["yolo", "csv"],
@@ -473,7 +485,8 @@ def cmd_predict(args) -> int:
     device = resolve_device(args.device)
     amp = _resolved_amp(args.amp, device)
     model = load_model(args.weights, map_location=device).to(device).optimize_for_inference(compile=args.compile)
-    tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image} \
+    tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image,
+              "value_range": args.value_range} \
         if args.tile else None
     predictions, errors = predict_files(model, args.images, output_dir, args.score_threshold,
                                         draw=not args.no_draw, batch_size=args.batch_size, tiling=tiling,

@@ -51,6 +51,13 @@ class DataConfig:
     aspect_ratio_grouping: bool = True  # batches of only landscape or only portrait images
     num_workers: NonNegativeInt = 4  # data-loading processes per GPU (0: load in the main process)
     strict: bool = False  # a bad image stops the run instead of being skipped and listed
+    # images that are not 8-bit (16-bit, 12-bit in 16, float) read by windows: the values that map
+    # to black and white, e.g. [0, 4095]; empty: the data's own range (declared bit depth, or a sample)
+    value_range: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.value_range and not (len(self.value_range) == 2 and self.value_range[0] < self.value_range[1]):
+            raise ConfigError(f"data.value_range: {self.value_range!r} must be empty or [low, high] with low < high")
 
 
 @dataclass

@@ -33,21 +33,15 @@ def write_geotiff(path, array: np.ndarray, transform=None, crs="EPSG:32633", **p
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
-def test_windows_equal_the_whole_decode_for_rgb_grey_palette_and_16_bit(tmp_path):
+def test_windows_equal_the_whole_decode_for_rgb_grey_and_palette(tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (3, 300, 500), dtype=np.uint8)
     grey = rng.integers(0, 256, (1, 300, 500), dtype=np.uint8)
-    deep = rng.integers(0, 4000, (3, 300, 500), dtype=np.uint16)
-    shallow = rng.integers(0, 200, (1, 300, 500), dtype=np.uint16)  # 16-bit data within 0-255
-    cases = {"rgb": rgb, "grey": grey, "deep": deep, "shallow": shallow}
-    for name, array in cases.items():
+    for name, array in {"rgb": rgb, "grey": grey}.items():
         path = write_geotiff(tmp_path / f"{name}.tif", array)
         with open_raster(path) as raster:
             assert isinstance(raster, WindowedRaster)
-            if name == "deep":  # Pillow cannot read 3-band 16-bit TIFFs: read_image's rule by hand
-                whole = torch.from_numpy(np.clip(array / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8))
-            else:
-                whole = read_image(path)  # Pillow, whole: the reference
+            whole = read_image(path)  # Pillow, whole: the reference
             window = raster.read((37, 11, 420, 290))
             assert torch.equal(window, whole[:, 11:290, 37:420]), name
     palette_path = tmp_path / "palette.tif"
@@ -57,6 +51,104 @@ def test_windows_equal_the_whole_decode_for_rgb_grey_palette_and_16_bit(tmp_path
         dst.write_colormap(1, {i: (i, 255 - i, (7 * i) % 256, 255) for i in range(256)})
     with open_raster(palette_path) as raster:
         assert torch.equal(raster.read((0, 0, 500, 300)), read_image(palette_path))
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_data_that_is_not_8_bit_is_scaled_by_its_own_range(tmp_path):
+    """Each kind of data by the rule of `value_range.automatic_scaling`, written out by hand:
+    the fewest bits (at least 8) that hold the largest value; a declared NBITS; floats in 0-1;
+    nodata left out of the range and black; a given range over all of it."""
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 4000, (3, 300, 500), dtype=np.uint16)  # 12-bit data in uint16
+    shallow = rng.integers(0, 200, (1, 300, 500), dtype=np.uint16)  # 16-bit data within 0-255
+    signed = rng.integers(0, 1000, (1, 300, 500), dtype=np.int32)
+    reflectance = rng.random((3, 300, 500), dtype=np.float32)
+    with_nodata = reflectance.copy()
+    with_nodata[:, :50] = -1.0  # outside the data: were it counted, the range would be -1..1
+
+    def by_hand(array, low, high):
+        return torch.from_numpy(np.clip((array.astype(np.float64) - low) * 255 / (high - low) + 0.5, 0, 255)
+                                .astype(np.uint8))
+
+    cases = {"deep": (deep, {}, None, by_hand(deep, 0, 4095)),
+             "shallow": (shallow, {}, None, by_hand(shallow, 0, 255)),
+             "signed": (signed, {}, None, by_hand(signed, 0, 1023)),
+             "declared": (shallow, {"nbits": 12}, None, by_hand(shallow, 0, 4095)),
+             "float": (reflectance, {}, None, by_hand(reflectance, 0, 1)),
+             "nodata": (with_nodata, {"nodata": -1.0}, None, by_hand(np.where(with_nodata < 0, 0, with_nodata), 0, 1)),
+             "given": (deep, {}, [100, 3000], by_hand(deep, 100, 3000))}
+    for name, (array, profile, value_range, expected) in cases.items():
+        path = write_geotiff(tmp_path / f"{name}.tif", array, **profile)
+        with open_raster(path, value_range=value_range) as raster:
+            window = raster.read((37, 11, 420, 290))
+        expected = expected.expand(3, -1, -1) if expected.shape[0] == 1 else expected
+        assert torch.equal(window, expected[:, 11:290, 37:420]), name
+    with pytest.raises(ValueError, match="low must be below high"):
+        open_raster(tmp_path / "deep.tif", value_range=[5, 1])
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_the_range_of_a_large_file_comes_from_a_sample_read_once(tmp_path, monkeypatch, caplog):
+    """A 4096 x 4096 file in 256 px tiles: its range is found from at most 8 x 8 tiles of its
+    256, once per file however often it is opened, and said in one log line."""
+    import logging
+
+    data = np.zeros((1, 4096, 4096), dtype=np.uint16)
+    data[0, ::97, ::89] = 3000  # 12-bit values everywhere, so any fair sample finds them
+    path = write_geotiff(tmp_path / "big.tif", data)
+    calls = []
+    original = WindowedRaster._read
+
+    def counting(self, **kwargs):
+        calls.append(kwargs)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(WindowedRaster, "_read", counting)
+    with caplog.at_level(logging.INFO, logger="retinanet.data.raster"):
+        for _ in range(3):
+            with open_raster(path) as raster:
+                assert raster.scaling.high == 4095
+    sampled = [c["window"] for c in calls]
+    assert len(sampled) <= 64 and all(w.width == 256 and w.height == 256 for w in sampled)
+    assert len({(w.col_off, w.row_off) for w in sampled}) == len(sampled)
+    assert max(w.row_off for w in sampled) == 4096 - 256  # spread to the far edge
+    lines = [r.getMessage() for r in caplog.records if "big.tif" in r.getMessage()]
+    assert len(lines) == 1 and "values 0-4095 scaled to 0-255 (12-bit data" in lines[0]
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_a_large_png_is_routed_by_its_header_without_decoding_it(tmp_path, monkeypatch):
+    """Deciding whether a PNG over WINDOWED_MIN_PIXELS goes by windows must not decode it
+    (Pillow's `getexif` on a PNG decodes the whole image to look for a late eXIf chunk)."""
+    from PIL import ImageFile
+
+    image = Image.new("1", (8200, 8200), 0)  # 67 MP, bilevel: tiny to write
+    image.paste(1, (4000, 4000, 4100, 4050))
+    image.save(tmp_path / "large.png")
+
+    def no_decode(self, *args, **kwargs):
+        raise AssertionError("decoded whole")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with open_raster(tmp_path / "large.png") as raster:
+        assert isinstance(raster, WindowedRaster)
+        window = raster.read((3990, 3990, 4110, 4060))
+    assert window[:, 10:60, 10:110].eq(255).all() and window.sum() == 255 * 3 * 50 * 100  # bilevel as 0/255
+
+
+def test_a_jpeg_with_data_after_its_end_is_not_refused_but_a_cut_one_is(tmp_path):
+    """The end-of-image check accepts what cameras write after the JPEG (motion-photo video,
+    trailers) and refuses a file cut anywhere in its scan."""
+    pixels = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=90)
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "trailer.jpg").write_bytes(data + b"ftypmp42" + bytes(range(256)) * 40)
+    with open_raster(tmp_path / "trailer.jpg", windowed=True) as raster:
+        assert raster.read((0, 0, 160, 120)).shape == (3, 120, 160)
+    for cut in (len(data) // 3, len(data) - 2):
+        (tmp_path / "cut.jpg").write_bytes(data[:cut])
+        with pytest.raises(ImageReadError, match=r"cut.jpg: damaged or truncated image \(no end-of-image marker\)"):
+            open_raster(tmp_path / "cut.jpg", windowed=True)
 
 
 def test_a_geotiff_round_trips_through_tiled_prediction_into_geojson(tmp_path):

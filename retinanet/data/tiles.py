@@ -30,12 +30,14 @@ def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tup
 class TiledDataset(DetectionDataset):
     """The tiles of every image of `base` as items. Tiles without any kept box are kept for
     a deterministic `empty_ratio` share of them. Tiles are read by windows where that pays
-    (`data.raster`: TIFFs and very large images, with rasterio); otherwise the last decoded
-    image is kept, so that the tiles of one image, taken in order, decode it once."""
+    (`data.raster`: TIFFs and very large images, with rasterio; data that is not 8-bit scaled by
+    `value_range`, else by its own range); otherwise the last decoded image is kept, so that the
+    tiles of one image, taken in order, decode it once."""
 
     def __init__(self, base: DetectionDataset, tile: int, overlap: float = 0.2, min_visible: float = 0.5,
-                 empty_ratio: float = 1.0):
+                 empty_ratio: float = 1.0, value_range: list[float] | None = None):
         self.base, self.tile, self.overlap, self.min_visible = base, tile, overlap, min_visible
+        self.value_range = value_range
         self.windows: list[tuple[int, tuple[int, int, int, int]]] = []
         records = []
         for index, record in enumerate(base.records):
@@ -68,7 +70,7 @@ class TiledDataset(DetectionDataset):
                 if self._cache is not None:
                     self._cache[1].close()
                     self._cache = None
-                self._cache = (image_index, open_raster(path))
+                self._cache = (image_index, open_raster(path, value_range=self.value_range))
             crop = self._cache[1].read((x0, y0, x1, y1))
         except ImageReadError:
             if self.strict:
@@ -81,12 +83,12 @@ class TiledDataset(DetectionDataset):
         return augment(crop, target, flip, zoom)
 
 
-def as_training_items(dataset: DetectionDataset, tile) -> DetectionDataset:
+def as_training_items(dataset: DetectionDataset, tile, value_range: list[float] | None = None) -> DetectionDataset:
     """What the trainer iterates over: the tiles of every image when `tile.size` > 0 (a
-    `TileConfig`), else the images themselves."""
+    `TileConfig`; `value_range` as `data.value_range`), else the images themselves."""
     if tile.size <= 0:
         return dataset
-    return TiledDataset(dataset, tile.size, tile.overlap, tile.min_visible, tile.empty_ratio)
+    return TiledDataset(dataset, tile.size, tile.overlap, tile.min_visible, tile.empty_ratio, value_range)
 
 
 def _keep_empty(name: str, window, ratio: float) -> bool:

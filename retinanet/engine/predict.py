@@ -89,8 +89,8 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     [x, y, w, h], `score`); with `draw`, a drawn copy of each image (never over an input); with
     `save_txt` ("yolo" or "csv"), one file per image in `output_dir/labels/`: YOLO's normalised
     `class cx cy w h score` lines, or `x1,y1,x2,y2,score,class_name` rows. With `tiling`
-    (`tile`, `overlap`, `merge`, `full_image`), each image is predicted on overlapping tiles at
-    full resolution. `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the network
+    (`tile`, `overlap`, `merge`, `full_image`, optional `value_range`), each image is predicted on
+    overlapping tiles at full resolution. `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the network
     runs in that autocast precision. Returns the predictions and the error lines.
     """
     output_dir = Path(output_dir)
@@ -164,7 +164,7 @@ def _predict_tiled_files(model, paths: list[Path], names: dict[Path, Path], draw
     records = []
     for path in paths:
         try:
-            with open_raster(path) as raster:
+            with open_raster(path, value_range=tiling.get("value_range")) as raster:
                 det = predict_tiled(model, raster, tiling["tile"], tiling["overlap"], merge=tiling["merge"],
                                     full_image=tiling["full_image"], score_threshold=score_threshold)
                 records += coco_records(det, path, model.category_ids)
