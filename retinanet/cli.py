@@ -272,15 +272,31 @@ def _add_export_parser(commands) -> None:
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1 to 65535)")
+    return value
+
+
 def _add_serve_parser(commands) -> None:
+    from .serve import DEFAULT_MAX_PIXELS
+
     p = commands.add_parser("serve", help="an HTTP service: POST /predict, GET /health, GET /info")
     p.add_argument("--weights", required=True, help="a checkpoint, a zoo name (retinanet zoo), or an exported "
                                                     ".onnx (onnxruntime)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-bytes", type=_positive_int, default=20 * 1024 * 1024,
                    help="largest request body accepted (default 20 MiB)")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="concurrent requests batched together")
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest image accepted, in pixels, known from its header before decoding: larger "
+                        f"ones get HTTP 413 (default {DEFAULT_MAX_PIXELS:,}; what one request may cost in memory "
+                        "grows with it)")
+    p.add_argument("--max-batch", type=_positive_int, default=1,
+                   help="run up to this many concurrent requests of one image size as one batch (default 1: "
+                        "each alone, so an answer never depends on other traffic; more is faster on a GPU, "
+                        "but scores can then differ in the fifth decimal)")
     p.add_argument("--device", default="auto", type=_device)
     _add_speed_options(p)
 
@@ -565,17 +581,29 @@ def cmd_serve(args) -> int:
     weights = Path(args.weights)
     if not weights.is_file():
         raise OutputError(f"{weights}: no such checkpoint or ONNX file")
-    from .serve import serve
+    import socket
 
-    device, amp = args.device, "none"
-    if weights.suffix != ".onnx":
+    from .serve import Predictor, serve
+
+    if weights.suffix == ".onnx" and (args.compile or args.amp != "none"):
+        raise OutputError("--compile and --amp apply to a checkpoint; an ONNX model runs as it was exported")
+    try:  # before loading the model: a busy port or an unknown host is known at once
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err})") from None
+    if weights.suffix == ".onnx":
+        try:
+            predictor = Predictor(weights)
+        except Exception as err:  # noqa: BLE001 - onnxruntime's own load errors have no common class
+            raise OutputError(f"{weights}: cannot be loaded as an exported model "
+                              f"({str(err).splitlines()[0]})") from None
+    else:
         from .engine.distributed import resolve_device
 
         resolved = resolve_device(args.device)
-        device, amp = str(resolved), _resolved_amp(args.amp, resolved)
-    elif args.compile or args.amp != "none":
-        raise OutputError("--compile and --amp apply to a checkpoint; an ONNX model runs as it was exported")
-    serve(weights, args.host, args.port, device, args.max_bytes, args.max_batch, amp, args.compile)
+        predictor = Predictor(weights, str(resolved), _resolved_amp(args.amp, resolved), args.compile)
+    serve(predictor, args.host, args.port, args.max_bytes, args.max_batch, args.max_pixels)
     return 0
 
 

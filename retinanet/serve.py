@@ -5,17 +5,27 @@ exported ONNX model.
     GET  /health    {"status": "ok"}
     GET  /info      the model: classes, input size, backend
 
-Concurrent requests are batched: a worker thread takes what has queued up (up to
-`max_batch` images, waiting at most `max_wait_ms` for more) and runs the images of equal size
-together, so that an answer never depends on what else was being served.
+One upload costs bounded memory and time: the body is at most `max_bytes`; an image of more
+than `max_pixels` pixels is refused from its header (HTTP 413) before any pixel is decoded; at
+most `decode_slots` images (one per CPU core by default) are decoded or waiting for the model at
+once, in threads, so /health keeps answering; and large buffers go back to the operating
+system when a request ends.
+
+One worker thread runs the model. By default each request runs alone (a batch of one), so an
+answer is the same whatever else is being served; `max_batch` > 1 runs concurrent requests of
+equal image size together, more throughput on a GPU, at the price of answers that can differ
+in the fifth decimal with the batch's composition.
 """
 
 
 import asyncio
+import os
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+DEFAULT_MAX_PIXELS = 40_000_000  # a 7,300 x 5,500 photo; the model sees it resized to its input
 
 
 class Predictor:
@@ -44,6 +54,18 @@ class Predictor:
                          "compiled": compile, "input": {"test_min_size": pre.test_min_size, "max_size": pre.max_size}}
         self.info.update({"model": weights.name, "classes": self.class_names, "category_ids": self.category_ids})
 
+    def check_size(self, height: int, width: int, name: str) -> None:
+        """Raise `ValueError` naming `name` for an image the model cannot take: so elongated
+        that resizing to the model's input leaves a side of 0 pixels."""
+        if self.onnx is None:
+            self.model.preprocessor.check_size((height, width), name=name)
+            return
+        size = self.onnx.input  # the rule of OnnxDetector.prepare
+        scale = min(size["test_min_size"] / min(height, width), size["max_size"] / max(height, width))
+        if min(int(height * scale), int(width * scale)) < 1:
+            raise ValueError(f"{name}: {width}x{height} px is too elongated for an input of at most "
+                             f"{size['max_size']} px (a side would be 0 px after resizing); crop or tile it")
+
     def predict(self, arrays: list) -> list[dict]:
         if self.onnx is not None:
             return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()}
@@ -59,9 +81,10 @@ class Predictor:
 
 
 class Batcher:
-    """Collects concurrent requests into batches for one worker thread."""
+    """Runs the model on one worker thread; with `max_batch` > 1, concurrent requests of equal
+    image size that queued up together (waiting at most `max_wait_ms` for more) run as one batch."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = 8, max_wait_ms: float = 10.0):
+    def __init__(self, predictor: Predictor, max_batch: int = 1, max_wait_ms: float = 10.0):
         self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait_ms / 1000
         self.jobs: queue.Queue = queue.Queue()
         self.batches = 0
@@ -97,14 +120,34 @@ class Batcher:
                     future.set_result(result)
 
 
-def create_app(predictor: Predictor, max_bytes: int = 20 * 1024 * 1024, max_batch: int = 8):
+def create_app(predictor: Predictor, max_bytes: int = 20 * 1024 * 1024, max_batch: int = 1,
+               max_pixels: int = DEFAULT_MAX_PIXELS, decode_slots: int | None = None):
+    """The FastAPI app. `decode_slots` (default: the CPU cores) bounds the images decoded or
+    waiting for the model at once."""
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
 
-    from .data.image_io import ImageReadError, read_image_bytes
+    from .data.image_io import ImageReadError, ImageTooLargeError, read_image_bytes
 
     app = FastAPI(title="retinanet", description="RetinaNet object detection")
     batcher = Batcher(predictor, max_batch)
+    decode_slots = decode_slots or os.cpu_count() or 1
+    decoders = ThreadPoolExecutor(decode_slots, thread_name_prefix="decode")
+    slots = asyncio.Semaphore(decode_slots)
+
+    def decode(data: bytes, name: str):
+        """The image as an `(H, W, 3)` array the model can take; HTTP 4xx otherwise."""
+        try:
+            image = read_image_bytes(data, name, max_pixels)
+            predictor.check_size(image.shape[1], image.shape[2], name)
+        except ImageTooLargeError as err:
+            size = f"{err.size[0]}x{err.size[1]} = " if err.size else ""
+            raise HTTPException(413, f"{err.path}: {size}{err.pixels:,} pixels is over this server's limit of "
+                                     f"{err.limit:,} pixels per image (its operator sets it with "
+                                     "`retinanet serve --max-pixels`)") from None
+        except (ImageReadError, ValueError) as err:
+            raise HTTPException(400, str(err)) from None
+        return image.permute(1, 2, 0).numpy()
 
     @app.get("/health")
     def health():
@@ -112,7 +155,8 @@ def create_app(predictor: Predictor, max_bytes: int = 20 * 1024 * 1024, max_batc
 
     @app.get("/info")
     def info():
-        return {**predictor.info, "max_bytes": max_bytes, "max_batch": max_batch, "batches_run": batcher.batches}
+        return {**predictor.info, "max_bytes": max_bytes, "max_pixels": max_pixels, "max_batch": max_batch,
+                "decode_slots": decode_slots, "batches_run": batcher.batches}
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -127,16 +171,15 @@ def create_app(predictor: Predictor, max_bytes: int = 20 * 1024 * 1024, max_batc
         data, name = bytes(body), "body"
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             data, name = await _file_from_multipart(request, data)
-        try:
-            image = read_image_bytes(data, name)
-        except ImageReadError as err:
-            raise HTTPException(400, str(err)) from None
-        array = image.permute(1, 2, 0).numpy()
-        result = await asyncio.wrap_future(batcher.submit(array))
+        async with slots:  # the decoded image lives only inside its slot
+            array = await asyncio.get_running_loop().run_in_executor(decoders, decode, data, name)
+            result = await asyncio.wrap_future(batcher.submit(array))
+            height, width = array.shape[:2]
+            del array
         detections = [{"box": [round(v, 2) for v in box], "score": round(score, 5), "label": label,
                        "class_name": predictor.class_names[label], "category_id": predictor.category_ids[label]}
                       for box, score, label in zip(result["boxes"], result["scores"], result["labels"])]
-        return JSONResponse({"width": array.shape[1], "height": array.shape[0], "detections": detections})
+        return JSONResponse({"width": width, "height": height, "detections": detections})
 
     return app
 
@@ -156,9 +199,31 @@ async def _file_from_multipart(request, body: bytes) -> tuple[bytes, str]:
     return await upload.read(), upload.filename or "upload"
 
 
-def serve(weights: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          max_bytes: int = 20 * 1024 * 1024, max_batch: int = 8, amp: str = "none", compile: bool = False) -> None:
+def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, max_bytes: int = 20 * 1024 * 1024,
+          max_batch: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Serve until stopped. Process-wide: freed memory goes back to the OS (a large request's
+    memory does not stay with the server), and Pillow's own decompression-bomb limit is raised
+    to `max_pixels` where that is higher."""
     import uvicorn
+    from PIL import Image
 
-    app = create_app(Predictor(weights, device, amp, compile), max_bytes, max_batch)
+    from .data.raster import _return_large_buffers_to_the_os
+
+    _return_large_buffers_to_the_os()
+    _trim_freed_heap()
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    app = create_app(predictor, max_bytes, max_batch, max_pixels)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _trim_freed_heap() -> None:
+    """Restore glibc's own trim threshold (128 KiB), which the command line raises to keep
+    freed memory for training (`engine.allocator`): decoding a large upload frees hundreds of
+    MB in blocks under the mmap threshold, which a server must give back, not keep."""
+    from .engine.allocator import M_TRIM_THRESHOLD, uses_glibc
+
+    if uses_glibc():
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(M_TRIM_THRESHOLD, 128 * 1024)

@@ -20,6 +20,17 @@ class ImageReadError(OSError):
         super().__init__(f"{path}: {problem}")
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image has more pixels than the reader's budget (`max_pixels`); known from its header,
+    before any pixel is decoded. `pixels` and `limit` are counts; `size` is `(w, h)` where the
+    header could be read."""
+
+    def __init__(self, path: str | Path, pixels: int, limit: int, size: tuple[int, int] | None = None):
+        self.pixels, self.limit, self.size = pixels, limit, size
+        shown = f"{size[0]}x{size[1]} = {pixels:,} pixels" if size else f"{pixels:,} pixels"
+        super().__init__(path, f"{shown} is over the limit of {limit:,} pixels")
+
+
 def read_image(path: str | Path) -> torch.Tensor:
     """Read an image file as an RGB `(3, H, W)` uint8 tensor.
 
@@ -36,30 +47,40 @@ def read_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(decode_rgb(path, path)).permute(2, 0, 1).contiguous()
 
 
-def read_image_bytes(data: bytes, name: str = "upload") -> torch.Tensor:
-    """`read_image` for an image held in memory (an upload); errors name it `name`."""
+def read_image_bytes(data: bytes, name: str = "upload", max_pixels: int | None = None) -> torch.Tensor:
+    """`read_image` for an image held in memory (an upload); errors name it `name`. With
+    `max_pixels`, an image of more pixels raises `ImageTooLargeError` from its header, before
+    any pixel is decoded."""
     if not data:
         raise ImageReadError(name, "empty")
-    return torch.from_numpy(decode_rgb(io.BytesIO(data), name)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(decode_rgb(io.BytesIO(data), name, max_pixels)).permute(2, 0, 1).contiguous()
 
 
-def decode_rgb(source, name) -> np.ndarray:
-    """Decode a file or file-like object fully as an `(H, W, 3)` uint8 RGB array, EXIF applied."""
+def decode_rgb(source, name, max_pixels: int | None = None) -> np.ndarray:
+    """Decode a file or file-like object fully as an `(H, W, 3)` uint8 RGB array, EXIF applied.
+    With `max_pixels`, the header's size is checked first (`Image.open` reads only the header)
+    and an image over it raises `ImageTooLargeError` with nothing decoded."""
     # Some libraries switch PIL to silently pad truncated files; a damaged image must fail here.
     tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with warnings.catch_warnings():  # sizes up to the limit are fine: no raw Pillow warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as image:
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise ImageTooLargeError(name, image.width * image.height, max_pixels, image.size)
                 image.load()  # decode fully now: a truncated file fails here, not later
                 image = ImageOps.exif_transpose(image)
                 return to_rgb_array(image)
     except Image.DecompressionBombError as err:
         found = re.search(r"\((\d+) pixels\)", str(err))
+        if max_pixels is not None and found:
+            raise ImageTooLargeError(name, int(found[1]), max_pixels) from None
         size = f"{int(found[1]):,} pixels" if found else "its size"
         raise ImageReadError(name, f"{size} is over Pillow's decompression-bomb limit of "
                                    f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels; if you trust the file, raise the "
                                    "limit (retinanet predict --max-pixels N)") from None
+    except ImageTooLargeError:
+        raise
     except UnidentifiedImageError:
         raise ImageReadError(name, "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as err:
