@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import http.client
+import logging
 import os
 import socket
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 DOWNLOAD_TIMEOUT_S = 30.0  # per connection attempt and per read: a stalled server is an error, not a hang
 MAX_DOWNLOAD_BYTES = 2 * 1024 ** 3  # no published RetinaNet comes near this; a larger answer is not a weight file
 _CHUNK = 1024 * 1024
+log = logging.getLogger(__name__)
 CONVERTED_SUFFIX = ".retinanet.pt"
 
 
@@ -103,7 +105,7 @@ def converted_path(entry: ZooEntry) -> Path:
 
 
 def cache_state(entry: ZooEntry) -> str:
-    """"converted", "downloaded" or "no": how much of `entry` is in the cache."""
+    """How much of `entry` is in the cache: "converted", "downloaded" or "no"."""
     if converted_path(entry).is_file():
         return "converted"
     return "downloaded" if download_path(entry).is_file() else "no"
@@ -128,8 +130,10 @@ def resolve_weights(name_or_path: str | Path, *, trust: bool = False, progress: 
     source_file, converted = download_path(entry), converted_path(entry)
     if not source_file.is_file():
         download(entry.url, source_file, entry.sha256_prefix, progress=progress)
+        log.info("%s: downloaded %s -> %s", entry.name, entry.url, source_file)
     if not converted.is_file() or converted.stat().st_mtime < source_file.stat().st_mtime:
         _convert(entry, source_file, converted, trust)
+        log.info("%s: converted %s -> %s (%s licence)", entry.name, source_file.name, converted, entry.license)
     return converted
 
 
@@ -143,8 +147,11 @@ def _convert(entry: ZooEntry, source_file: Path, converted: Path, trust: bool) -
     except ConversionError as err:
         message = str(err) if str(source_file) in str(err) else f"{source_file}: {err}"
         raise ZooError(f"{message} (the model zoo's {entry.name}: delete that file to download it again)") from None
-    write_checkpoint(converted, config, weights, meta={"converted_from": {
-        "source": entry.source, "file": str(source_file), "zoo": entry.name, "url": entry.url}})
+    try:
+        write_checkpoint(converted, config, weights, meta={"converted_from": {
+            "source": entry.source, "file": str(source_file), "zoo": entry.name, "url": entry.url}})
+    except OSError as err:  # disk full, read-only cache: write_checkpoint leaves no partial file
+        raise ZooError(f"{converted}: cannot write the converted checkpoint ({err.strerror or err})") from None
 
 
 def download(url: str, dst: Path, sha256_prefix: str | None = None, progress: bool = True,

@@ -270,6 +270,13 @@ def test_eval_and_export_take_a_zoo_name(command, message, server, peer_files, m
     assert list(tmp_path.iterdir()) == [tmp_path / "torch_home"]  # nothing written but the cache
 
 
+def test_a_damaged_file_in_the_cache_is_named_with_what_to_do(torch_home, tmp_path, capsys):
+    _place_by_hand(torch_home, D2, b"\x80\x04 not a pickle of weights")
+    assert cli(["predict", "--weights", D2, "x.jpg", "--output-dir", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert str(torch_home / zoo.ZOO[D2].file_name) in line and "delete that file to download it again" in line
+
+
 def test_unknown_name_is_one_line_pointing_at_the_zoo(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli(["predict", "--weights", "torchvision/retinanet_resnet50_fpn_cooc", "x.jpg", "--output-dir", "o"]) == 2
