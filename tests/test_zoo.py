@@ -297,3 +297,26 @@ def test_a_hand_placed_file_newer_than_its_conversion_is_converted_again(server,
     after = read_checkpoint(zoo.resolve_weights(D2, progress=False)).weights
     assert torch.equal(after["head.cls_score.bias"], before["head.cls_score.bias"] + 1)
     assert len(server.requests) == 1
+
+
+def test_train_starts_from_a_zoo_name(server, peer_files, monkeypatch, shapes_data, tmp_path, caplog):
+    """`train --weights NAME` downloads, converts and fine-tunes; COCO's classes keep their rows."""
+    import json
+    import logging
+
+    coco = json.loads(open(shapes_data["train_annotations"]).read())
+    for category, name in zip(coco["categories"], ["person", "dog", "widget", "kite", "bus"]):
+        category["name"] = name
+    (tmp_path / "train.json").write_text(json.dumps(coco))
+    path = _publish(server, monkeypatch, D2, peer_files[D2])
+    with caplog.at_level(logging.INFO):
+        assert cli(["train", "--weights", D2, "--output-dir", str(tmp_path / "run"),
+                    f"data.train_images={shapes_data['train_images']}", f"data.train_annotations={tmp_path / 'train.json'}",
+                    "train.max_iter=1", "train.batch_size=2", "train.reference_batch_size=2", "train.eval_period=0",
+                    "data.num_workers=0", "train.amp=none", "model.input.train_min_sizes=[128]",
+                    "model.input.max_size=128"]) == 0
+    assert server.requests == [path]
+    assert "4 of 5 start from the weights' classifier" in caplog.text
+    final = read_checkpoint(tmp_path / "run" / "model_final.pt")
+    assert final.model_config.class_names == ["person", "dog", "widget", "kite", "bus"]
+    assert final.model_config.backbone.depth == 18 and final.model_config.input.channel_order == "BGR"
