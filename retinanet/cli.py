@@ -670,11 +670,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from .config import load_config
+    from .config import load_config, sets_model
     from .data.check import check_datasets
 
     cfg = load_config(args.config, args.overrides)
-    ok = check_datasets(cfg.data, cfg.model.num_classes, decode=args.decode)
+    # a fine-tuning recipe's model comes from its weights, whose classes become the data's
+    classes = cfg.model.num_classes if sets_model(args.config) else None
+    ok = check_datasets(cfg.data, classes, decode=args.decode)
     return 0 if ok else 1
 
 

@@ -18,7 +18,7 @@ from .model.config import (ConfigError, Fraction, ModelConfig, NonNegativeFloat,
                            config_to_yaml)
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "EvalConfig", "ConfigError", "load_config", "save_config",
-           "config_to_dict", "config_from_dict", "check_config", "shipped_configs", "resolve_config"]
+           "config_to_dict", "config_from_dict", "check_config", "shipped_configs", "resolve_config", "sets_model"]
 
 
 @dataclass
@@ -149,6 +149,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path else str(err)) from err
     return apply_overrides(config, overrides or [])
+
+
+def sets_model(name_or_path: str | Path) -> bool:
+    """Whether a config file has a `model` section (a fine-tuning recipe has none: its model
+    comes from the weights it starts from)."""
+    return "model" in (yaml.safe_load(resolve_config(name_or_path).read_text()) or {})
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -199,3 +199,12 @@ def test_finetune_from_paddledetection_pdparams(shapes_data, tmp_path):
     _, converted = convert_state("paddle", read_detector(path)[1])
     assert_start(trainer, converted, 80, [0, 17, None, 22, 2])
     assert trainer.run()["status"] == "finished"
+
+
+def test_check_data_with_the_finetune_recipe_checks_the_data_not_a_class_count(shapes_data, capsys):
+    data = [f"data.train_images={shapes_data['train_images']}",
+            f"data.train_annotations={shapes_data['train_annotations']}"]
+    assert cli(["check-data", "--config", "finetune", *data]) == 0  # 5 classes; the recipe's model is the weights'
+    assert "model.num_classes" not in capsys.readouterr().out
+    assert cli(["check-data", "--config", "retinanet_r18_fpn_1x_coco", *data]) == 1  # 80 classes there
+    assert "model.num_classes=80 but the file has 5 categories" in capsys.readouterr().out

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..checkpoint import checkpoint_from_data
-from ..config import Config, ConfigError, apply_overrides, load_config, resolve_config
+from ..config import Config, ConfigError, apply_overrides, load_config, sets_model
 from ..convert import convert_state, read_detector
 from ..model.config import ModelConfig
 
@@ -71,7 +70,7 @@ def finetune_config(config: str | None, weights: str, overrides: list[str] | Non
     name = config or FINETUNE_CONFIG
     start = read_start_weights(weights, trust)
     cfg = load_config(name)
-    if "model" not in (yaml.safe_load(resolve_config(name).read_text()) or {}):
+    if not sets_model(name):
         cfg.model = copy.deepcopy(start.model_config)
     cfg.train.weights = weights
     return apply_overrides(cfg, overrides or []), start
