@@ -193,23 +193,34 @@ def test_analyze_cli_views_and_plots(tiny_boxes, tmp_path, capsys):
 
 
 def test_eval_writes_pr_curves_and_error_breakdown(tmp_path):
-    """One ground-truth box per image; the detections have the right boxes but the wrong
-    class in image 1, a loose box in image 2: confusion and localisation show up as such."""
+    """A case with one error of each kind, against the COCO analysis tool's levels worked out by
+    hand (101 recall points; precision made monotone from the right):
+    image 1: right box, wrong class (confusion); image 2: the right class at IoU 0.47
+    (localisation) and a class-a box on nothing (background, scored highest); image 3: missed.
+    - C50, C75: class a has no true positive, class b none at IoU 0.5: 0.
+    - Loc (IoU 0.1, by class): a 0; b: FP 0.9 then TP 0.8 -> precision 0.5 at every recall: 0.25.
+    - Oth (IoU 0.1, class-agnostic, 3 boxes): FP 0.95, TP 0.9, TP 0.8 -> precision 2/3 up to
+      recall 2/3, i.e. at 67 of the 101 points: 2/3 * 67/101 = 0.4422.
+    - BG (background removed): precision 1 up to recall 2/3: 67/101 = 0.6634; FN: 1."""
     from retinanet.engine.evaluate import coco_metrics, load_coco_ground_truth
 
-    gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a"},
-                     {"id": 2, "width": 100, "height": 100, "file_name": "b"}],
+    gt = {"images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}"} for i in (1, 2, 3)],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "iscrowd": 0},
-                          {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 40, 40], "iscrowd": 0}],
+                          {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 40, 40], "iscrowd": 0},
+                          {"id": 3, "image_id": 3, "category_id": 1, "bbox": [20, 20, 30, 30], "iscrowd": 0}],
           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
     path = write_json(tmp_path / "gt.json", gt)
     detections = [{"image_id": 1, "category_id": 2, "bbox": [10, 10, 40, 40], "score": 0.9},
-                  {"image_id": 2, "category_id": 2, "bbox": [58, 58, 40, 40], "score": 0.8}]  # IoU 0.47
+                  {"image_id": 2, "category_id": 2, "bbox": [58, 58, 40, 40], "score": 0.8},  # IoU 0.47
+                  {"image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.95}]
     metrics = coco_metrics(load_coco_ground_truth(path), detections, verbose=False)
     levels = metrics["error_breakdown"]
-    assert levels["C50"] == 0.0 and levels["Loc"] > 0 and levels["Oth"] == pytest.approx(1.0)
-    assert levels["costs"]["confusion"] > 0 and levels["costs"]["localisation"] > 0
-    assert levels["FN"] == 1.0 and math.isclose(sum(levels["costs"].values()), 1.0 - levels["C50"], abs_tol=1e-3)
+    expected = {"C75": 0.0, "C50": 0.0, "Loc": 0.25, "Oth": round(2 / 3 * 67 / 101, 4), "BG": round(67 / 101, 4),
+                "FN": 1.0}
+    assert {k: levels[k] for k in expected} == expected
+    assert levels["costs"] == {"localisation": 0.25, "confusion": round(expected["Oth"] - 0.25, 4),
+                               "background": round(expected["BG"] - expected["Oth"], 4),
+                               "missed": round(1 - expected["BG"], 4)}
 
 
 def test_eval_pictures_and_plot_command(shapes_data, tmp_path, capsys):
