@@ -78,8 +78,12 @@ def test_bench_compares_with_torchvision_in_one_run(tmp_path):
     assert set(inference["seconds"]) == {"torchvision", "ours", "ours_optimized"}
     assert inference["network_gflop"] > 0 and set(inference["ours_stages_seconds"]) == {
         "preprocess", "backbone", "fpn", "head", "postprocess"}
+    assert inference["ratio_vs_torchvision"] == round(
+        inference["seconds"]["torchvision"] / inference["seconds"]["ours_optimized"], 3)
+    assert all(inference["images_per_second"][k] == round(2 / v, 3) for k, v in inference["seconds"].items())
     training = bench_training(2, (128, 192), 1, device)
-    assert training["ratio_vs_torchvision"] > 0
+    assert set(training["seconds"]) == {"torchvision", "ours"} and min(training["seconds"].values()) > 0
+    assert training["ratio_vs_torchvision"] == round(training["seconds"]["torchvision"] / training["seconds"]["ours"], 3)
     results = {"date": "today", "device": "cpu", "peaks": peaks, "cases": [inference, training],
                "machine": {"cpu": "x", "cpu_flags": ["avx2"], "threads": 2, "torch": torch.__version__}}
     table = markdown_table(results, "retinanet bench")
