@@ -1,6 +1,7 @@
 """Large images read by windows (rasterio), GeoTIFF in, GeoJSON out."""
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -85,6 +86,26 @@ def test_data_that_is_not_8_bit_is_scaled_by_its_own_range(tmp_path):
         assert torch.equal(window, expected[:, 11:290, 37:420]), name
     with pytest.raises(ValueError, match="low must be below high"):
         open_raster(tmp_path / "deep.tif", value_range=[5, 1])
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_whole_and_windowed_reads_scale_single_band_data_alike(tmp_path, caplog):
+    """Predicting with or without --tile sees the same pixels: 12-bit data in uint16, 16-bit
+    data within 0-255, 32-bit integers and float reflectance decode whole (Pillow) as they read
+    by windows (GDAL), and the whole decode logs the rule it used."""
+    rng = np.random.default_rng(1)
+    arrays = {"deep": rng.integers(0, 4000, (1, 120, 200), dtype=np.uint16),
+              "shallow": rng.integers(0, 200, (1, 120, 200), dtype=np.uint16),
+              "signed": rng.integers(0, 1000, (1, 120, 200), dtype=np.int32),
+              "float": rng.random((1, 120, 200), dtype=np.float32)}
+    with caplog.at_level(logging.INFO, logger="retinanet.data.image_io"):
+        for name, array in arrays.items():
+            path = write_geotiff(tmp_path / f"{name}.tif", array)
+            with open_raster(path, windowed=True) as raster:
+                windowed = raster.read((0, 0, 200, 120))
+            assert torch.equal(read_image(path), windowed), name
+    assert "values 0-4095 scaled to 0-255 (12-bit data" in caplog.text
+    assert "values 0-1 scaled to 0-255 (floating-point values within 0-1)" in caplog.text
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

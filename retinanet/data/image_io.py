@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -10,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .value_range import automatic_scaling
+
+log = logging.getLogger(__name__)
+_SCALINGS_SAID: set[str] = set()  # the scaling rules already logged by this process
 
 
 class ImageReadError(OSError):
@@ -90,15 +96,16 @@ def decode_rgb(source, name, max_pixels: int | None = None) -> np.ndarray:
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Any PIL mode as an `(H, W, 3)` uint8 array."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode == "F":
-        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+    """Any PIL mode as an `(H, W, 3)` uint8 array. Single-band images that are not 8-bit (16-bit,
+    32-bit integer, float) are scaled by their data's range, by the same rule as images read
+    by windows (`value_range.automatic_scaling`), and the rule used is logged once per kind."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image)
+        scaling = automatic_scaling(array.dtype, array)
+        if scaling.reason not in _SCALINGS_SAID:
+            _SCALINGS_SAID.add(scaling.reason)
+            log.info("%s-mode image: %s", image.mode, scaling.describe())
+        return np.repeat(scaling.apply(array)[..., None], 3, axis=2)
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
     return np.array(image, dtype=np.uint8)
