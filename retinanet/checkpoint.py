@@ -17,8 +17,6 @@ saying so. Files are written atomically: a temporary file beside the target, fsy
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 from .model.config import (ConfigError, ModelConfig, apply_overrides, check_config, config_from_dict,
                            config_to_dict)
 from .model.detector import RetinaNet
+from .outputs import atomic_output
 
 CHECKPOINT_FORMAT = "retinanet-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -64,19 +63,11 @@ def write_checkpoint(path: str | Path, model_config: ModelConfig, weights: dict[
 
 
 def atomic_torch_save(data: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """`torch.save` through `atomic_output`: the old file or the new one, never a torn one; a
+    full or read-only disk is `OutputNotWritten` naming `path`."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(data, f)  # through a Python file: a failed write is an OSError with its errno
+    return Path(path)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -121,7 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except _known_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{_kept_note(args.command, err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full, read-only or forbidden disk, wherever the write was
+        from .outputs import describe_disk_failure, disk_failure
+
+        failure = disk_failure(err)
+        if failure is None:
+            raise
+        where = None  # a failed write() names no file: name the command's output
+        if not failure.filename:
+            folder = getattr(args, "output_dir", None)
+            where = f"a file in {folder}" if folder else getattr(args, "output", None)
+        print(f"error: {describe_disk_failure(failure, where)}{_kept_note(args.command, failure)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Interrupted) as err:
         signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
@@ -243,7 +255,8 @@ def _add_anchors_parser(commands) -> None:
     p.add_argument("--image", help="draw over this image, resized as the network sees it (default: a blank canvas)")
     p.add_argument("--level", type=int, default=0, help="0 = P3 (stride 8), 1 = P4, ...")
     p.add_argument("--location", type=_point, help="x,y in image pixels (default: the centre)")
-    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("--output", required=True, help="PNG to write (never the --image)")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
 
@@ -252,7 +265,8 @@ def _add_assign_parser(commands) -> None:
     p.add_argument("--config", required=True, help=_config_help())
     p.add_argument("--image-id", required=True, help="the image's id in the annotation file")
     p.add_argument("--split", choices=["train", "val"], default="train")
-    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("--output", required=True, help="PNG to write (outside the dataset's image folder)")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
 
@@ -336,6 +350,7 @@ def _add_plot_parser(commands) -> None:
     p = commands.add_parser("plot", help="loss, learning-rate and AP curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (with metrics.jsonl)")
     p.add_argument("--output", default="training_curves.png", help="PNG to write")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
 
 def _add_zoo_parser(commands) -> None:
@@ -392,10 +407,25 @@ def _known_errors():
     from .engine.distributed import DeviceError
     from .engine.train import TrainingError
     from .model.config import ConfigError
+    from .outputs import OutputNotWritten, OutputRefused
     from .zoo import ZooError
 
     return (CheckpointError, ConfigError, DatasetError, ImageReadError, FileNotFoundError, ConversionError,
-            TrainingError, DeviceError, OutputError, ZooError)
+            TrainingError, DeviceError, OutputError, ZooError, OutputRefused, OutputNotWritten)
+
+
+def _kept_note(command: str, err: BaseException) -> str:
+    """What a failed write of `train` left intact (checkpoints are written atomically)."""
+    from .outputs import OutputNotWritten, UnwritableFolder, disk_failure
+
+    if isinstance(err, UnwritableFolder):  # refused before any work
+        return ""
+    if command == "train" and (isinstance(err, OutputNotWritten) or disk_failure(err) is not None):
+        return ("; the checkpoints written before are intact: free space, then `retinanet train --resume` "
+                "continues from the last one")
+    return ""
+
+
 
 
 class OutputError(ValueError):
@@ -608,17 +638,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import importlib.util
     import math
 
     from .checkpoint import load_model
     from .export.onnx import export_onnx
+    from .outputs import check_output_file, check_writable
 
     _resolve_weights(args)
-    output = Path(args.output)
-    if output.exists() and not args.force:
-        raise OutputError(f"{output}: already exists; pass --force to replace it")
-    if output.resolve() == Path(args.weights).resolve():
-        raise OutputError(f"{output}: the output is the checkpoint itself")
+    output = check_output_file(args.output, [args.weights], args.force)  # the checkpoint: even a hard link
+    check_writable(output.parent)
     model = load_model(args.weights).eval()
     pre = model.preprocessor
     d = pre.size_divisibility
@@ -626,17 +655,10 @@ def cmd_export(args) -> int:
     width = args.width or math.ceil(pre.max_size / d) * d
     if height % d or width % d:
         raise OutputError(f"--height {height} / --width {width}: must be multiples of the size divisibility {d}")
-    export_onnx(model, output, height, width, args.batch, args.dynamic, args.opset, not args.no_postprocess)
-    if args.simplify:
-        try:
-            import onnx
-            from onnxsim import simplify
-        except ImportError:
-            print("onnxsim is not installed: the graph is left as exported (pip install onnxsim)", file=sys.stderr)
-        else:
-            simplified, ok = simplify(onnx.load(str(output)))
-            if ok:
-                onnx.save(simplified, str(output))
+    if args.simplify and importlib.util.find_spec("onnxsim") is None:
+        print("onnxsim is not installed: the graph is left as exported (pip install onnxsim)", file=sys.stderr)
+    export_onnx(model, output, height, width, args.batch, args.dynamic, args.opset, not args.no_postprocess,
+                simplify=args.simplify)
     print(f"wrote {output}: input images (B, 3, {height}, {width}) float32 RGB in [0, 255] and image_sizes (B, 2)"
           + (" (dynamic batch and size)" if args.dynamic else f" (batch {args.batch})"))
     return 0
@@ -691,13 +713,19 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _config_file(config: str) -> tuple[str, ...]:
+    """The `--config` file among a command's inputs (a shipped config's name is no file here)."""
+    return (config,) if Path(config).is_file() else ()
+
+
 def cmd_anchors(args) -> int:
     from .config import load_config
     from .engine.analyze import anchors_view
 
     cfg = load_config(args.config, args.overrides)
     try:
-        path = anchors_view(cfg, args.output, args.image, args.level, args.location)
+        path = anchors_view(cfg, args.output, args.image, args.level, args.location, args.force,
+                            _config_file(args.config))
     except ValueError as err:
         raise OutputError(str(err)) from None
     print(f"-> {path}")
@@ -709,7 +737,7 @@ def cmd_assign(args) -> int:
     from .engine.analyze import assign_view
 
     cfg = load_config(args.config, args.overrides)
-    summary = assign_view(cfg, args.image_id, args.output, args.split)
+    summary = assign_view(cfg, args.image_id, args.output, args.split, args.force, _config_file(args.config))
     print(f"{summary['boxes']} boxes ({summary['uncovered']} uncovered, drawn red), "
           f"{summary['positive_anchors']} positive and {summary['ignored_anchors']} ignored anchors; "
           f"positives per box {summary['positives_per_box']} -> {args.output}")
@@ -750,12 +778,26 @@ def cmd_data(args) -> int:
 
 def cmd_plot(args) -> int:
     from .analysis.plots import plot_runs
+    from .outputs import check_output_file, check_writable
 
     runs = [Path(r) for r in args.runs]
     missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
     if missing:
         raise OutputError(f"{', '.join(missing)}: no metrics.jsonl (not a training output folder)")
-    print(f"-> {plot_runs(runs, Path(args.output))}")
+    output = check_output_file(args.output, [r / "metrics.jsonl" for r in runs], args.force)
+    check_writable(output.parent)
+    print(f"-> {plot_runs(runs, output)}")
+    return 0
+
+
+def cmd_augment(args) -> int:
+    from .config import load_config
+    from .engine.augment import draw_augmented
+
+    cfg = load_config(args.config, args.overrides)
+    written = draw_augmented(cfg, args.output, args.count, args.split, args.force, _config_file(args.config))
+    print(f"{len(written)} pictures (trained boxes by class, ignored regions in white) and augment.json "
+          f"-> {args.output}")
     return 0
 
 

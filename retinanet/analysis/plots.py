@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..outputs import OutputRefused, atomic_output
+
 
 def _pyplot():
     try:
@@ -18,6 +20,21 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write and close `fig`, atomically, in the format `path`'s extension names (png without one)."""
+    plt = _pyplot()
+    path = Path(path)
+    try:
+        image_format = path.suffix[1:].lower() or "png"
+        if image_format not in fig.canvas.get_supported_filetypes():
+            raise OutputRefused(f"{path}: matplotlib cannot write .{image_format} files (give .png, .pdf or .svg)")
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format=image_format, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_box_statistics(coverage, class_names: list[str], folder: Path) -> list[Path]:
@@ -42,8 +59,7 @@ def plot_box_statistics(coverage, class_names: list[str], folder: Path) -> list[
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = folder / f"boxes_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -61,8 +77,7 @@ def plot_coverage(report: dict, path: Path) -> Path:
     note = (f"; suggested anchors: {100 * suggested['uncovered_fraction']:.1f}% overall" if suggested else "")
     ax.set_title(f"Anchor coverage: {100 * report['uncovered_fraction']:.1f}% of boxes uncovered{note}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -87,8 +102,7 @@ def plot_pr_curves(precision, class_names: list[str], path: Path) -> Path:
         axes[k // columns][k % columns].axis("off")
     fig.suptitle("Precision-recall per class")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -111,8 +125,7 @@ def plot_error_breakdown(breakdown: dict, path: Path) -> Path:
     ax.set_title("Error breakdown (COCO analysis): what each fix would add")
     ax.legend(ncol=3, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.42))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -142,6 +155,5 @@ def plot_runs(run_dirs: list[Path], path: Path) -> Path:
             ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

@@ -18,6 +18,7 @@ from ..config import Config
 from ..data.dataset import DetectionDataset
 from ..data.formats import has_split, open_dataset
 from ..data.tiles import as_training_items
+from ..outputs import check_output_file, check_writable, save_image, write_text
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,9 @@ def config_lines(candidate: AnchorCandidate, cfg: Config) -> list[str]:
 
 def analyze(cfg: Config, split: str = "train", output_dir: str | Path = "analysis", max_images: int = 0,
             plots: bool = True) -> dict:
-    """Write `report.json` (and plots) into `output_dir` and return the report."""
+    """Write `report.json` (and plots) into `output_dir` and return the report. An output
+    folder that cannot be written is refused before any work (`OutputNotWritten`)."""
+    check_writable(output_dir)
     dataset = _open(cfg, split)
     images = image_boxes(dataset, max_images)
     report, coverage = coverage_report(cfg, images, dataset.class_names)
@@ -124,7 +127,7 @@ def analyze(cfg: Config, split: str = "train", output_dir: str | Path = "analysi
 
         report["plots"] = [str(p) for p in plot_box_statistics(coverage, dataset.class_names, output_dir)
                            + [plot_coverage(report, output_dir / "coverage_by_size.png")]]
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_text(output_dir / "report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -216,9 +219,15 @@ def network_input_image(path: str | Path | None, cfg: Config, canvas: int = 0):
 
 
 def anchors_view(cfg: Config, output: str | Path, image: str | None = None, level: int = 0,
-                 location: tuple[float, float] | None = None) -> Path:
+                 location: tuple[float, float] | None = None, force: bool = False,
+                 inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Draw the anchors of one location and the grid of `level` over `image` (or a blank
+    canvas) into `output`, atomically. Refused (`OutputRefused`) onto `image` or one of
+    `inputs` (even with `force`), or over an existing file without `force`."""
     from ..analysis.views import draw_anchor_grid
 
+    check_output_file(output, [image, *inputs], force)
+    check_writable(Path(output).parent)
     if not 0 <= level < len(cfg.model.anchors.strides):
         raise ValueError(f"--level {level}: the config has levels 0-{len(cfg.model.anchors.strides) - 1} "
                          f"(P3-P{len(cfg.model.anchors.strides) + 2})")
@@ -226,26 +235,31 @@ def anchors_view(cfg: Config, output: str | Path, image: str | None = None, leve
     if location is not None:  # given in original-image pixels
         location = (location[0] * sx, location[1] * sy)
     picture = draw_anchor_grid(canvas, cfg.model.anchors, sizes, level, location)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(output)
-    return Path(output)
+    return save_image(picture, output)
 
 
-def assign_view(cfg: Config, image_id, output: str | Path, split: str = "train") -> dict:
+def assign_view(cfg: Config, image_id, output: str | Path, split: str = "train", force: bool = False,
+                inputs: tuple[str | Path, ...] = ()) -> dict:
+    """Draw one image of the dataset with the anchors the matcher assigns into `output`,
+    atomically. Refused (`OutputRefused`) onto the image, the annotation file or one of
+    `inputs`, or into the dataset's image folder (even with `force`), or over an existing file
+    without `force`; an output folder that cannot be written, before any work."""
     from ..analysis.views import draw_assignment
     from ..data.dataset import DatasetError
     from ..model.matching import AnchorMatcher
 
+    check_writable(Path(output).parent)
     dataset = _open(cfg, split, tiled=False)  # an image of the dataset, by its id
     record = next((r for r in dataset.records if str(r.image_id) == str(image_id)), None)
     if record is None:
         raise DatasetError(f"{dataset.annotation_file}: no image with id {image_id}")
-    picture, sy, sx, sizes = network_input_image(dataset.image_dir / record.file_name, cfg)
+    image = dataset.image_dir / record.file_name
+    check_output_file(output, [image, dataset.annotation_file, *inputs], force, input_folders=[dataset.image_dir])
+    picture, sy, sx, sizes = network_input_image(image, cfg)
     boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4) * torch.tensor([sx, sy, sx, sy])
     m = cfg.model.matcher
     matcher = AnchorMatcher(m.fg_iou_threshold, m.bg_iou_threshold, m.allow_low_quality_matches, m.crowd_ioa_threshold)
     picture, summary = draw_assignment(picture, boxes, cfg.model.anchors, matcher, sizes,
                                        torch.tensor(record.crowd, dtype=torch.bool), m.fg_iou_threshold)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(output)
+    save_image(picture, output)
     return summary

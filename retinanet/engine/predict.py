@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from ..data.image_io import ImageReadError, read_image
 from ..data.raster import crs_name, open_raster, pixel_to_crs
+from ..outputs import check_writable, save_image, write_text
 from .evaluate import autocast
 from .tiling import predict_tiled
 
@@ -91,9 +92,11 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     `class cx cy w h score` lines, or `x1,y1,x2,y2,score,class_name` rows. With `tiling`
     (`tile`, `overlap`, `merge`, `full_image`, optional `value_range`), each image is predicted on
     overlapping tiles at full resolution. `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the network
-    runs in that autocast precision. Returns the predictions and the error lines.
+    runs in that autocast precision. Returns the predictions and the error lines. Every file is
+    written atomically and replaces (never follows) a symlink at its name; an output folder
+    that cannot be written is refused before any work (`OutputNotWritten`).
     """
-    output_dir = Path(output_dir)
+    output_dir = check_writable(Path(output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     paths, errors = collect_images(inputs)
     for line in errors:
@@ -112,7 +115,7 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     finally:
         if bar is not None:
             bar.close()
-    (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
+    write_text(output_dir / "predictions.json", json.dumps(predictions, indent=1))
     return predictions, errors
 
 
@@ -147,7 +150,7 @@ def _run(model, items, names: dict[Path, Path], draw: bool, score_threshold, sav
     for (path, image), det in zip(items, outputs):
         records += coco_records(det, path, model.category_ids)
         if draw:
-            draw_detections(image, det).save(names[path], quality=92)
+            save_image(draw_detections(image, det), names[path], quality=92)
         if save_txt is not None:
             write_labels(det, tuple(image.shape[-2:]), label_path(label_dir, names[path], save_txt), save_txt)
     return records
@@ -172,7 +175,7 @@ def _predict_tiled_files(model, paths: list[Path], names: dict[Path, Path], draw
                     overview = raster.read_scaled(DRAWING_MAX_SIDE)
                     shrink = overview.shape[-1] / raster.width, overview.shape[-2] / raster.height
                     shown = {**det, "boxes": det["boxes"] * torch.tensor(shrink * 2)}
-                    draw_detections(overview, shown, max_boxes=len(det["boxes"])).save(names[path], quality=92)
+                    save_image(draw_detections(overview, shown, max_boxes=len(det["boxes"])), names[path], quality=92)
                 if save_txt is not None:
                     write_labels(det, (raster.height, raster.width), label_path(label_dir, names[path], save_txt),
                                  save_txt)
@@ -221,8 +224,7 @@ def write_geojson(det: dict, raster, path: Path, category_ids: list[int]) -> Pat
     collection = {"type": "FeatureCollection", "features": features}
     if raster.crs is not None:
         collection["crs"] = {"type": "name", "properties": {"name": crs_name(raster.crs)}}
-    path.write_text(json.dumps(collection))
-    return path
+    return write_text(path, json.dumps(collection))
 
 
 def label_path(label_dir: Path, drawn: Path, kind: str) -> Path:
@@ -232,7 +234,8 @@ def label_path(label_dir: Path, drawn: Path, kind: str) -> Path:
 
 def write_labels(det: dict, size: tuple[int, int], path: Path, kind: str) -> Path:
     """One image's detections as YOLO txt (`class cx cy w h score`, normalised) or CSV rows
-    (`x1,y1,x2,y2,score,class_name`, pixels)."""
+    (`x1,y1,x2,y2,score,class_name`, pixels), written atomically: a symlink at `path` is
+    replaced, never followed."""
     h, w = size
     lines = []
     for (x0, y0, x1, y1), score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(),
@@ -242,9 +245,7 @@ def write_labels(det: dict, size: tuple[int, int], path: Path, kind: str) -> Pat
                          f"{(y1 - y0) / h:.6f} {score:.5f}")
         else:
             lines.append(f"{x0:.2f},{y0:.2f},{x1:.2f},{y1:.2f},{score:.5f},{name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines))
-    return path
+    return write_text(path, "".join(line + "\n" for line in lines))
 
 
 def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale: int = 1,

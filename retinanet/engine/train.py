@@ -27,6 +27,7 @@ from ..data.formats import has_split, open_dataset
 from ..data.tiles import as_training_items
 from ..data.sampler import TrainBatchSampler
 from ..model.detector import RetinaNet
+from ..outputs import check_writable, remove_stale_temporaries, write_text
 from . import distributed
 from .analyze import coverage_warning
 from .checkpoint import capture_rng, restore_rng
@@ -212,6 +213,29 @@ def model_config_differences(stored: dict, wanted: dict, where: str = "model") -
     return out
 
 
+def truncate_metrics(path: Path, iteration: int) -> int:
+    """Keep the records of `metrics.jsonl` up to `iteration` (the resumed checkpoint's) and drop
+    the later ones, which the resumed run logs again, and a line torn by a kill; the file is
+    rewritten atomically, so plots and loggers see one history. Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int) and record["iteration"] <= iteration:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
 def clear_run_files(output_dir: Path) -> None:
     for name in RUN_FILES:
         (output_dir / name).unlink(missing_ok=True)
@@ -376,6 +400,7 @@ class Trainer:
         if self.ready:
             return self
         check_output_dir(self.output_dir, self.cfg, self.resume, self.overwrite)
+        check_writable(self.output_dir)
         self.dist = distributed.setup(self.device)
         self.progress = self.progress and self.dist.is_main
         self._seed_and_check()
@@ -555,6 +580,17 @@ class Trainer:
             self.size_generator.set_state(rng["sizes"])
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
+    def _tidy_run_folder(self) -> None:
+        """Remove the temporaries a run killed mid-write left (`.last.pt.*.tmp`, ...) and, on
+        resume, the metrics logged after the checkpoint it resumes from."""
+        for path in remove_stale_temporaries(self.output_dir, RUN_FILES):
+            log.info("removed %s, left by a run stopped while writing it", path)
+        if self.resume:
+            dropped = truncate_metrics(self.output_dir / "metrics.jsonl", self.iteration)
+            if dropped:
+                log.info("metrics.jsonl: %d record(s) after iteration %d dropped; the resumed run logs them again",
+                         dropped, self.iteration)
+
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         self.setup()
@@ -565,6 +601,7 @@ class Trainer:
         distributed.barrier()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
+            self._tidy_run_folder()
             save_config(self.cfg, self.output_dir / "config.yaml")
         self.writer = self._tensorboard()
         metrics = None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..model.detector import RetinaNet
+from ..outputs import atomic_output
 
 
 class MultiClassNMS(torch.autograd.Function):
@@ -153,11 +154,11 @@ def _topk_min(x: torch.Tensor, k: int):
 
 
 def export_onnx(model: RetinaNet, path: str | Path, height: int, width: int, batch: int = 1, dynamic: bool = False,
-                opset: int = 17, postprocess: bool = True) -> Path:
+                opset: int = 17, postprocess: bool = True, simplify: bool = False) -> Path:
     """Write the ONNX graph (TorchScript-based exporter) with the class names and category ids
-    in its metadata. `dynamic`: batch, height and width may vary at run time."""
-    import onnx
-
+    in its metadata. `dynamic`: batch, height and width may vary at run time. `simplify`: fold
+    constants with onnxsim when it is installed. The file is built under a temporary name and
+    renamed into place (`atomic_output`): a failure leaves whatever was at `path` untouched."""
     path = Path(path)
     module = ExportedDetector(model, postprocess).eval()
     dummy = torch.randint(0, 255, (batch, 3, height, width)).float()
@@ -172,11 +173,19 @@ def export_onnx(model: RetinaNet, path: str | Path, height: int, width: int, bat
     if dynamic:
         axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}
         axes.update({name: {0: "batch"} for name in outputs if not name.startswith("anchors")})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with atomic_output(path) as tmp, torch.no_grad():
         args, inputs = ((dummy, dummy_sizes), ["images", "image_sizes"]) if postprocess else ((dummy,), ["images"])
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+        torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
+        _finish_graph(model, tmp, height, width, batch, dynamic, simplify)
+    return path
+
+
+def _finish_graph(model: RetinaNet, path: Path, height: int, width: int, batch: int, dynamic: bool,
+                  simplify: bool) -> None:
+    """Add the metadata to the exported graph at `path` (and simplify it), in place."""
+    import onnx
+
     graph = onnx.load(str(path))
     config = model.config
     meta = {"class_names": json.dumps(model.class_names), "category_ids": json.dumps(model.category_ids),
@@ -188,8 +197,16 @@ def export_onnx(model: RetinaNet, path: str | Path, height: int, width: int, bat
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
+    if simplify:
+        try:
+            from onnxsim import simplify as onnxsim_simplify
+        except ImportError:
+            pass  # the caller says so
+        else:
+            simplified, ok = onnxsim_simplify(graph)
+            if ok:
+                graph = simplified
     onnx.save(graph, str(path))
-    return path
 
 
 def pad_value(model: RetinaNet) -> torch.Tensor:
