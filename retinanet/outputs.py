@@ -59,10 +59,11 @@ def describe_disk_failure(err: OSError, path: str | Path | None = None) -> str:
 
 
 @contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, sync: bool = True) -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder to write the output to; on success it is
-    flushed to disk and renamed onto `path` (replacing a file or symlink there), on any failure
-    removed. A full, read-only or forbidden disk raises `OutputNotWritten` naming `path`; the
+    flushed to disk (`sync`: fsync, which costs milliseconds a file; without it a crash of the
+    process still leaves the old file or the new one, a power cut may not) and renamed onto
+    `path` (replacing a file or symlink there), on any failure removed. A full, read-only or forbidden disk raises `OutputNotWritten` naming `path`; the
     file that was at `path` before, if any, is untouched either way."""
     path = Path(path)
     tmp: Path | None = None
@@ -72,8 +73,9 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         tmp = Path(name)
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException as err:
@@ -86,22 +88,22 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def write_text(path: str | Path, text: str, sync: bool = True) -> Path:
     """`text` into `path`, atomically (`atomic_output`)."""
-    with atomic_output(path) as tmp:
+    with atomic_output(path, sync) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
-def save_image(image, path: str | Path, **params) -> Path:
-    """A PIL image into `path`, atomically, in the format its extension names."""
+def save_image(image, path: str | Path, sync: bool = True, **params) -> Path:
+    """A PIL image into `path`, atomically (`atomic_output`), in the format its extension names."""
     from PIL import Image
 
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:
         raise OutputRefused(f"{path}: not an image file name (give it an extension such as .png or .jpg)")
-    with atomic_output(path) as tmp:
+    with atomic_output(path, sync) as tmp:
         image.save(tmp, format=image_format, **params)
     return path
 

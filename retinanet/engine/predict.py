@@ -93,7 +93,8 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     (`tile`, `overlap`, `merge`, `full_image`, optional `value_range`), each image is predicted on
     overlapping tiles at full resolution. `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the network
     runs in that autocast precision. Returns the predictions and the error lines. Every file is
-    written atomically and replaces (never follows) a symlink at its name; an output folder
+    written atomically (per-image files without an fsync each) and replaces (never follows) a symlink
+    at its name; an output folder
     that cannot be written is refused before any work (`OutputNotWritten`).
     """
     output_dir = check_writable(Path(output_dir))
@@ -150,7 +151,7 @@ def _run(model, items, names: dict[Path, Path], draw: bool, score_threshold, sav
     for (path, image), det in zip(items, outputs):
         records += coco_records(det, path, model.category_ids)
         if draw:
-            save_image(draw_detections(image, det), names[path], quality=92)
+            save_image(draw_detections(image, det), names[path], sync=False, quality=92)
         if save_txt is not None:
             write_labels(det, tuple(image.shape[-2:]), label_path(label_dir, names[path], save_txt), save_txt)
     return records
@@ -175,7 +176,8 @@ def _predict_tiled_files(model, paths: list[Path], names: dict[Path, Path], draw
                     overview = raster.read_scaled(DRAWING_MAX_SIDE)
                     shrink = overview.shape[-1] / raster.width, overview.shape[-2] / raster.height
                     shown = {**det, "boxes": det["boxes"] * torch.tensor(shrink * 2)}
-                    save_image(draw_detections(overview, shown, max_boxes=len(det["boxes"])), names[path], quality=92)
+                    save_image(draw_detections(overview, shown, max_boxes=len(det["boxes"])), names[path], sync=False,
+                               quality=92)
                 if save_txt is not None:
                     write_labels(det, (raster.height, raster.width), label_path(label_dir, names[path], save_txt),
                                  save_txt)
@@ -245,7 +247,7 @@ def write_labels(det: dict, size: tuple[int, int], path: Path, kind: str) -> Pat
                          f"{(y1 - y0) / h:.6f} {score:.5f}")
         else:
             lines.append(f"{x0:.2f},{y0:.2f},{x1:.2f},{y1:.2f},{score:.5f},{name}")
-    return write_text(path, "".join(line + "\n" for line in lines))
+    return write_text(path, "".join(line + "\n" for line in lines), sync=False)  # one per image: no fsync each
 
 
 def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale: int = 1,
