@@ -12,13 +12,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
 
+from ..outputs import OutputNotWritten, write_text
 from .coco import CocoDetection
 from .dataset import (DatasetError, DatasetReport, DetectionDataset, ImageRecord, add_box, finish_report,
                       raise_problems)
@@ -356,30 +356,6 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _file_mode() -> int:
-    """The mode `open()` would give a new file (mkstemp's are private)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _write_atomically(path: Path, text: str, sync: bool = True) -> None:
-    """`text` into `path` through a temporary file beside it and a rename: a failure leaves the
-    old file or none, never a part of one (and a symlink at `path` is replaced, not followed)."""
-    fd, tmp = tempfile.mkstemp(prefix=".convert.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_coco(dataset: DetectionDataset, path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """The dataset as a COCO json; `file_name`s relative to the dataset's image folder, so
     that it pairs with `data.train_images` = that folder. Written atomically; refused
@@ -396,7 +372,7 @@ def write_coco(dataset: DetectionDataset, path: str | Path, inputs: Iterable[str
     text = json.dumps(dataset.coco_dict())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, text)
+        write_text(path, text)
     except OSError as err:
         raise DatasetError(f"{path}: could not be written ({err.strerror}); nothing was written") from None
     return path
@@ -491,10 +467,10 @@ def _fill_folder(folder: Path, files: list[tuple[Path, str]]) -> None:
         for done, (relative, text) in enumerate(files):
             try:
                 (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-                _write_atomically(folder / relative, text, sync=False)
-            except OSError as err:
-                raise DatasetError(f"{folder / relative}: could not be written ({err.strerror}); {done} of "
-                                   f"{len(files)} files in {folder} were replaced before it, each whole") from None
+                write_text(folder / relative, text, sync=False)
+            except OutputNotWritten as err:  # a full, read-only or forbidden disk
+                raise DatasetError(f"{err}; {done} of {len(files)} files in {folder} were replaced before it, "
+                                   "each whole") from None
         return
     stage = folder.with_name(f".{folder.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     relative = Path()

@@ -277,3 +277,29 @@ def test_csv_spellings_of_one_image_are_one_image(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [image["file_name"] for image in data["images"]] == ["000001.jpg"]
     assert len(data["annotations"]) == 3
+
+
+@pytest.mark.parametrize("target", ["coco", "yolo"])
+def test_a_full_disk_is_one_line_and_leaves_no_part_of_an_output(tmp_path, capsys, monkeypatch, target):
+    """Every conversion output goes through the one atomic writer: on ENOSPC one line, no file
+    or folder left half-written, an existing output (with --force) unchanged."""
+    import errno
+
+    _image(tmp_path / "images" / "a.jpg")
+    ann = _coco(tmp_path / "ann.json", ["a.jpg"])
+    out = tmp_path / ("out.json" if target == "coco" else "labels")
+    if target == "yolo":
+        out.mkdir()
+        (out / "a.txt").write_text("old\n")
+    else:
+        out.write_text("old")
+    before = _tree(tmp_path)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--images", str(tmp_path / "images"), "--to",
+                      target, "--output", str(out), "--force"], "No space left on device")
+    monkeypatch.undo()
+    assert _tree(tmp_path) == before  # no temporary file, the old output whole
