@@ -32,6 +32,83 @@ class TileConfig:
     merge: Literal["nms", "nmm"] = "nms"  # evaluation: how detections of overlapping tiles are merged
 
 
+Fill = list[Annotated[int, Range(0, 255)]]
+
+
+@dataclass
+class FlipAugment:
+    """Mirror left-right (`hflip`) or top-bottom (`vflip`)."""
+
+    kind: Literal["hflip", "vflip"]
+    p: Fraction = 0.5
+
+
+@dataclass
+class Rotate90Augment:
+    """Turn by 90, 180 or 270 degrees (each equally likely); p 0.75: all four orientations alike."""
+
+    kind: Literal["rotate90"]
+    p: Fraction = 0.75
+
+
+@dataclass
+class PhotometricAugment:
+    """Colour jitter, in this order: brightness, contrast and saturation factors, and a hue shift
+    (turns of the colour wheel), each uniform in its [low, high] range; boxes are unchanged."""
+
+    kind: Literal["photometric"]
+    p: Fraction = 1.0
+    brightness: list[NonNegativeFloat] = field(default_factory=lambda: [0.8, 1.2])
+    contrast: list[NonNegativeFloat] = field(default_factory=lambda: [0.8, 1.2])
+    saturation: list[NonNegativeFloat] = field(default_factory=lambda: [0.8, 1.2])
+    # off by default: a hue shift costs several times the other three (a round trip through HSV)
+    hue: list[Annotated[float, Range(-0.5, 0.5)]] = field(default_factory=lambda: [0.0, 0.0])
+
+
+@dataclass
+class ScaleJitterAugment:
+    """The image rescaled by s (uniform in `scale`) and cropped (s > 1) or padded with `fill`
+    (s < 1) back to its size at a random place: large-scale jitter is [0.1, 2.0]. Boxes cut by
+    the crop to under `min_visible` of their area become ignored regions."""
+
+    kind: Literal["scale_jitter"]
+    p: Fraction = 1.0
+    scale: list[Annotated[float, Range(0.05, 8)]] = field(default_factory=lambda: [0.1, 2.0])
+    min_visible: Fraction = 0.5
+    fill: Fill = field(default_factory=lambda: [124, 116, 104])  # the ImageNet mean
+
+
+@dataclass
+class ZoomOutAugment:
+    """The image shrunk by 1/z (z uniform in [1, max_scale]) onto a canvas of its size filled
+    with `fill`, at a random place: objects appear up to max_scale times smaller (SSD's zoom-out)."""
+
+    kind: Literal["zoom_out"]
+    p: Fraction = 0.5
+    max_scale: Annotated[float, Range(1, 8)] = 4.0
+    fill: Fill = field(default_factory=lambda: [124, 116, 104])
+
+
+AugmentOp = FlipAugment | Rotate90Augment | PhotometricAugment | ScaleJitterAugment | ZoomOutAugment
+
+
+def check_augment(ops: list, horizontal_flip: float) -> None:
+    """What the field types cannot say: ranges are [low, high], fills one value per channel, and
+    a listed hflip is not doubled by `data.horizontal_flip`."""
+    for i, op in enumerate(ops):
+        where = f"data.augment[{i}]"
+        for name in ("brightness", "contrast", "saturation", "hue", "scale"):
+            pair = getattr(op, name, None)
+            if pair is not None and not (len(pair) == 2 and pair[0] <= pair[1]):
+                raise ConfigError(f"{where}.{name}: {pair!r} must be [low, high] with low <= high")
+        fill = getattr(op, "fill", None)
+        if fill is not None and len(fill) != 3:
+            raise ConfigError(f"{where}.fill: {fill!r} needs 3 values (one per channel, 0-255)")
+        if op.kind == "hflip" and horizontal_flip > 0:
+            raise ConfigError(f"{where}: hflip is listed while data.horizontal_flip is {horizontal_flip:g}; "
+                              "set data.horizontal_flip: 0 (the listed flip replaces it)")
+
+
 @dataclass
 class DataConfig:
     format: Literal["coco", "csv", "voc", "yolo"] = "coco"  # how the annotations are written
@@ -54,8 +131,12 @@ class DataConfig:
     # images that are not 8-bit (16-bit, 12-bit in 16, float) read by windows: the values that map
     # to black and white, e.g. [0, 4095]; empty: the data's own range (declared bit depth, or a sample)
     value_range: list[float] = field(default_factory=list)
+    # training augmentations applied in order, after max_zoom and horizontal_flip; each a mapping
+    # with its `kind` (hflip, vflip, rotate90, photometric, scale_jitter, zoom_out), `p` and ranges
+    augment: list[AugmentOp] = field(default_factory=list)
 
     def __post_init__(self):
+        check_augment(self.augment, self.horizontal_flip)
         if self.value_range and not (len(self.value_range) == 2 and self.value_range[0] < self.value_range[1]):
             raise ConfigError(f"data.value_range: {self.value_range!r} must be empty or [low, high] with low < high")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from .augment import apply_ops, crop_boxes, hflip, zoom_crop  # noqa: F401 (also imported from here)
 from .image_io import ImageReadError, read_image
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ class DetectionDataset(Dataset):
     they stand for. Crowd (or VOC `difficult`) boxes are kept (`iscrowd`) for the matcher to
     ignore. Images without boxes stay, as background. An item is `(image uint8 (3, H, W),
     target)`; an unreadable image gives its `ImageReadError` instead (which `collate` sets
-    aside), unless `strict`, where it raises. Items may be indexed by `i` or by `(i, flip)`:
-    the sampler decides flips so that they are reproducible regardless of worker processes.
+    aside), unless `strict`, where it raises. Items may be indexed by `i` or by what
+    `TrainBatchSampler` draws (`(i, flip, ...)`, see `sampled_item`): the sampler decides the
+    augmentation so that it is reproducible regardless of worker processes.
     """
 
     format = "coco"
@@ -83,7 +85,7 @@ class DetectionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, item):
-        index, flip, zoom = sampled_item(item)
+        index, flip, zoom, ops = sampled_item(item)
         record = self.records[index]
         path = self.image_dir / record.file_name
         try:
@@ -103,7 +105,7 @@ class DetectionDataset(Dataset):
             "iscrowd": torch.tensor(record.crowd, dtype=torch.bool),
             "image_id": record.image_id,
         }
-        return augment(image, target, flip, zoom)
+        return augment(image, target, flip, zoom, ops)
 
     def coco_dict(self) -> dict:
         """The dataset as a COCO annotation dict (boxes as read, after clipping)."""
@@ -187,69 +189,29 @@ def valid_xyxy(box, width: int, height: int) -> list[float] | None:
     return [x0, y0, x1, y1]
 
 
-def sampled_item(item) -> tuple[int, bool, tuple[float, float, float] | None]:
-    """`(index, flip, zoom)` from a dataset item: an index, `(index, flip)` or
-    `(index, flip, (zoom, fx, fy))` as `TrainBatchSampler` draws them."""
+def sampled_item(item) -> tuple[int, bool, tuple[float, float, float] | None, tuple]:
+    """`(index, flip, zoom, ops)` from a dataset item: an index, `(index, flip)`,
+    `(index, flip, (zoom, fx, fy))` or `(index, flip, zoom or None, ops)` as `TrainBatchSampler`
+    draws them (`ops`: the drawn `data.augment`, see `augment.draw_ops`)."""
     if not isinstance(item, tuple):
-        return item, False, None
-    return item[0], item[1], item[2] if len(item) > 2 else None
+        return item, False, None, ()
+    return item[0], item[1], item[2] if len(item) > 2 else None, item[3] if len(item) > 3 else ()
 
 
-def augment(image: torch.Tensor, target: dict, flip: bool,
-            zoom: tuple[float, float, float] | None) -> tuple[torch.Tensor, dict]:
-    """An item's training augmentation as the sampler drew it: the zoom crop, then the flip."""
+def augment(image: torch.Tensor, target: dict, flip: bool, zoom: tuple[float, float, float] | None,
+            ops: tuple = ()) -> tuple[torch.Tensor, dict]:
+    """An item's training augmentation as the sampler drew it: the zoom crop, the flip, then
+    `data.augment`'s ops in order."""
     if zoom is not None:
         image, target = zoom_crop(image, target, *zoom)
     if flip:
         image, target["boxes"] = hflip(image, target["boxes"])
-    return image, target
-
-
-def crop_boxes(boxes: torch.Tensor, window: tuple[int, int, int, int], min_visible: float):
-    """Boxes `(N, 4)` seen through `window`, in window pixels: `(boxes, kept, partial)` where
-    `kept` marks boxes with at least `min_visible` of their area inside (trained as usual) and
-    `partial` those cut more than that (kept as ignored regions, so that detecting a part
-    is not punished)."""
-    x0, y0, x1, y1 = window
-    clipped = torch.stack([boxes[:, 0].clamp(x0, x1), boxes[:, 1].clamp(y0, y1),
-                           boxes[:, 2].clamp(x0, x1), boxes[:, 3].clamp(y0, y1)], dim=1)
-    area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).clamp(min=1e-9)
-    visible_wh = clipped[:, 2:] - clipped[:, :2]
-    visible = visible_wh.prod(dim=1) / area
-    inside = (visible_wh > 1).all(dim=1)
-    shifted = clipped - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
-    kept = inside & (visible >= min_visible)
-    return shifted, kept, inside & ~kept
-
-
-def zoom_crop(image: torch.Tensor, target: dict, zoom: float, fx: float, fy: float,
-              min_visible: float = 0.5) -> tuple[torch.Tensor, dict]:
-    """Crop `image (C, H, W)` to a window of `1/zoom` of its width and height whose top-left
-    corner is at `(fx, fy)` of the free range; the model resizes it back, so that objects
-    appear `zoom` times larger. Boxes with at least `min_visible` of their area inside are kept,
-    those cut more become ignored regions (`iscrowd`), those outside are dropped."""
-    height, width = image.shape[-2:]
-    crop_w, crop_h = max(1, round(width / zoom)), max(1, round(height / zoom))
-    x0, y0 = round(fx * (width - crop_w)), round(fy * (height - crop_h))
-    shifted, kept, partial = crop_boxes(target["boxes"], (x0, y0, x0 + crop_w, y0 + crop_h), min_visible)
-    use = kept | partial
-    target = {**target, "boxes": shifted[use], "labels": target["labels"][use],
-              "iscrowd": (target["iscrowd"] | partial)[use]}
-    return image[:, y0 : y0 + crop_h, x0 : x0 + crop_w], target
+    return apply_ops(image, target, ops)
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     limit = torch.tensor([width, height, width, height], dtype=boxes.dtype)
     return torch.minimum(boxes.clamp(min=0), limit)
-
-
-def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror an image `(C, H, W)` and its xyxy boxes left-right."""
-    width = image.shape[-1]
-    flipped = boxes.clone()
-    flipped[:, 0] = width - boxes[:, 2]
-    flipped[:, 2] = width - boxes[:, 0]
-    return image.flip(-1), flipped
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict], list[str]]:

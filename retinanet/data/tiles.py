@@ -62,7 +62,7 @@ class TiledDataset(DetectionDataset):
         return {**self.__dict__, "_cache": None}
 
     def __getitem__(self, item):
-        index, flip, zoom = sampled_item(item)
+        index, flip, zoom, ops = sampled_item(item)
         image_index, (x0, y0, x1, y1) = self.windows[index]
         path = self.base.image_dir / self.base.records[image_index].file_name
         try:
@@ -80,7 +80,7 @@ class TiledDataset(DetectionDataset):
         target = {"boxes": torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.tensor(record.labels, dtype=torch.long),
                   "iscrowd": torch.tensor(record.crowd, dtype=torch.bool), "image_id": record.image_id}
-        return augment(crop, target, flip, zoom)
+        return augment(crop, target, flip, zoom, ops)
 
 
 def as_training_items(dataset: DetectionDataset, tile, value_range: list[float] | None = None) -> DetectionDataset:

@@ -738,7 +738,7 @@ class Trainer:
         d, t = self.cfg.data, self.cfg.train
         sampler = TrainBatchSampler(self.train_set.aspect_ratios(), t.batch_size, t.seed, self.dist.rank,
                                     self.dist.world_size, d.aspect_ratio_grouping, d.horizontal_flip,
-                                    start_batch=self.iteration, max_zoom=d.max_zoom)
+                                    start_batch=self.iteration, max_zoom=d.max_zoom, augment=d.augment)
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=d.num_workers, collate_fn=collate,
                           pin_memory=self.dist.device.type == "cuda", persistent_workers=d.num_workers > 0,
                           generator=torch.Generator().manual_seed(t.seed))

@@ -250,6 +250,33 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
     return config_from_dict(type(config), data)
 
 
+def _kinds(alternatives: tuple) -> dict[str, type]:
+    """For a union of dataclasses that each declare `kind: Literal[...]` (a tagged union, e.g.
+    the list of augmentations): each kind's dataclass; else empty."""
+    kinds: dict[str, type] = {}
+    for alternative in alternatives:
+        if not dataclasses.is_dataclass(alternative):
+            return {}
+        hint = typing.get_type_hints(alternative).get("kind")
+        if typing.get_origin(hint) is not Literal:
+            return {}
+        kinds.update((kind, alternative) for kind in typing.get_args(hint))
+    return kinds
+
+
+def _convert_kind(kinds: dict[str, type], value: Any, where: str) -> Any:
+    """The dataclass of the tagged union that `value["kind"]` names, checked as any other."""
+    choices = ", ".join(kinds)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping with a kind ({choices}), got {value!r}")
+    if "kind" not in value:
+        raise ConfigError(f"{where}: no kind given (choose from {choices})")
+    kind = value["kind"]
+    if not isinstance(kind, str) or kind not in kinds:
+        raise ConfigError(f"{_join(where, 'kind')}: {kind!r} is not allowed (choose from {choices})")
+    return config_from_dict(kinds[kind], value, where)
+
+
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
@@ -277,6 +304,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        kinds = _kinds(args)
+        if kinds:
+            return _convert_kind(kinds, value, where)
         problems = []
         for alternative in (a for a in args if a is not type(None)):  # the first that accepts the value
             try:
