@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (_add_train_parser, _add_eval_parser, _add_predict_parser, _add_convert_parser,
                        _add_demo_parser, _add_check_data_parser, _add_analyze_parser, _add_anchors_parser,
                        _add_assign_parser, _add_export_parser, _add_serve_parser, _add_bench_parser,
-                       _add_data_parser, _add_plot_parser, _add_zoo_parser):
+                       _add_data_parser, _add_plot_parser, _add_zoo_parser, _add_augment_parser):
         add_parser(commands)
     return parser
 
@@ -397,6 +397,17 @@ def _resolved_amp(amp: str, device) -> str:
     if amp != "none":
         print(f"precision: {'fp32' if resolved == 'none' else resolved} ({why})", file=sys.stderr)
     return resolved
+
+
+def _add_augment_parser(commands) -> None:
+    p = commands.add_parser("augment", help="draw training images as data.augment makes them, with their boxes")
+    p.add_argument("--config", required=True, help=_config_help())
+    p.add_argument("--output", required=True, help="folder for the pictures (refused if it exists and is not "
+                                                   "empty, unless --force)")
+    p.add_argument("--count", type=_positive_int, default=16, help="how many pictures (default: 16)")
+    p.add_argument("--split", choices=["train", "val"], default="train")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUTPUT (replacing its pictures)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
 
 def _known_errors():
@@ -801,10 +812,21 @@ def cmd_augment(args) -> int:
     return 0
 
 
+def cmd_augment(args) -> int:
+    from .config import load_config
+    from .engine.augment import draw_augmented
+
+    cfg = load_config(args.config, args.overrides)
+    written = draw_augmented(cfg, args.output, args.count, args.split, args.force, _config_file(args.config))
+    print(f"{len(written)} pictures (trained boxes by class, ignored regions in white) and augment.json "
+          f"-> {args.output}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert": cmd_convert,
             "demo": cmd_demo, "check-data": cmd_check_data, "analyze": cmd_analyze, "anchors": cmd_anchors,
             "assign": cmd_assign, "plot": cmd_plot, "data": cmd_data, "export": cmd_export,
-            "serve": cmd_serve, "bench": cmd_bench, "zoo": cmd_zoo}
+            "serve": cmd_serve, "bench": cmd_bench, "zoo": cmd_zoo, "augment": cmd_augment}
 
 
 if __name__ == "__main__":

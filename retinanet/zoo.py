@@ -21,9 +21,7 @@ import difflib
 import hashlib
 import http.client
 import logging
-import os
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -141,6 +139,7 @@ def _convert(entry: ZooEntry, source_file: Path, converted: Path, trust: bool) -
     from .checkpoint import write_checkpoint
     from .convert import convert_state, read_source
     from .convert.common import ConversionError
+    from .outputs import OutputNotWritten
 
     try:
         config, weights = convert_state(entry.source, read_source(entry.source, source_file, trust))
@@ -150,38 +149,26 @@ def _convert(entry: ZooEntry, source_file: Path, converted: Path, trust: bool) -
     try:
         write_checkpoint(converted, config, weights, meta={"converted_from": {
             "source": entry.source, "file": str(source_file), "zoo": entry.name, "url": entry.url}})
-    except OSError as err:  # disk full, read-only cache: write_checkpoint leaves no partial file
-        raise ZooError(f"{converted}: cannot write the converted checkpoint ({err.strerror or err})") from None
+    except OutputNotWritten as err:  # disk full, read-only cache: write_checkpoint leaves no partial file
+        raise ZooError(f"{err}; free space or set TORCH_HOME to a writable folder") from None
 
 
 def download(url: str, dst: Path, sha256_prefix: str | None = None, progress: bool = True,
              timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Stream `url` into `dst` atomically: a temporary file beside it, checked (the announced
-    length, the sha256 prefix when given, at most MAX_DOWNLOAD_BYTES), fsynced, renamed. On any
+    """Stream `url` into `dst` atomically (`outputs.atomic_output`): checked (the announced
+    length, the sha256 prefix when given, at most MAX_DOWNLOAD_BYTES), then renamed. On any
     failure the temporary file is removed and `dst` is left as it was."""
+    from .outputs import OutputNotWritten, atomic_output
+
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    except OSError as err:
-        raise ZooError(f"{dst.parent}: cannot write the download there ({err.strerror or err}); set TORCH_HOME "
-                       "to a writable folder") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            received, digest = _stream(url, f, dst, progress, timeout)
-            f.flush()
-            os.fsync(f.fileno())
-        if sha256_prefix and not digest.startswith(sha256_prefix):
-            raise ZooError(f"{url}: the download's sha256 {digest[:16]}... does not start with the published "
-                           f"{sha256_prefix}; deleted it (a corrupt or altered file): try again, or put the "
-                           f"right file at {dst}")
-        os.replace(tmp, dst)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):  # network errors are ZooErrors already: this is the disk (full, read-only)
-            raise ZooError(f"{dst}: cannot write the download ({err.strerror or err}); deleted the partial "
-                           "file") from None
-        raise
+        with atomic_output(dst) as tmp, open(tmp, "wb") as f:
+            _, digest = _stream(url, f, dst, progress, timeout)
+            if sha256_prefix and not digest.startswith(sha256_prefix):
+                raise ZooError(f"{url}: the download's sha256 {digest[:16]}... does not start with the published "
+                               f"{sha256_prefix}; deleted it (a corrupt or altered file): try again, or put the "
+                               f"right file at {dst}")
+    except OutputNotWritten as err:  # the cache's disk: full, read-only or forbidden
+        raise ZooError(f"{err}; free space or set TORCH_HOME to a writable folder") from None
     return dst
 
 

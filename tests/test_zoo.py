@@ -320,3 +320,28 @@ def test_train_starts_from_a_zoo_name(server, peer_files, monkeypatch, shapes_da
     final = read_checkpoint(tmp_path / "run" / "model_final.pt")
     assert final.model_config.class_names == ["person", "dog", "widget", "kite", "bus"]
     assert final.model_config.backbone.depth == 18 and final.model_config.input.channel_order == "BGR"
+
+
+@pytest.mark.parametrize("stage", ["download", "conversion"])
+def test_a_full_cache_disk_is_one_line_and_leaves_nothing(stage, server, peer_files, monkeypatch, torch_home,
+                                                         tmp_path, capsys):
+    import errno
+
+    _publish(server, monkeypatch, D2, peer_files[D2])
+    if stage == "download":
+        def full(url, f, dst, progress, timeout):
+            f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(zoo, "_stream", full)
+    else:
+
+        def full(obj, f, *args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", full)
+    assert cli(["predict", "--weights", D2, "x.jpg", "--output-dir", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert "No space left on device" in line and "TORCH_HOME" in line
+    left = sorted(p.name for p in torch_home.iterdir()) if torch_home.exists() else []
+    assert left == ([] if stage == "download" else [zoo.ZOO[D2].file_name])  # no partial file of either

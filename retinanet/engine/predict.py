@@ -255,7 +255,7 @@ def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale:
     """The image `(3, H, W)` uint8, enlarged `scale` times, with the `max_boxes` best boxes,
     their class names and scores on a dark label background (placed by `place_labels`, so
     that labels of overlapping boxes do not cover each other); `ground_truth (G, 4)` boxes,
-    when given, outlined in white."""
+    when given, outlined in white. A `det` without scores (annotations) is labelled by name."""
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     if scale != 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.BILINEAR)
@@ -265,11 +265,12 @@ def draw_detections(image: torch.Tensor, det: dict, max_boxes: int = 100, scale:
             canvas.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], outline=(255, 255, 255), width=1)
     palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-    shown = sorted(zip(det["scores"].tolist(), det["boxes"].tolist(), det["labels"].tolist(), det["class_names"]),
-                   key=lambda d: -d[0])[:max_boxes]
+    scores = det["scores"].tolist() if "scores" in det else [None] * len(det["boxes"])
+    shown = sorted(zip(scores, det["boxes"].tolist(), det["labels"].tolist(), det["class_names"]),
+                   key=lambda d: -(d[0] or 0))[:max_boxes]
     boxes = [[v * scale for v in box] for _, box, _, _ in shown]
     colours = [palette[label % len(palette)] for _, _, label, _ in shown]
-    texts = [f"{name} {score:.2f}" for score, _, _, name in shown]
+    texts = [name if score is None else f"{name} {score:.2f}" for score, _, _, name in shown]
     for box, colour in zip(boxes, colours):  # all boxes first: no box line crosses a label
         canvas.rectangle(box, outline=colour, width=2)
     extents = [canvas.textbbox((0, 0), text) for text in texts]
