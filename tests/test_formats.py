@@ -196,6 +196,31 @@ def test_yolo_missing_label_files_and_bad_lines(tmp_path):
         read_yolo(images, labels, [])
 
 
+def test_yolo_segment_lines_are_read_as_their_polygons_bounding_box(tmp_path, capsys):
+    """YOLO segmentation labels (class + polygon) give the polygon's box, through `data convert`
+    too; a line that is neither a box nor a polygon (a sixth number, an odd count) is refused
+    with its line number instead of being read as a box from its first four numbers."""
+    from PIL import Image
+
+    images, labels = tmp_path / "ds" / "images", tmp_path / "ds" / "labels"
+    images.mkdir(parents=True), labels.mkdir(parents=True)
+    Image.new("RGB", (200, 100)).save(images / "a.jpg")
+    (labels / "a.txt").write_text("0 0.1 0.2 0.5 0.1 0.4 0.9 0.2 0.6\n1 0.5 0.5 0.2 0.4\n")
+    record = read_yolo(images, None, ["cat", "dog"]).records[0]
+    assert record.labels == [0, 1]
+    assert torch.allclose(torch.tensor(record.boxes), torch.tensor([[20.0, 10, 100, 90], [80, 30, 120, 70]]))
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    assert cli(["data", "convert", "--from", "yolo", str(images), "--classes", str(tmp_path / "classes.txt"),
+                "--output", str(tmp_path / "out.json")]) == 0
+    boxes = [a["bbox"] for a in json.loads((tmp_path / "out.json").read_text())["annotations"]]
+    assert sorted(boxes) == [[20.0, 10.0, 80.0, 80.0], [80.0, 30.0, 40.0, 40.0]]
+    for bad in ("0 0.5 0.5 0.2 0.4 0.9", "0 0.1 0.2 0.5 0.1 0.4 0.9 0.2", "0 0.5 0.5 nan 0.4"):
+        (labels / "a.txt").write_text(bad + "\n")
+        with pytest.raises(DatasetError) as info:
+            read_yolo(images, None, ["cat", "dog"])
+        assert "a.txt:1: expected 'class cx cy w h' or a segment" in str(info.value.problems), bad
+
+
 def test_training_and_check_data_take_any_format(formats, shapes_data, tmp_path, capsys):
     coco, configs = formats
     from retinanet.config import save_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -245,15 +246,14 @@ def read_yolo(image_dir: str | Path, label_dir: str | Path | None, class_names: 
                 continue
             where = f"{label_file.relative_to(label_dir)}:{number}"
             try:
-                cls = int(fields[0])
-                cx, cy, w, h = (float(v) for v in fields[1:5])
-            except (ValueError, IndexError):
-                problems.append(f"{where}: expected 'class cx cy w h', got {line.strip()!r}")
+                cls, box = int(fields[0]), _yolo_box(fields[1:], size)
+            except ValueError:
+                problems.append(f"{where}: expected 'class cx cy w h' or a segment 'class x1 y1 x2 y2 x3 y3 ...', "
+                                f"got {line.strip()[:80]!r}")
                 continue
             if not 0 <= cls < len(class_names):
                 problems.append(f"{where}: class {cls} is not in the class list (0-{len(class_names) - 1})")
                 continue
-            box = [(cx - w / 2) * size[0], (cy - h / 2) * size[1], (cx + w / 2) * size[0], (cy + h / 2) * size[1]]
             add_box(record, report, box, cls, False, where)
         records.append(record)
     raise_problems(label_dir, problems)
@@ -261,6 +261,23 @@ def read_yolo(image_dir: str | Path, label_dir: str | Path | None, class_names: 
                                list(class_names), finish_report(records, report, label_dir), strict)
     dataset.format = "yolo"
     return dataset
+
+
+def _yolo_box(values: list[str], size: tuple[int, int]) -> list[float]:
+    """The pixel box of a YOLO line's numbers (after the class): `cx cy w h`, or a segment's
+    polygon `x1 y1 x2 y2 x3 y3 ...` (YOLO's segmentation labels), whose bounding box it is; all
+    normalised to [0, 1]. ValueError for anything else (a sixth number, an odd count)."""
+    numbers = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError("not finite")
+    width, height = size
+    if len(numbers) == 4:
+        cx, cy, w, h = numbers
+        return [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+    if len(numbers) >= 6 and len(numbers) % 2 == 0:
+        xs, ys = numbers[0::2], numbers[1::2]
+        return [min(xs) * width, min(ys) * height, max(xs) * width, max(ys) * height]
+    raise ValueError(f"{len(numbers)} numbers")
 
 
 def _yolo_label_dir(image_dir: Path) -> Path:
