@@ -191,11 +191,16 @@ def _add_predict_parser(commands) -> None:
                         "files you trust)")
     p.add_argument("--tile", type=_positive_int, help="predict on overlapping tiles of this many pixels at full "
                                                        "resolution (large images; give the model's input size)")
-    p.add_argument("--overlap", type=_fraction, default=0.2, help="share of a tile that neighbours share (0.2)")
-    p.add_argument("--merge", choices=["nms", "nmm"], default="nms",
-                   help="merge tiles' detections by class-aware NMS, or greedy merging by intersection over the "
-                        "smaller box (nmm: an object cut by a border comes out whole)")
-    p.add_argument("--full-image", action="store_true", help="with --tile: also predict the whole image resized")
+    # the options below are None when not given, so that giving them without --tile is refused
+    p.add_argument("--overlap", type=_fraction, help="with --tile: share of a tile that neighbours share (0.2)")
+    p.add_argument("--merge", choices=["nms", "nmm"],
+                   help="with --tile: merge tiles' detections by class-aware NMS (default), or greedy merging by "
+                        "intersection over the smaller box (nmm: an object cut by a border comes out whole)")
+    p.add_argument("--full-image", action="store_true", default=None,
+                   help="with --tile: also predict the whole image resized")
+    p.add_argument("--force-tiling", action="store_true", default=None,
+                   help="with --tile: run a tiling refused otherwise (tiles smaller than the model's smallest "
+                        "anchor, or an overlap making many times the tiles of overlap 0)")
     p.add_argument("--value-range", type=_value_range, metavar="LOW,HIGH",
                    help="with --tile: the values of a 16-bit or float image that map to black and white (e.g. "
                         "0,4095; --value-range=-1,1 for a negative LOW); default: the data's own range, as logged")
@@ -529,6 +534,9 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from PIL import Image
 
+    _tiling_options(args)
+    if args.max_pixels:
+        Image.MAX_IMAGE_PIXELS = args.max_pixels
     if args.backend == "onnxruntime":
         return _predict_onnxruntime(args)
     _resolve_weights(args)
@@ -537,14 +545,14 @@ def cmd_predict(args) -> int:
     from .engine.predict import predict_files
 
     output_dir = _output_folder(args.output_dir)
-    if args.max_pixels:
-        Image.MAX_IMAGE_PIXELS = args.max_pixels
     device = resolve_device(args.device)
     amp = _resolved_amp(args.amp, device)
     model = load_model(args.weights, map_location=device).to(device).optimize_for_inference(compile=args.compile)
-    tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image,
-              "value_range": args.value_range} \
-        if args.tile else None
+    tiling = None
+    if args.tile:
+        _check_tiling(args, model.config)
+        tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image,
+                  "value_range": args.value_range}
     predictions, errors = predict_files(model, args.images, output_dir, args.score_threshold,
                                         draw=not args.no_draw, batch_size=args.batch_size, tiling=tiling,
                                         workers=max(0, args.workers), save_txt=args.save_txt, amp=amp)
@@ -554,17 +562,43 @@ def cmd_predict(args) -> int:
     return 1 if errors else 0
 
 
+TILING_DEFAULTS = {"overlap": 0.2, "merge": "nms", "full_image": False, "force_tiling": False}
+
+
+def _tiling_options(args) -> None:
+    """Refuse predict's tiling options given without --tile (they would be ignored), then
+    fill in their defaults."""
+    given = [f"--{name.replace('_', '-')}" for name in [*TILING_DEFAULTS, "value_range"]
+             if getattr(args, name) is not None]
+    if given and not args.tile:
+        raise OutputError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to prediction on tiles: "
+                          "add --tile N (e.g. the model's input size), or leave "
+                          f"{'it' if len(given) == 1 else 'them'} out")
+    for name, default in TILING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def _check_tiling(args, model_config) -> None:
+    """Refuse tiles too small for the model or an overlap beyond the work bound (unless
+    --force-tiling); warn, in one line, of tiles far smaller than the model's input."""
+    from .engine.tiling import small_tile_warning, tiling_problem
+
+    problem = tiling_problem(args.tile, args.overlap, model_config.anchors.sizes)
+    if problem and not args.force_tiling:
+        raise OutputError(f"--tile {args.tile} --overlap {args.overlap:g}: {problem}; pass --force-tiling to run "
+                          "it anyway")
+    warning = small_tile_warning(args.tile, model_config.input)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def _predict_onnxruntime(args) -> int:
-    """predictions.json through onnxruntime, numpy and Pillow only."""
-    import json
+    """predictions.json through onnxruntime, numpy and Pillow only (`export.ort_predict`)."""
+    from .export.ort_predict import OnnxDetector, predict_files
 
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    from .export.ort_predict import OnnxDetector
-
-    if args.tile or args.compile or args.amp != "none":
-        raise OutputError("--tile, --compile and --amp run with the torch backend only "
+    if args.tile or args.compile or args.amp != "none" or args.save_txt:
+        raise OutputError("--tile, --compile, --amp and --save-txt run with the torch backend only "
                           "(an ONNX model runs as it was exported)")
     output_dir = _output_folder(args.output_dir)
     weights = Path(args.weights)
@@ -574,28 +608,7 @@ def _predict_onnxruntime(args) -> int:
         detector = OnnxDetector(weights)
     except Exception as err:  # onnxruntime's own load errors
         raise OutputError(f"{weights}: cannot be loaded as an exported model ({str(err).splitlines()[0]})") from None
-    output_dir.mkdir(parents=True, exist_ok=True)
-    predictions, errors = [], []
-    for item in args.images:
-        path = Path(item)
-        try:
-            with Image.open(path) as image:
-                array = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-        except (OSError, ValueError) as err:
-            errors.append(f"{path}: not a readable image ({err})")
-            print(f"error: {errors[-1]}", file=sys.stderr)
-            continue
-        det = detector.predict([array])[0]
-        threshold = args.score_threshold or 0.0
-        for box, score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
-                                           det["class_names"]):
-            if score < threshold:
-                continue
-            x0, y0, x1, y1 = box
-            predictions.append({"file_name": str(path), "category_id": detector.category_ids[label],
-                                "category_name": name, "score": round(score, 5),
-                                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]})
-    (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
+    predictions, errors = predict_files(detector, args.images, output_dir, args.score_threshold)
     print(f"{len(predictions)} detections (onnxruntime) -> {output_dir / 'predictions.json'}"
           + (f"; {len(errors)} input(s) could not be used" if errors else ""))
     return 1 if errors else 0

@@ -30,6 +30,8 @@ class TileConfig:
     min_visible: Fraction = 0.5  # a box cut by a tile border is trained if this much of it is inside
     empty_ratio: Fraction = 1.0  # share of tiles without objects that are kept
     merge: Literal["nms", "nmm"] = "nms"  # evaluation: how detections of overlapping tiles are merged
+    # run tiles smaller than the model's smallest anchor, or an overlap making over 16x the tiles of overlap 0
+    force: bool = False
 
 
 Fill = list[Annotated[int, Range(0, 255)]]
@@ -215,12 +217,16 @@ def resolve_config(name_or_path: str | Path) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (a path or a shipped name; safe loader), then apply `key=value`
-    overrides. Every value is checked here, before any data is read."""
+    overrides. Every value is checked here, before any data is read. A file that is not text
+    (a checkpoint given as the config, an image) is a `ConfigError` naming it."""
     data: dict = {}
     if path is not None:
         path = resolve_config(path)
+        text = _read_text(path)
+        if text is None:
+            raise ConfigError(f"not a YAML config: {path} (a binary file; checkpoints go to --weights)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
@@ -230,6 +236,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path else str(err)) from err
     return apply_overrides(config, overrides or [])
+
+
+def _read_text(path: Path) -> str | None:
+    """The file as UTF-8 text, or None for a binary file: one with a NUL byte in its first
+    8 KiB (known without reading a large checkpoint whole) or that is not UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+        if b"\0" in head:
+            return None
+        raw = head + f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
 
 
 def sets_model(name_or_path: str | Path) -> bool:

@@ -145,7 +145,7 @@ def test_onnxruntime_backend_and_numpy_only_path(demo_checkpoint, tmp_path, phot
         "sys.exit(code)\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr[-2000:]  # the bad file is named, the photo predicted
-    assert "bad.jpg: not a readable image" in run.stderr
+    assert "bad.jpg: not an image (unrecognised format)" in run.stderr  # the one decoder's words
     predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert {p["file_name"] for p in predictions} <= {str(photo_path)}
     # numpy + onnxruntime alone give torch's detections on an image already at the input size

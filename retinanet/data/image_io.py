@@ -1,4 +1,5 @@
-"""Decoding images into RGB uint8 tensors, with errors that name the file and the problem."""
+"""Decoding images into RGB uint8 tensors, with errors that name the file and the problem.
+Torch is imported only where a tensor is returned: `read_rgb` and `decode_rgb` run without it."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import logging
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .value_range import automatic_scaling
 
 log = logging.getLogger(__name__)
 _SCALINGS_SAID: set[str] = set()  # the scaling rules already logged by this process
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ImageReadError(OSError):
@@ -45,12 +49,19 @@ def read_image(path: str | Path) -> torch.Tensor:
     Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 179 megapixels;
     `retinanet predict --max-pixels` raises it) raises `ImageReadError`.
     """
+    import torch
+
+    return torch.from_numpy(read_rgb(path)).permute(2, 0, 1).contiguous()
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """`read_image` as an `(H, W, 3)` uint8 array, without torch."""
     path = Path(path)
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not an image file")
     if not path.is_file():
         raise ImageReadError(path, "file not found")
-    return torch.from_numpy(decode_rgb(path, path)).permute(2, 0, 1).contiguous()
+    return decode_rgb(path, path)
 
 
 def read_image_bytes(data: bytes, name: str = "upload", max_pixels: int | None = None) -> torch.Tensor:
@@ -59,6 +70,8 @@ def read_image_bytes(data: bytes, name: str = "upload", max_pixels: int | None =
     any pixel is decoded."""
     if not data:
         raise ImageReadError(name, "empty")
+    import torch
+
     return torch.from_numpy(decode_rgb(io.BytesIO(data), name, max_pixels)).permute(2, 0, 1).contiguous()
 
 

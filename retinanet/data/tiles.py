@@ -12,12 +12,18 @@ from .image_io import ImageReadError
 from .raster import Raster, open_raster
 
 
+def tile_step(tile: int, overlap: float) -> int:
+    """The distance in pixels between the starts of neighbouring tiles of `tile` px that
+    share `overlap` of a tile (at least 1)."""
+    if tile <= 0 or not 0 <= overlap < 1:
+        raise ValueError(f"tile {tile} must be > 0 and overlap {overlap} in [0, 1)")
+    return max(1, int(tile * (1 - overlap)))
+
+
 def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
     """`(x0, y0, x1, y1)` windows of at most `tile` px that cover the image, neighbours
     sharing `overlap` of a tile; the last row and column are flush with the image edge."""
-    if tile <= 0 or not 0 <= overlap < 1:
-        raise ValueError(f"tile {tile} must be > 0 and overlap {overlap} in [0, 1)")
-    step = max(1, int(tile * (1 - overlap)))
+    step = tile_step(tile, overlap)
 
     def starts(size: int) -> list[int]:
         if size <= tile:

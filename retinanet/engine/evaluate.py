@@ -18,7 +18,7 @@ from ..data.dataset import DatasetError, DetectionDataset, coco_api, collate
 from ..data.image_io import ImageReadError
 from ..data.raster import open_raster
 from . import distributed
-from .tiling import predict_tiled
+from .tiling import check_tile_config, predict_tiled
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,11 @@ def _predict_tiles(model, dataset: DetectionDataset, indices: list[int], tile,
     return results, skipped
 
 
+def box_count(record) -> int:
+    """The boxes of an `ImageRecord` that can be evaluated or trained on (crowd regions aside)."""
+    return len(record.boxes) - sum(record.crowd)
+
+
 def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
     boxes = output["boxes"].float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
@@ -247,17 +252,23 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
              tile=None) -> dict | None:
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
     `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. A
-    dataset without images, or whose categories are not the model's, is an error."""
+    dataset without images or without boxes (nothing to evaluate), whose categories are not
+    the model's, or a `tile` config that `check_tile_config` refuses, is an error."""
     if len(dataset) == 0:
         raise DatasetError(f"{dataset.annotation_file}: the evaluation set has no images")
+    count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    if not any(box_count(dataset.records[i]) for i in range(count)):
+        raise DatasetError(f"{dataset.annotation_file}: the evaluation set has no boxes in its {count} image(s) "
+                           "(crowd regions aside): there is nothing to evaluate")
     check_categories(model, dataset)
+    if model.config is not None:
+        check_tile_config(tile, model.config)
     results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp, tile)
     gathered = distributed.all_gather_objects((results, skipped))
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
         return None
     results = [r for part, _ in gathered for r in part]
     skipped = [s for _, part in gathered for s in part]
-    count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     image_ids = [dataset.records[i].image_id for i in range(count)]
     gt = dataset.coco_ground_truth()
     metrics, precision = coco_metrics(gt, results, image_ids, dataset.class_names, verbose, return_precision=True)

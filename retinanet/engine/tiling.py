@@ -7,9 +7,55 @@ import torch
 from torchvision.ops import batched_nms, box_area
 
 from ..data.raster import ArrayRaster, Raster
-from ..data.tiles import tile_windows
+from ..data.tiles import tile_step, tile_windows
+from ..model.config import ConfigError
 
-__all__ = ["tile_windows", "merge_detections", "predict_tiled"]
+__all__ = ["tile_windows", "merge_detections", "predict_tiled", "tiling_problem", "small_tile_warning",
+           "check_tile_config"]
+
+MAX_TILE_WORK = 16  # an overlap may make at most this many times the tiles of overlap 0 (overlap 0.75)
+
+
+def tiling_problem(tile: int, overlap: float, anchor_sizes: list[list[float]]) -> str | None:
+    """Why tiles of `tile` px sharing `overlap` are not worth running with a model of these
+    `model.anchors.sizes`, or None: a tile smaller than the smallest anchor holds no object
+    the model can find, and an overlap that makes more than `MAX_TILE_WORK` times the tiles
+    of overlap 0 multiplies the time (each pixel runs that many times) for no new object."""
+    smallest = min(min(level) for level in anchor_sizes)
+    if tile < smallest:
+        return (f"tiles of {tile} px are smaller than the model's smallest anchor ({smallest:g} px): no object "
+                "it can find fits in one")
+    work = (tile / tile_step(tile, overlap)) ** 2
+    if work > MAX_TILE_WORK:
+        return (f"overlap {overlap:g} makes {work:,.0f}x the tiles of overlap 0 with tiles of {tile} px (the "
+                f"bound is {MAX_TILE_WORK}x, overlap 0.75)")
+    return None
+
+
+def small_tile_warning(tile: int, input_config) -> str | None:
+    """One line when tiles are under half the side the model resizes them to (`model.input`:
+    its shortest test or training side, capped by `max_size`), which enlarges every tile and
+    its objects; None otherwise."""
+    if not input_config.resize:
+        return None
+    side = min(input_config.test_min_size, *input_config.train_min_sizes, input_config.max_size)
+    if 2 * tile > side:
+        return None
+    return (f"tiles of {tile} px are far smaller than the model's input of {side} px: each is enlarged "
+            f"{side / tile:.1f}x, its objects with it; give tiles the input size ({side})")
+
+
+def check_tile_config(tile, model_config) -> str | None:
+    """Check a `data.tile` config against the `ModelConfig` it runs with: a tiling that
+    `tiling_problem` refuses raises `ConfigError` unless `tile.force`; returns the
+    `small_tile_warning` line, or None (also when tiling is off)."""
+    if tile is None or tile.size <= 0:
+        return None
+    problem = tiling_problem(tile.size, tile.overlap, model_config.anchors.sizes)
+    if problem and not tile.force:
+        raise ConfigError(f"data.tile.size={tile.size}, data.tile.overlap={tile.overlap:g}: {problem}; set "
+                          "data.tile.force=true to run it anyway")
+    return small_tile_warning(tile.size, model_config.input)
 
 
 def merge_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, method: str = "nms",

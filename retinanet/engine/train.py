@@ -31,9 +31,10 @@ from ..outputs import check_writable, remove_stale_temporaries, write_text
 from . import distributed
 from .analyze import coverage_warning
 from .checkpoint import capture_rng, restore_rng
-from .evaluate import autocast, evaluate, resolve_amp
+from .evaluate import autocast, box_count, evaluate, resolve_amp
 from .finetune import (StartWeights, apply_freeze, architecture_differences, class_table, match_classes,
                        read_start_weights, start_state)
+from .tiling import check_tile_config
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,19 @@ def truncate_metrics(path: Path, iteration: int) -> int:
     if dropped:
         write_text(path, "".join(line + "\n" for line in kept))
     return dropped
+
+
+def check_boxes(images, items, data) -> None:
+    """Refuse a training set without a box to learn from (crowd regions aside): none in its
+    `images`, or none in the `items` its tiles make of them (`data.tile`)."""
+    if not any(map(box_count, images.records)):
+        raise TrainingError(f"{data.train_annotations}: the training set has no boxes in its {len(images)} image(s) "
+                            "(crowd regions aside): a detector cannot learn from it; check that its annotations "
+                            "are read (retinanet check-data --config ...)")
+    if not any(map(box_count, items.records)):
+        raise TrainingError(f"{data.train_annotations}: no tile of data.tile.size={data.tile.size} keeps a box "
+                            f"(data.tile.min_visible={data.tile.min_visible:g} of a box must be inside a tile): "
+                            "use larger tiles")
 
 
 def clear_run_files(output_dir: Path) -> None:
@@ -450,9 +464,14 @@ class Trainer:
         cfg = self.cfg
         if not has_split(cfg.data, "train"):
             raise TrainingError("no training data: set data.train_annotations (and data.train_images)")
-        self.train_set = as_training_items(open_dataset(cfg.data, "train"), cfg.data.tile)
+        tile_warning = check_tile_config(cfg.data.tile, cfg.model)
+        images = open_dataset(cfg.data, "train")
+        self.train_set = as_training_items(images, cfg.data.tile)
         if len(self.train_set) == 0:
             raise TrainingError(f"{cfg.data.train_annotations}: the training set has no images")
+        check_boxes(images, self.train_set, cfg.data)
+        if tile_warning and self.dist.is_main:
+            log.warning("data.tile.size=%d: %s", cfg.data.tile.size, tile_warning)
         if self.start is not None:
             self._classes_from_data()
         elif self.train_set.num_classes != cfg.model.num_classes:
@@ -471,6 +490,9 @@ class Trainer:
                         else None)
         if self.val_set is not None and len(self.val_set) == 0:
             raise DatasetError(f"{cfg.data.val_annotations}: the validation set has no images")
+        if self.val_set is not None and not any(map(box_count, self.val_set.records)):
+            raise DatasetError(f"{cfg.data.val_annotations}: the validation set has no boxes (crowd regions aside): "
+                               "there would be nothing to evaluate; annotate it, or leave data.val_* out")
 
     def _classes_from_data(self) -> None:
         """A fine-tuning run has the data's classes; each keeps the start's rows of its namesake."""
