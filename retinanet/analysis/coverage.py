@@ -15,7 +15,7 @@ import torch
 
 from ..model.anchors import AnchorGenerator
 from ..model.config import AnchorConfig, InputConfig, MatcherConfig
-from ..model.matching import FOREGROUND, AnchorMatcher, batched_iou
+from ..model.matching import FOREGROUND, AnchorMatcher
 from ..model.preprocess import Preprocessor
 
 
@@ -98,7 +98,7 @@ def anchor_coverage(images: list[ImageBoxes], anchors: AnchorConfig, matcher: Ma
         fg = matches.labels[0] == FOREGROUND
         positives = torch.bincount(matches.gt_index[0][fg], minlength=len(boxes))
         keep = ~image.crowd.bool()
-        best = batched_iou(boxes[None], grid)[0].max(dim=1).values
+        best = matches.gt_best_iou[0]  # each box's best IoU with any anchor (crowd boxes: -1, dropped)
         out["width"].append((boxes[:, 2] - boxes[:, 0])[keep])
         out["height"].append((boxes[:, 3] - boxes[:, 1])[keep])
         out["labels"].append(image.labels[keep])
