@@ -442,8 +442,6 @@ def _kept_note(command: str, err: BaseException) -> str:
     return ""
 
 
-
-
 class OutputError(ValueError):
     """An output path cannot be used (e.g. it is an existing file where a folder is needed)."""
 
@@ -523,7 +521,7 @@ def cmd_eval(args) -> int:
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
                        cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main,
                        amp=resolve_amp(cfg.train.amp, info.device)[0],
-                       tile=cfg.data.tile)
+                       tile=cfg.data.tile, value_range=cfg.data.value_range)
     if info.is_main:
         print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}  "
               f"-> {output_dir / 'metrics.json'}")
@@ -811,17 +809,6 @@ def cmd_plot(args) -> int:
     output = check_output_file(args.output, [r / "metrics.jsonl" for r in runs], args.force)
     check_writable(output.parent)
     print(f"-> {plot_runs(runs, output)}")
-    return 0
-
-
-def cmd_augment(args) -> int:
-    from .config import load_config
-    from .engine.augment import draw_augmented
-
-    cfg = load_config(args.config, args.overrides)
-    written = draw_augmented(cfg, args.output, args.count, args.split, args.force, _config_file(args.config))
-    print(f"{len(written)} pictures (trained boxes by class, ignored regions in white) and augment.json "
-          f"-> {args.output}")
     return 0
 
 

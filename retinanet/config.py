@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import yaml
 
 from . import configs
+from .outputs import write_text
 from .model.config import (ConfigError, Fraction, ModelConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                            PositiveInt, Range, apply_overrides, check_config, config_from_dict, config_to_dict,
                            config_to_yaml)
@@ -259,4 +260,4 @@ def sets_model(name_or_path: str | Path) -> bool:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(config_to_yaml(config))
+    write_text(path, config_to_yaml(config))

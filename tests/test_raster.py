@@ -345,3 +345,34 @@ def test_tiled_evaluation_reads_images_by_windows_and_matches_the_whole_decode(s
     for image_id, det in whole.items():
         expected = evaluate_module.to_coco_results(det, image_id, model.category_ids)
         assert [r for r in results if r["image_id"] == image_id] == expected
+
+
+def test_data_value_range_reaches_tiled_training_and_evaluation(tmp_path, monkeypatch):
+    """`data.value_range` is what tiled training reads its tiles with and what tiled evaluation
+    opens its images with, not only `predict --value-range`."""
+    from retinanet.config import load_config
+    from retinanet.engine import evaluate as evaluate_module
+    from retinanet.engine.train import Trainer
+
+    from conftest import tiny_config
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_geotiff(folder / "a.tif", np.full((1, 96, 96), 500, dtype=np.uint16))
+    coco = {"images": [{"id": 1, "file_name": "a.tif", "width": 96, "height": 96}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    data = {"train_images": folder, "train_annotations": tmp_path / "a.json", "val_images": folder,
+            "val_annotations": tmp_path / "a.json"}
+    cfg = tiny_config(data, tmp_path / "run", model__num_classes=1, data__tile__size=64,
+                      data__value_range="[0, 1000]", train__max_iter=1, train__batch_size=2,
+                      train__reference_batch_size=2, data__num_workers=0)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False).setup()
+    image, _ = trainer.train_set[0]
+    assert int(image[0, 0, 0]) == 128  # 500 of 0-1000; the data's own range (9-bit, 0-511) gives 250
+    opened = []
+    real = evaluate_module.open_raster
+    monkeypatch.setattr(evaluate_module, "open_raster", lambda path, **kw: opened.append(kw) or real(path, **kw))
+    trainer.run()
+    assert opened and all(kw.get("value_range") == [0.0, 1000.0] for kw in opened)

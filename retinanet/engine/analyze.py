@@ -138,7 +138,7 @@ def _open(cfg: Config, split: str, tiled: bool = True) -> DetectionDataset:
         raise DatasetError(f"no {split} set configured: set data.{split}_annotations (and data.{split}_images)")
     # with data.tile.size the network sees tiles, not images: analyse what it is trained on
     dataset = open_dataset(cfg.data, split)
-    return as_training_items(dataset, cfg.data.tile) if tiled else dataset
+    return as_training_items(dataset, cfg.data.tile, cfg.data.value_range) if tiled else dataset
 
 
 def _size_stats(images: list[ImageBoxes]) -> dict:

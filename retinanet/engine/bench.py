@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..analysis.plots import save_figure
+from ..outputs import write_text
 
 
 def _sync(device: torch.device) -> None:
@@ -385,7 +387,7 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
         results["cases"].append(result)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    write_text(output_dir / "bench.json", json.dumps(results, indent=2))
     try:
         _chart(results, output_dir / "bench.png")
     except ImportError:
@@ -454,5 +456,4 @@ def _chart(results: dict, path: Path) -> None:
     ax.set_title(f"retinanet vs torchvision ({where or results['device']})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

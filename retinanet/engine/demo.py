@@ -12,6 +12,7 @@ from ..config import Config, apply_overrides, load_config
 from ..data.formats import open_dataset
 from ..data.synthetic import SHAPE_CLASSES, generate_dataset
 from ..model.detector import RetinaNet
+from ..outputs import save_image, write_text
 from .predict import draw_detections
 from .train import TrainingError, train
 
@@ -52,7 +53,7 @@ def run_demo(output_dir: str | Path = "demo_output", minutes: float | None = Non
     result = {"status": "finished", "AP": metrics.get("AP"), "AP50": metrics.get("AP50"), "iterations": summary["iteration"],
               "images_seen": summary["iteration"] * cfg.train.batch_size, "minutes": round(elapsed / 60, 2),
               "drawn": [str(p) for p in drawn]}
-    (Path(output_dir) / "demo_result.json").write_text(json.dumps(result, indent=2))
+    write_text(Path(output_dir) / "demo_result.json", json.dumps(result, indent=2))
     print(f"demo: AP {result['AP']:.3f}, AP50 {result['AP50']:.3f} on {num_val} validation images after "
           f"{result['images_seen']} training images; total {elapsed / 60:.1f} min; pictures in {output_dir}/predictions")
     return result
@@ -66,6 +67,6 @@ def draw_examples(model: RetinaNet, cfg: Config, folder: Path, count: int = 6) -
         image, target = dataset[i]
         det = model.predict(image, score_threshold=0.3)
         path = folder / f"val_{i:02d}.png"
-        draw_detections(image, det, scale=3, ground_truth=target["boxes"]).save(path)
+        save_image(draw_detections(image, det, scale=3, ground_truth=target["boxes"]), path, sync=False)
         paths.append(path)
     return paths

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from ..data.dataset import DatasetError, DetectionDataset, coco_api, collate
 from ..data.image_io import ImageReadError
 from ..data.raster import open_raster
+from ..outputs import write_text
 from . import distributed
 from .tiling import check_tile_config, predict_tiled
 
@@ -86,7 +87,8 @@ def _span(ids: list[int]) -> str:
 
 @torch.inference_mode()
 def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_workers: int = 0,
-                    max_images: int = 0, amp: str = "none", tile=None) -> tuple[list[dict], list[str]]:
+                    max_images: int = 0, amp: str = "none", tile=None,
+                    value_range: list[float] | None = None) -> tuple[list[dict], list[str]]:
     """Detections for this process's share of `dataset` in COCO results format
     (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images.
     `amp` is the run's `train.amp`: evaluation runs in the precision training used. With a
@@ -102,7 +104,7 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
     try:
         with autocast(amp, device.type):
             if tile is not None and tile.size > 0:
-                return _predict_tiles(model, dataset, indices, tile, batch_size)
+                return _predict_tiles(model, dataset, indices, tile, batch_size, value_range)
             return _predict_batches(model, dataset, indices, batch_size, num_workers, device)
     finally:
         model.train(was_training)
@@ -125,15 +127,15 @@ def _predict_batches(model, dataset: DetectionDataset, indices: list[int], batch
     return results, skipped
 
 
-def _predict_tiles(model, dataset: DetectionDataset, indices: list[int], tile,
-                   batch_size: int) -> tuple[list[dict], list[str]]:
+def _predict_tiles(model, dataset: DetectionDataset, indices: list[int], tile, batch_size: int,
+                   value_range: list[float] | None = None) -> tuple[list[dict], list[str]]:
     """On tiles, one image at a time, opened by `open_raster` (a TIFF or an image over 64 MP
     by windows), never decoded whole unless it is small."""
     results, skipped = [], []
     for index in indices:
         record = dataset.records[index]
         try:
-            with open_raster(dataset.image_dir / record.file_name) as raster:
+            with open_raster(dataset.image_dir / record.file_name, value_range=value_range) as raster:
                 output = predict_tiled(model, raster, tile.size, tile.overlap, batch_size, tile.merge,
                                        max_detections=model.postprocessor.detections_per_image)
         except ImageReadError as err:
@@ -249,7 +251,7 @@ def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str
 
 def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = None, batch_size: int = 8,
              num_workers: int = 0, max_images: int = 0, verbose: bool = True, amp: str = "none",
-             tile=None) -> dict | None:
+             tile=None, value_range: list[float] | None = None) -> dict | None:
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
     `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. A
     dataset without images or without boxes (nothing to evaluate), whose categories are not
@@ -263,7 +265,7 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
     check_categories(model, dataset)
     if model.config is not None:
         check_tile_config(tile, model.config)
-    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp, tile)
+    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp, tile, value_range)
     gathered = distributed.all_gather_objects((results, skipped))
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
         return None
@@ -283,8 +285,8 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         metrics["plots"] = write_plots(metrics, precision, dataset.class_names, output_dir)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (output_dir / "detections.json").write_text(json.dumps(results))
+        write_text(output_dir / "detections.json", json.dumps(results))
+        write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

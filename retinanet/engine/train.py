@@ -466,7 +466,7 @@ class Trainer:
             raise TrainingError("no training data: set data.train_annotations (and data.train_images)")
         tile_warning = check_tile_config(cfg.data.tile, cfg.model)
         images = open_dataset(cfg.data, "train")
-        self.train_set = as_training_items(images, cfg.data.tile)
+        self.train_set = as_training_items(images, cfg.data.tile, cfg.data.value_range)
         if len(self.train_set) == 0:
             raise TrainingError(f"{cfg.data.train_annotations}: the training set has no images")
         check_boxes(images, self.train_set, cfg.data)
@@ -732,7 +732,7 @@ class Trainer:
         metrics = evaluate(self.final_model, self.val_set, self.output_dir / "eval",
                            self.cfg.eval.batch_size // self.dist.world_size or 1, self.cfg.data.num_workers,
                            self.cfg.eval.max_images, verbose=self.dist.is_main, amp=self.amp,
-                           tile=self.cfg.data.tile)
+                           tile=self.cfg.data.tile, value_range=self.cfg.data.value_range)
         if self.dist.is_main and metrics is not None:
             self.append_jsonl({"iteration": self.iteration, "eval": {k: v for k, v in metrics.items()
                                                                      if k != "skipped_images"}})
