@@ -69,6 +69,9 @@ def load_torch_state(path: str | Path, trust: bool = False) -> dict:
     except RuntimeError:
         # not a torch zip file: maybe a plain pickle (detectron2 .pkl renamed .pth)
         return load_pickle(path, trust)
+    except (OSError, EOFError, ValueError) as err:  # a torch zip cut short or damaged
+        raise ConversionError(f"{path}: damaged or truncated weight file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'unreadable'})") from None
 
 
 def to_tensors(state: dict) -> dict[str, torch.Tensor]:

@@ -110,6 +110,21 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
         model.train(was_training)
 
 
+def drop_unresizable(preprocessor, images: list, targets: list[dict],
+                     min_size: int | None = None) -> tuple[list, list[dict], list[str]]:
+    """The images (and their targets) the model can resize to `min_size` (default its test
+    size), and a line naming each of the others by image id: those so elongated that a side
+    would be 0 px (`Preprocessor.check_size`)."""
+    kept, dropped = [], []
+    for image, target in zip(images, targets):
+        try:
+            preprocessor.check_size(tuple(image.shape[-2:]), min_size, f"image id {target['image_id']}")
+            kept.append((image, target))
+        except ValueError as err:
+            dropped.append(str(err))
+    return [i for i, _ in kept], [t for _, t in kept], dropped
+
+
 def _predict_batches(model, dataset: DetectionDataset, indices: list[int], batch_size: int, num_workers: int,
                      device: torch.device) -> tuple[list[dict], list[str]]:
     """Whole images, decoded by `num_workers` DataLoader processes, in batches."""
@@ -118,7 +133,8 @@ def _predict_batches(model, dataset: DetectionDataset, indices: list[int], batch
     category_ids = model.category_ids  # the model's own label -> category id mapping
     results, skipped = [], []
     for images, targets, bad in loader:
-        skipped.extend(bad)
+        images, targets, too_elongated = drop_unresizable(model.preprocessor, images, targets)
+        skipped.extend(bad + too_elongated)
         if not images:
             continue
         outputs = model([im.to(device, non_blocking=True) for im in images])

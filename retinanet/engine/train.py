@@ -31,7 +31,7 @@ from ..outputs import check_writable, remove_stale_temporaries, write_text
 from . import distributed
 from .analyze import coverage_warning
 from .checkpoint import capture_rng, restore_rng
-from .evaluate import autocast, box_count, evaluate, resolve_amp
+from .evaluate import autocast, box_count, drop_unresizable, evaluate, resolve_amp
 from .finetune import (StartWeights, apply_freeze, architecture_differences, class_table, match_classes,
                        read_start_weights, start_state)
 from .tiling import check_tile_config
@@ -662,7 +662,7 @@ class Trainer:
         hooks = self._hooks()
         try:
             while self.iteration < self.schedule.max_iter:
-                images, targets, skipped = next(batches)
+                images, targets, skipped = self._resizable(*next(batches))
                 losses = self.step(images, targets) if self._usable_batch(images, skipped) else None
                 self.iteration += 1
                 for hook in hooks:
@@ -673,6 +673,13 @@ class Trainer:
             for hook in hooks:
                 hook.close()
         return "finished"
+
+    def _resizable(self, images: list, targets: list[dict], skipped: list[str]) -> tuple[list, list, list]:
+        """The batch less the images too elongated for the model's input (`drop_unresizable`),
+        which join the skipped ones."""
+        pre = self.model.preprocessor
+        images, targets, dropped = drop_unresizable(pre, images, targets, min(pre.train_min_sizes))
+        return images, targets, skipped + dropped
 
     def _usable_batch(self, images: list, skipped: list[str]) -> bool:
         """Record unreadable images; False (on every process alike) when some process got
