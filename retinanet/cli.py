@@ -521,7 +521,8 @@ def cmd_eval(args) -> int:
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
                        cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main,
                        amp=resolve_amp(cfg.train.amp, info.device)[0],
-                       tile=cfg.data.tile, value_range=cfg.data.value_range)
+                       tile=cfg.data.tile, value_range=cfg.data.value_range,
+                       score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou)
     if info.is_main:
         print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}  "
               f"-> {output_dir / 'metrics.json'}")

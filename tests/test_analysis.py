@@ -233,7 +233,8 @@ def test_eval_pictures_and_plot_command(shapes_data, tmp_path, capsys):
     assert {"C75", "C50", "Loc", "Oth", "BG", "FN", "costs"} <= set(metrics["error_breakdown"])
     for path in metrics["plots"]:
         _opens_as_picture(path)
-    assert sorted(p.split("/")[-1] for p in metrics["plots"]) == ["error_breakdown.png", "pr_curves.png"]
+    assert sorted(p.split("/")[-1] for p in metrics["plots"]) == ["confusion_matrix.png", "error_breakdown.png",
+                                                                  "pr_curves.png"]
     assert cli(["plot", str(out), str(out), "--output", str(tmp_path / "curves.png")]) == 0
     _opens_as_picture(tmp_path / "curves.png")
     assert cli(["plot", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2

@@ -129,6 +129,35 @@ def plot_error_breakdown(breakdown: dict, path: Path) -> Path:
     return path
 
 
+def plot_confusion_matrix(metrics: dict, path: Path) -> Path:
+    """The confusion matrix of `threshold_metrics` as a grid of counts: rows the ground-truth
+    class then background, columns the predicted class then background; colours are each
+    cell's share of its row, so that rare classes read as well as common ones."""
+    plt = _pyplot()
+    matrix = metrics["confusion_matrix"]
+    counts = torch.tensor(matrix["counts"], dtype=torch.float64)
+    labels = matrix["labels"]
+    shares = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    size = min(3 + 0.45 * len(labels), 24)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=8)
+    if len(labels) <= 30:  # beyond, the numbers would not fit their cells
+        for (row, column), value in zip(torch.cartesian_prod(torch.arange(len(labels)), torch.arange(len(labels))).tolist(),
+                                        counts.flatten().tolist()):
+            colour = "white" if shares[row, column] > 0.5 else "black"
+            ax.text(column, row, f"{int(value)}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(f"Confusion at score >= {metrics['score_threshold']:g}, IoU >= {metrics['iou']:g}", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
 def plot_runs(run_dirs: list[Path], path: Path) -> Path:
     """Loss, learning rate and AP against iteration from each run's `metrics.jsonl`."""
     plt = _pyplot()

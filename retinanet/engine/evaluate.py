@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from ..data.dataset import DatasetError, DetectionDataset, coco_api, collate
 from ..data.image_io import ImageReadError
 from ..data.raster import open_raster
+from ..analysis.threshold_metrics import format_threshold_line, images_from_results, threshold_metrics
 from ..outputs import write_text
 from . import distributed
 from .tiling import check_tile_config, predict_tiled
@@ -267,9 +268,12 @@ def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str
 
 def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = None, batch_size: int = 8,
              num_workers: int = 0, max_images: int = 0, verbose: bool = True, amp: str = "none",
-             tile=None, value_range: list[float] | None = None) -> dict | None:
+             tile=None, value_range: list[float] | None = None, score_threshold: float = 0.5,
+             iou_threshold: float = 0.5) -> dict | None:
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
-    `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. A
+    `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. Beside COCO's
+    metrics, `threshold_metrics` holds precision, recall, F1 and the confusion matrix of the
+    detections scored >= `score_threshold`, matched at IoU >= `iou_threshold`. A
     dataset without images or without boxes (nothing to evaluate), whose categories are not
     the model's, or a `tile` config that `check_tile_config` refuses, is an error."""
     if len(dataset) == 0:
@@ -292,11 +296,15 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
     metrics, precision = coco_metrics(gt, results, image_ids, dataset.class_names, verbose, return_precision=True)
     metrics["num_images"] = count - len(skipped)
     metrics["skipped_images"] = skipped
+    records = [dataset.records[i] for i in range(count)]
+    metrics["threshold_metrics"] = threshold_metrics(images_from_results(records, results, dataset.category_ids),
+                                                     dataset.class_names, score_threshold, iou_threshold)
     if verbose:
         print(format_per_class_table(metrics["per_class_AP"]))
         if metrics.get("error_breakdown"):
             costs = metrics["error_breakdown"]["costs"]
             print("AP50 lost to: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
+        print(format_threshold_line(metrics["threshold_metrics"]))
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -307,14 +315,18 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
 
 
 def write_plots(metrics: dict, precision, class_names: list[str], output_dir: Path) -> list[str]:
-    """Per-class precision-recall curves and the error breakdown as PNGs (needs matplotlib)."""
-    if precision is None or metrics.get("error_breakdown") is None:
-        return []
+    """Per-class precision-recall curves, the error breakdown and the confusion matrix at the
+    score threshold as PNGs (needs matplotlib)."""
     try:
-        from ..analysis.plots import plot_error_breakdown, plot_pr_curves
+        from ..analysis.plots import plot_confusion_matrix, plot_error_breakdown, plot_pr_curves
 
-        return [str(plot_pr_curves(precision, class_names, output_dir / "pr_curves.png")),
-                str(plot_error_breakdown(metrics["error_breakdown"], output_dir / "error_breakdown.png"))]
+        paths = []
+        if precision is not None and metrics.get("error_breakdown") is not None:
+            paths += [plot_pr_curves(precision, class_names, output_dir / "pr_curves.png"),
+                      plot_error_breakdown(metrics["error_breakdown"], output_dir / "error_breakdown.png")]
+        if metrics.get("threshold_metrics"):
+            paths.append(plot_confusion_matrix(metrics["threshold_metrics"], output_dir / "confusion_matrix.png"))
+        return [str(p) for p in paths]
     except ImportError as err:
         log.info("no plots: %s", err)
         return []
