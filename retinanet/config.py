@@ -188,8 +188,8 @@ class EvalConfig:
     batch_size: PositiveInt = 8  # global
     max_images: NonNegativeInt = 0  # 0: all
     compile: bool = False  # `retinanet eval`: torch.compile the network (and NMS on a GPU); the first batches wait for the compiler
-    score_threshold: Fraction = 0.5  # precision, recall, F1 and the confusion matrix count detections scored at least this
-    iou: Annotated[float, Range(0, 1, open_min=True)] = 0.5  # ... matched to a ground-truth box at this IoU or more
+    score_threshold: Fraction = 0.5  # precision/recall/F1/confusion matrix count detections scored this or more
+    iou: Annotated[float, Range(0, 1, open_min=True)] = 0.5  # a detection finds a box at this IoU or more (same)
 
 
 @dataclass

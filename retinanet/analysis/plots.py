@@ -145,10 +145,9 @@ def plot_confusion_matrix(metrics: dict, path: Path) -> Path:
     ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(ticks, labels, fontsize=8)
     if len(labels) <= 30:  # beyond, the numbers would not fit their cells
-        for (row, column), value in zip(torch.cartesian_prod(torch.arange(len(labels)), torch.arange(len(labels))).tolist(),
-                                        counts.flatten().tolist()):
+        for row, column in torch.cartesian_prod(torch.arange(len(labels)), torch.arange(len(labels))).tolist():
             colour = "white" if shares[row, column] > 0.5 else "black"
-            ax.text(column, row, f"{int(value)}", ha="center", va="center", fontsize=7, color=colour)
+            ax.text(column, row, f"{int(counts[row, column])}", ha="center", va="center", fontsize=9 if len(labels) <= 10 else 7, color=colour)
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     ax.set_title(f"Confusion at score >= {metrics['score_threshold']:g}, IoU >= {metrics['iou']:g}", fontsize=10)
