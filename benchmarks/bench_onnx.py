@@ -2,9 +2,8 @@
 torchvision's `retinanet_resnet50_fpn` exported by `torch.onnx.export`, same weights, same photo.
 
 Both are timed end to end from a decoded `(H, W, 3)` uint8 image to final detections in
-original pixels: ours resizes with Pillow and pads in numpy before the graph, torchvision's
-graph holds its own resize and normalisation. torchvision's export takes one image, so the
-case is batch 1. The two sessions alternate (A B A B ...), both with onnxruntime's default
+original pixels; both graphs hold their own resize and normalisation (ours is exported for
+images of the photo's size). torchvision's export takes one image, so the case is batch 1. The two sessions alternate (A B A B ...), both with onnxruntime's default
 CPU threads; prints the medians, the ratio and how far the two sets of detections differ.
 Usage: python benchmarks/bench_onnx.py [--height 800 --width 1067] [--repeat 7]
 """
@@ -46,9 +45,7 @@ def main() -> None:
     ours = optimized_copy(config, state, torch.device("cpu"))
     image = photo(args.height, args.width)
     folder = Path(tempfile.mkdtemp())
-    divisor = ours.preprocessor.size_divisibility
-    padded = [-(-s // divisor) * divisor for s in (args.height, args.width)]  # both graphs run this size
-    export_onnx(ours, folder / "ours.onnx", *padded)
+    export_onnx(ours, folder / "ours.onnx", args.height, args.width)  # the graph resizes as the model does
     tv_input = torch.from_numpy(image).permute(2, 0, 1).float() / 255
     with torch.no_grad():
         torch.onnx.export(tv, ([tv_input],), str(folder / "tv.onnx"), opset_version=17, dynamo=False,
@@ -75,7 +72,7 @@ def main() -> None:
     host = machine()
     print(f"# {time.strftime('%Y-%m-%d')}, {host['cpu']} ({', '.join(host['cpu_flags'])}), "
           f"onnxruntime {ort.__version__}, torch {torch.__version__}, image {args.height}x{args.width}, "
-          f"graphs {padded[0]}x{padded[1]}, median of {args.repeat}")
+          f"median of {args.repeat}")
     print(f"ours        {ours_t:.3f} s  {[round(t, 3) for t in times['ours']]}")
     print(f"torchvision {tv_t:.3f} s  {[round(t, 3) for t in times['torchvision']]}")
     print(f"ours / torchvision speed: {tv_t / ours_t:.2f}x")

@@ -204,13 +204,13 @@ def _add_predict_parser(commands) -> None:
     p.add_argument("--value-range", type=_value_range, metavar="LOW,HIGH",
                    help="with --tile: the values of a 16-bit or float image that map to black and white (e.g. "
                         "0,4095; --value-range=-1,1 for a negative LOW); default: the data's own range, as logged")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="images run together (4)")
-    p.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in this process)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images run together (4); images of one size run as one batch")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads (0: decode in the main thread)")
     p.add_argument("--save-txt", choices=["yolo", "csv"],
                    help="also one label file per image in OUTPUT_DIR/labels: YOLO txt or CSV rows")
     _add_speed_options(p)
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: run an exported .onnx given as --weights (no torch needed)")
+                   help="onnxruntime: run an exported .onnx given as --weights (no torch needed; same outputs, no --tile)")
     p.add_argument("--device", default="auto", type=_device)
 
 
@@ -276,17 +276,21 @@ def _add_assign_parser(commands) -> None:
 
 
 def _add_export_parser(commands) -> None:
-    p = commands.add_parser("export", help="export a checkpoint to ONNX, post-processing included")
+    p = commands.add_parser("export", help="export a checkpoint to ONNX: uint8 images in, resized in the graph; "
+                                           "detections out")
     p.add_argument("--weights", required=True, help="checkpoint to export, or a zoo name (retinanet zoo)")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--output", required=True, help="the .onnx file to write")
-    p.add_argument("--height", type=_positive_int, help="input height (default: the model's test size, padded)")
-    p.add_argument("--width", type=_positive_int, help="input width (default: its max size, padded)")
+    p.add_argument("--height", type=_positive_int, help="height of the images a fixed-shape graph takes (default: "
+                                                         "the model's test size)")
+    p.add_argument("--width", type=_positive_int, help="width of those images (default: the model's max size)")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size of a fixed-shape graph (1)")
-    p.add_argument("--dynamic", action="store_true", help="batch, height and width may vary at run time")
+    p.add_argument("--dynamic", action="store_true", help="images of any size and batches of any size (a batch holds "
+                                                          "images of one size)")
     p.add_argument("--opset", type=_positive_int, default=17)
     p.add_argument("--no-postprocess", action="store_true",
-                   help="raw per-level class logits, box deltas and anchors, for your own NMS")
+                   help="raw per-level class logits, box deltas and anchors (and the resized size), for your own "
+                        "NMS")
     p.add_argument("--simplify", action="store_true", help="fold constants with onnxsim when it is installed")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
@@ -537,7 +541,17 @@ def cmd_predict(args) -> int:
     if args.max_pixels:
         Image.MAX_IMAGE_PIXELS = args.max_pixels
     if args.backend == "onnxruntime":
-        return _predict_onnxruntime(args)
+        predictions, errors = _predict_onnxruntime(args)
+    else:
+        predictions, errors = _predict_torch(args)
+    images = len({p["file_name"] for p in predictions})
+    print(f"{len(predictions)} detections in {images} image(s) with detections ({args.backend}) -> "
+          f"{Path(args.output_dir) / 'predictions.json'}"
+          + (f"; {len(errors)} input(s) could not be used" if errors else ""))
+    return 1 if errors else 0
+
+
+def _predict_torch(args) -> tuple[list[dict], list[str]]:
     _resolve_weights(args)
     from .checkpoint import load_model
     from .engine.distributed import resolve_device
@@ -552,13 +566,9 @@ def cmd_predict(args) -> int:
         _check_tiling(args, model.config)
         tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image,
                   "value_range": args.value_range}
-    predictions, errors = predict_files(model, args.images, output_dir, args.score_threshold,
-                                        draw=not args.no_draw, batch_size=args.batch_size, tiling=tiling,
-                                        workers=max(0, args.workers), save_txt=args.save_txt, amp=amp)
-    images = len({p["file_name"] for p in predictions})
-    print(f"{len(predictions)} detections in {images} image(s) with detections -> {output_dir / 'predictions.json'}"
-          + (f"; {len(errors)} input(s) could not be used" if errors else ""))
-    return 1 if errors else 0
+    return predict_files(model, args.images, output_dir, args.score_threshold, draw=not args.no_draw,
+                         batch_size=args.batch_size, tiling=tiling, workers=max(0, args.workers),
+                         save_txt=args.save_txt, amp=amp)
 
 
 TILING_DEFAULTS = {"overlap": 0.2, "merge": "nms", "full_image": False, "force_tiling": False}
@@ -592,13 +602,16 @@ def _check_tiling(args, model_config) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def _predict_onnxruntime(args) -> int:
-    """predictions.json through onnxruntime, numpy and Pillow only (`export.ort_predict`)."""
-    from .export.ort_predict import OnnxDetector, predict_files
+def _predict_onnxruntime(args) -> tuple[list[dict], list[str]]:
+    """The shared prediction loop (`engine.prediction_files`) with an exported graph under
+    onnxruntime (`export.ort_predict`): no torch is imported."""
+    from .engine.prediction_files import predict_files
+    from .export.ort_predict import OnnxDetector
 
-    if args.tile or args.compile or args.amp != "none" or args.save_txt:
-        raise OutputError("--tile, --compile, --amp and --save-txt run with the torch backend only "
-                          "(an ONNX model runs as it was exported)")
+    if args.compile or args.amp != "none":
+        raise OutputError("--compile and --amp apply to a checkpoint; an ONNX model runs as it was exported")
+    if args.tile:
+        raise OutputError("--tile runs with the torch backend only: predict on tiles with the checkpoint")
     output_dir = _output_folder(args.output_dir)
     weights = Path(args.weights)
     if not weights.is_file():
@@ -607,10 +620,12 @@ def _predict_onnxruntime(args) -> int:
         detector = OnnxDetector(weights)
     except Exception as err:  # onnxruntime's own load errors
         raise OutputError(f"{weights}: cannot be loaded as an exported model ({str(err).splitlines()[0]})") from None
-    predictions, errors = predict_files(detector, args.images, output_dir, args.score_threshold)
-    print(f"{len(predictions)} detections (onnxruntime) -> {output_dir / 'predictions.json'}"
-          + (f"; {len(errors)} input(s) could not be used" if errors else ""))
-    return 1 if errors else 0
+    if args.score_threshold is not None and args.score_threshold < detector.score_threshold:
+        raise OutputError(f"--score-threshold {args.score_threshold:g}: {weights} was exported with "
+                          f"{detector.score_threshold:g} and gives no detections below it; predict with the checkpoint "
+                          "for a lower one")
+    return predict_files(detector, args.images, output_dir, args.score_threshold, draw=not args.no_draw,
+                         batch_size=args.batch_size, workers=max(0, args.workers), save_txt=args.save_txt)
 
 
 def cmd_bench(args) -> int:
@@ -662,7 +677,6 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     import importlib.util
-    import math
 
     from .checkpoint import load_model
     from .export.onnx import export_onnx
@@ -673,17 +687,15 @@ def cmd_export(args) -> int:
     check_writable(output.parent)
     model = load_model(args.weights).eval()
     pre = model.preprocessor
-    d = pre.size_divisibility
-    height = args.height or math.ceil(pre.test_min_size / d) * d
-    width = args.width or math.ceil(pre.max_size / d) * d
-    if height % d or width % d:
-        raise OutputError(f"--height {height} / --width {width}: must be multiples of the size divisibility {d}")
+    height = args.height or pre.test_min_size  # an image the model takes as it is: no resize
+    width = args.width or pre.max_size
     if args.simplify and importlib.util.find_spec("onnxsim") is None:
         print("onnxsim is not installed: the graph is left as exported (pip install onnxsim)", file=sys.stderr)
     export_onnx(model, output, height, width, args.batch, args.dynamic, args.opset, not args.no_postprocess,
                 simplify=args.simplify)
-    print(f"wrote {output}: input images (B, 3, {height}, {width}) float32 RGB in [0, 255] and image_sizes (B, 2)"
-          + (" (dynamic batch and size)" if args.dynamic else f" (batch {args.batch})"))
+    print(f"wrote {output}: input images (B, 3, H, W) uint8 RGB, resized in the graph as the model does; boxes in "
+          "their pixels" + (" (any batch and size)" if args.dynamic else
+                            f" (batch {args.batch}, {width}x{height} px images only; --dynamic for any size)"))
     return 0
 
 

@@ -56,15 +56,12 @@ class Predictor:
 
     def check_size(self, height: int, width: int, name: str) -> None:
         """Raise `ValueError` naming `name` for an image the model cannot take: so elongated
-        that resizing to the model's input leaves a side of 0 pixels."""
+        that resizing to the model's input leaves a side of 0 pixels, or, for a fixed-shape
+        ONNX graph, of another size than the one it was exported for."""
         if self.onnx is None:
             self.model.preprocessor.check_size((height, width), name=name)
             return
-        size = self.onnx.input  # the rule of OnnxDetector.prepare
-        scale = min(size["test_min_size"] / min(height, width), size["max_size"] / max(height, width))
-        if min(int(height * scale), int(width * scale)) < 1:
-            raise ValueError(f"{name}: {width}x{height} px is too elongated for an input of at most "
-                             f"{size['max_size']} px (a side would be 0 px after resizing); crop or tile it")
+        self.onnx.check_size(height, width, name)
 
     def predict(self, arrays: list) -> list[dict]:
         if self.onnx is not None:

@@ -1,11 +1,13 @@
-"""ONNX export of the whole detector: normalisation, backbone, FPN, head, anchor decoding,
-per-level top-k, class-aware NMS (ONNX `NonMaxSuppression`) and the final top-N.
+"""ONNX export of the whole detector: pre-processing (normalisation, resize, padding),
+backbone, FPN, head, anchor decoding, per-level top-k, class-aware NMS (ONNX
+`NonMaxSuppression`) and the final top-N.
 
-The graph's contract: `images (B, 3, H, W)` float32 RGB in [0, 255] (uint8 values cast to
-float), already resized and padded as the model's pre-processing does (`prepare_batch`
-below, or the README's numpy snippet), H and W multiples of the size divisibility, and
-`image_sizes (B, 2)` int64: each image's `(h, w)` after resizing, before padding. Outputs, in input pixels: `boxes (B, N, 4)`
-xyxy, `scores (B, N)`, `labels (B, N)` int64, padded with zeros past `num_detections (B,)`.
+The graph's contract: `images (B, 3, H, W)` uint8 RGB, the original images (a batch holds
+images of one size), which the graph resizes and pads exactly as the model's `Preprocessor`
+does (`resize_like_model`), so no runtime's own resize can make its detections differ.
+Outputs, in the input images' pixels: `boxes (B, N, 4)` xyxy, `scores (B, N)`, `labels
+(B, N)` int64, padded with zeros past `num_detections (B,)`. A fixed-shape graph (not
+`dynamic`) takes images of its export size only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from ..model.detector import RetinaNet
+from ..model.preprocess import resize_scale
 from ..outputs import atomic_output
 
 
@@ -50,18 +53,64 @@ class MultiClassNMS(torch.autograd.Function):
                     center_point_box_i=0)
 
 
+def _shape(x: torch.Tensor) -> torch.Tensor:
+    """`x.shape` as an int64 tensor, recorded in the graph while exporting (so that it can vary)."""
+    return torch._shape_as_tensor(x) if torch.jit.is_tracing() else torch.tensor(x.shape)
+
+
+def linear_source(n_in: torch.Tensor, n_out: torch.Tensor):
+    """Bilinear (`align_corners=False`) source indices and weights along one axis, computed as
+    torch's CPU kernel computes them: scale `n_in / n_out` in float32, source `scale * (i + 0.5)
+    - 0.5` rounded once (torch fuses it into one FMA: emulated in float64, where the product is
+    exact), clamped at 0. Returns `(i0, i1, w0, w1)`, each `(n_out,)`."""
+    scale = n_in.to(torch.float32) / n_out.to(torch.float32)
+    dst = torch.arange(n_out, dtype=torch.float32).to(torch.float64) + 0.5
+    src = (scale.to(torch.float64) * dst - 0.5).to(torch.float32).clamp(min=0)
+    last = n_in - 1
+    i0 = torch.minimum(src.floor().to(torch.int64), last)
+    w1 = (src - i0.to(torch.float32)).clamp(0, 1)
+    return i0, torch.minimum(i0 + 1, last), 1 - w1, w1
+
+
+def resize_bilinear(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """`F.interpolate(x, size, mode="bilinear", align_corners=False)` written with Gather, Mul
+    and Add, so that every runtime gives torch's numbers (ONNX `Resize` under onnxruntime
+    differs by up to 0.02 on [0, 255] pixel values at some scales: its source coordinates are
+    rounded differently). Rows are blended after columns, as torch's kernel does."""
+    shape = _shape(x)
+    i0, i1, w0, w1 = linear_source(shape[3], size[1])
+    x = x.index_select(3, i0) * w0 + x.index_select(3, i1) * w1
+    i0, i1, w0, w1 = linear_source(shape[2], size[0])
+    return x.index_select(2, i0) * w0[:, None] + x.index_select(2, i1) * w1[:, None]
+
+
 class ExportedDetector(nn.Module):
-    """The model with its post-processing written with exportable, fixed-shape tensor ops."""
+    """The model with its pre- and post-processing written with exportable tensor ops: uint8
+    images `(B, 3, H, W)` in, detections in their pixels out."""
 
     def __init__(self, model: RetinaNet, postprocess: bool = True):
         super().__init__()
         self.model = model.eval()
         self.postprocess = postprocess
-        pre = model.preprocessor
-        scale = pre.pixel_scale / 255.0
-        self.register_buffer("mean", (pre.pixel_mean / scale).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", (pre.pixel_std / scale).view(1, 3, 1, 1), persistent=False)
-        self.bgr = pre.bgr
+
+    def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`Preprocessor` on a batch of one size, with sizes read inside the graph: normalise,
+        resize (short side to `test_min_size`, long side at most `max_size`, each side
+        `floor(side * scale)` in float64 as `F.interpolate` rounds it), pad with zeros to a
+        multiple of the size divisibility. Returns the padded batch, the original `(h, w)` and
+        the resized `(h, w)` (int64)."""
+        pre = self.model.preprocessor
+        x = pre.normalize(images)
+        original = _shape(images)[2:]
+        size = original
+        if pre.resize:
+            scale = resize_scale(original.to(torch.float32), pre.test_min_size, pre.max_size)
+            size = torch.floor(original.to(torch.float64) * scale.to(torch.float64)).to(torch.int64)
+            x = resize_bilinear(x, size)
+        d = pre.size_divisibility
+        pad = (size + d - 1) // d * d - size
+        x = nn.functional.pad(x, [0, pad[1], 0, pad[0]])
+        return x, original, size
 
     def level_candidates(self, level_logits: torch.Tensor):
         """`PostProcessor._level_candidates` with top-k sizes that follow the input size in the
@@ -92,20 +141,19 @@ class ExportedDetector(nn.Module):
         sizes = [size(f) for f in features]
         return generator.grids(sizes, generator.level_strides(sizes, size(images)), images.device)
 
-    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None):
-        """`image_sizes (B, 2)`: each image's `(h, w)` inside the padded batch, for clipping."""
-        x = images.float()
-        if self.bgr:
-            x = x.flip(1)
-        x = (x - self.mean) / self.std
+    def forward(self, images: torch.Tensor):
+        x, original, size = self.preprocess(images)
         features = self.model.fpn(self.model.backbone(x))
         logits, deltas = self.model.head(features)
-        anchors = self.anchors(features, images)
+        anchors = self.anchors(features, x)
         if not self.postprocess:
-            return (*logits, *deltas, *anchors)
-        return self.detect(logits, deltas, anchors, image_sizes)
+            return (*logits, *deltas, *anchors, size)
+        return self.detect(logits, deltas, anchors, size, original)
 
-    def detect(self, logits, deltas, anchors, image_sizes):
+    def detect(self, logits, deltas, anchors, size: torch.Tensor, original: torch.Tensor):
+        """`PostProcessor.batched` for images resized to `size (h, w)`, then, as
+        `RetinaNet.forward_inference`, boxes scaled to `original (h, w)` (and clipped there
+        when `clip_boxes` is "after_nms")."""
         post = self.model.postprocessor
         num_classes = logits[0].shape[-1]
         boxes, scores, labels = [], [], []
@@ -116,11 +164,11 @@ class ExportedDetector(nn.Module):
             scores.append(torch.sigmoid(top_logits))
             labels.append(label)
         boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)  # (B, K, ...)
-        limit = image_sizes.to(boxes.dtype).flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4) as (w, h, w, h)
         if post.clip_boxes == "before_nms":
-            boxes = torch.minimum(boxes.clamp(min=0), limit)
-        wide = ((boxes[..., 2:] - boxes[..., :2]) > post.min_box_size).all(-1)
-        scores = torch.where(wide, scores, torch.zeros_like(scores))
+            boxes = torch.minimum(boxes.clamp(min=0), size.to(boxes.dtype).flip(0).repeat(2))
+        if post.clip_boxes != "after_nms":
+            wide = ((boxes[..., 2:] - boxes[..., :2]) > post.min_box_size).all(-1)
+            scores = torch.where(wide, scores, torch.zeros_like(scores))
         class_scores = scores[:, None, :] * (labels[:, None, :] == torch.arange(num_classes, device=labels.device)
                                              [None, :, None]).to(scores.dtype)  # (B, C, K)
         selected = MultiClassNMS.apply(boxes, class_scores, post.detections_per_image, post.nms_threshold,
@@ -131,10 +179,11 @@ class ExportedDetector(nn.Module):
         kept_scores = torch.where(keep > 0, scores, torch.full_like(scores, -1.0))
         top_scores, top_idx = kept_scores.topk(_topk_min(kept_scores, post.detections_per_image), dim=1)
         valid = top_scores > 0
-        out_boxes = torch.gather(boxes, 1, top_idx[..., None].expand(-1, -1, 4))
+        ratio = original.to(torch.float32) / size.to(torch.float32)  # (h, w), as preprocess.scale_ratios
+        out_boxes = torch.gather(boxes, 1, top_idx[..., None].expand(-1, -1, 4)) * ratio.flip(0).repeat(2)
         out_labels = torch.gather(labels, 1, top_idx)
         if post.clip_boxes == "after_nms":  # detectron2: clip the kept boxes, drop those left empty, re-sort
-            out_boxes = torch.minimum(out_boxes.clamp(min=0), limit)
+            out_boxes = torch.minimum(out_boxes.clamp(min=0), original.to(boxes.dtype).flip(0).repeat(2))
             valid = valid & ((out_boxes[..., 2:] - out_boxes[..., :2]) > 0).all(-1)
             ranked = torch.where(valid, top_scores, torch.full_like(top_scores, -1.0))
             top_scores, order = ranked.topk(_topk_min(ranked, post.detections_per_image), dim=1)
@@ -155,27 +204,27 @@ def _topk_min(x: torch.Tensor, k: int):
 
 def export_onnx(model: RetinaNet, path: str | Path, height: int, width: int, batch: int = 1, dynamic: bool = False,
                 opset: int = 17, postprocess: bool = True, simplify: bool = False) -> Path:
-    """Write the ONNX graph (TorchScript-based exporter) with the class names and category ids
-    in its metadata. `dynamic`: batch, height and width may vary at run time. `simplify`: fold
-    constants with onnxsim when it is installed. The file is built under a temporary name and
-    renamed into place (`atomic_output`): a failure leaves whatever was at `path` untouched."""
+    """Write the ONNX graph (TorchScript-based exporter) for uint8 images of `height x width`
+    (any size and batch with `dynamic`), with the class names, category ids and the input
+    contract in its metadata. `simplify`: fold constants with onnxsim when it is installed.
+    The file is built under a temporary name and renamed into place (`atomic_output`): a
+    failure leaves whatever was at `path` untouched."""
     path = Path(path)
     module = ExportedDetector(model, postprocess).eval()
-    dummy = torch.randint(0, 255, (batch, 3, height, width)).float()
-    dummy_sizes = torch.tensor([[height, width]] * batch, dtype=torch.long)
+    dummy = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8)
     levels = len(model.anchor_generator.strides)
     if postprocess:
         outputs = ["boxes", "scores", "labels", "num_detections"]
     else:
         outputs = ([f"logits_p{i + 3}" for i in range(levels)] + [f"deltas_p{i + 3}" for i in range(levels)]
-                   + [f"anchors_p{i + 3}" for i in range(levels)])
+                   + [f"anchors_p{i + 3}" for i in range(levels)] + ["resized_size"])
     axes = None
     if dynamic:
-        axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}
-        axes.update({name: {0: "batch"} for name in outputs if not name.startswith("anchors")})
+        axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+        axes.update({name: {0: "batch"} for name in outputs if name.split("_")[0] in ("boxes", "scores", "labels",
+                                                                                         "num", "logits", "deltas")})
     with atomic_output(path) as tmp, torch.no_grad():
-        args, inputs = ((dummy, dummy_sizes), ["images", "image_sizes"]) if postprocess else ((dummy,), ["images"])
-        torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
+        torch.onnx.export(module, (dummy,), str(tmp), input_names=["images"], output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
         _finish_graph(model, tmp, height, width, batch, dynamic, simplify)
     return path
@@ -187,13 +236,15 @@ def _finish_graph(model: RetinaNet, path: Path, height: int, width: int, batch: 
     import onnx
 
     graph = onnx.load(str(path))
-    config = model.config
+    pre = model.preprocessor
+    contract = {"images": "uint8 NCHW RGB, original images of one size per batch, resized in the graph",
+                "height": None if dynamic else height, "width": None if dynamic else width,
+                "batch": None if dynamic else batch, "dynamic": dynamic, "resize": pre.resize,
+                "test_min_size": pre.test_min_size, "max_size": pre.max_size,
+                "size_divisibility": pre.size_divisibility,
+                "score_threshold": model.postprocessor.score_threshold}
     meta = {"class_names": json.dumps(model.class_names), "category_ids": json.dumps(model.category_ids),
-            "input": json.dumps({"height": height, "width": width, "batch": batch, "dynamic": dynamic, "dtype": "float32 in [0, 255]",
-                                 "layout": "NCHW RGB", "test_min_size": config.input.test_min_size if config else None,
-                                 "max_size": config.input.max_size if config else None,
-                                 "size_divisibility": model.preprocessor.size_divisibility,
-                                 "pad_value_rgb": [round(v, 4) for v in pad_value(model).tolist()]})}
+            "input": json.dumps(contract)}
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
@@ -207,35 +258,3 @@ def _finish_graph(model: RetinaNet, path: Path, height: int, width: int, batch: 
             if ok:
                 graph = simplified
     onnx.save(graph, str(path))
-
-
-def pad_value(model: RetinaNet) -> torch.Tensor:
-    """The RGB value (in [0, 255]) that normalises to 0: the model pads with it."""
-    pre = model.preprocessor
-    value = pre.pixel_mean.view(3) * 255.0 / pre.pixel_scale
-    return value.flip(0) if pre.bgr else value
-
-
-def prepare_batch(model: RetinaNet, images: list[torch.Tensor], height: int | None = None,
-                  width: int | None = None) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
-    """Images `(3, H, W)` uint8 resized exactly as the model resizes them, as a float batch in
-    [0, 255] padded to `height x width` (default: the batch's own padded size). Returns the
-    batch, the resized sizes and the original sizes (to scale boxes back)."""
-    pre = model.preprocessor
-    resized, sizes, originals = [], [], []
-    for image in images:
-        originals.append(tuple(image.shape[-2:]))
-        x = image.float()[None]
-        if pre.resize:
-            scale = pre.scale_factor(tuple(image.shape[-2:]), pre.test_min_size)
-            x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                                                align_corners=False)
-        resized.append(x[0])
-        sizes.append(tuple(x.shape[-2:]))
-    d = pre.size_divisibility
-    h = height or -(-max(s[0] for s in sizes) // d) * d
-    w = width or -(-max(s[1] for s in sizes) // d) * d
-    batch = pad_value(model).view(1, 3, 1, 1).repeat(len(images), 1, h, w)
-    for out, x in zip(batch, resized):
-        out[:, : x.shape[-2], : x.shape[-1]] = x
-    return batch, sizes, originals

@@ -111,8 +111,7 @@ class Preprocessor:
 
     def scale_factor(self, size: tuple[int, int], min_size: int) -> float:
         """The resize factor for an image of `size (h, w)` (computed in float32 like torchvision)."""
-        shape = torch.tensor(size, dtype=torch.float32)
-        return torch.minimum(min_size / shape.min(), self.max_size / shape.max()).item()
+        return resize_scale(torch.tensor(size, dtype=torch.float32), min_size, self.max_size).item()
 
     def check_size(self, size: tuple[int, int], min_size: int | None = None, name: str = "image") -> None:
         """Raise `ValueError` for an image so elongated that resizing leaves a side of 0 pixels."""
@@ -143,6 +142,13 @@ class Preprocessor:
         for out, im in zip(batch, images):
             out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
         return batch
+
+
+def resize_scale(size: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
+    """The resize factor, a float32 0-dim tensor, of an image of `size`, a float32 `(h, w)`
+    tensor: short side to `min_size`, long side at most `max_size`. A function of tensors, so
+    that an exported graph computes it from its input's shape with the same float32 ops."""
+    return torch.minimum(min_size / size.min(), max_size / size.max())
 
 
 def scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
