@@ -11,10 +11,12 @@ runs without importing torch.
 from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["RetinaNet", "ModelConfig", "load_model", "save_model", "read_image", "CheckpointError", "__version__"]
+__all__ = ["RetinaNet", "ModelConfig", "load_model", "save_model", "read_image", "CheckpointError", "Trainer",
+           "Callback", "__version__"]
 
 _LAZY = {"RetinaNet": ".model", "ModelConfig": ".model", "load_model": ".checkpoint", "save_model": ".checkpoint",
-         "CheckpointError": ".checkpoint", "read_image": ".data.image_io"}
+         "CheckpointError": ".checkpoint", "read_image": ".data.image_io", "Trainer": ".engine.train",
+         "Callback": ".engine.callbacks"}
 
 
 def __getattr__(name: str):

@@ -181,6 +181,18 @@ class TrainConfig:
     # stage), "backbone+fpn", or as torchvision's trainable_backbone_layers, 0-5 trainable stages
     freeze: Literal["none", "backbone", "backbone+fpn"] | Annotated[int, Range(0, 5)] = "none"
     threads: NonNegativeInt = 0  # CPU threads for torch (0: torch's default)
+    # where the run is tracked besides metrics.jsonl: tensorboard, csv (metrics.csv), mlflow, wandb
+    loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    # your own retinanet.Callback classes, "module:Class" (each built with no arguments)
+    callbacks: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"train.loggers: {self.loggers!r} names a logger twice")
+        for name in self.callbacks:
+            module, _, attr = name.partition(":")
+            if not (module and attr):
+                raise ConfigError(f"train.callbacks: {name!r} must be \"module:Class\"")
 
 
 @dataclass

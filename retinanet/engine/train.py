@@ -30,6 +30,7 @@ from ..model.detector import RetinaNet
 from ..outputs import check_writable, remove_stale_temporaries, write_text
 from . import distributed
 from .analyze import coverage_warning
+from .callbacks import Callback, build_loggers, load_callbacks
 from .checkpoint import capture_rng, restore_rng
 from .evaluate import autocast, box_count, drop_unresizable, evaluate, resolve_amp
 from .finetune import (StartWeights, apply_freeze, architecture_differences, class_table, match_classes,
@@ -177,7 +178,8 @@ def load_pretrained_backbone(model: RetinaNet, source: str) -> None:
 
 
 # ------------------------------------------------------------------------------ output folder
-RUN_FILES = ("config.yaml", "last.pt", "best.pt", "model_final.pt", "metrics.jsonl", "skipped_images.txt")
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "model_final.pt", "metrics.jsonl", "metrics.csv",
+             "skipped_images.txt")
 
 
 def check_output_dir(output_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
@@ -257,24 +259,15 @@ def clear_run_files(output_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ hooks
-class Hook:
-    """A periodic action of the training loop (detectron2's HookBase, reduced)."""
-
-    def after_step(self, trainer: "Trainer", losses: dict | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class TimeBudget(Hook):
+# The loop's own periodic actions are callbacks (retinanet.Callback) like the user's and the loggers'.
+class TimeBudget(Callback):
     """Shortens max_iter so that training ends within `max_minutes` of wall clock, from the
     average iteration time so far (re-fitted every 25 iterations; never above the config's)."""
 
     def __init__(self, minutes: float, start_iter: int):
         self.minutes, self.start_iter, self.start = minutes, start_iter, time.perf_counter()
 
-    def after_step(self, trainer, losses):
+    def on_iter_end(self, trainer, losses):
         done = trainer.iteration - self.start_iter
         if done % 25:
             return
@@ -289,13 +282,13 @@ class TimeBudget(Hook):
             trainer.schedule.max_iter = fitted
 
 
-class MetricsLogger(Hook):
-    """Loss lines in `metrics.jsonl`, TensorBoard and the console (a progress bar on a TTY)."""
+class MetricsLogger(Callback):
+    """Loss lines in `metrics.jsonl` and the console (a progress bar on a TTY); the record is
+    `trainer.logged` for the loggers that follow (None at iterations that log nothing)."""
 
     def __init__(self, trainer: "Trainer", period: int):
         self.period = period
         self.timer = _Timer()
-        self.writer = trainer.writer
         self.bar = None
         if trainer.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -303,8 +296,9 @@ class MetricsLogger(Hook):
             self.bar = tqdm(total=trainer.schedule.max_iter, initial=trainer.iteration, dynamic_ncols=True,
                             desc="train")
 
-    def after_step(self, trainer, losses):
+    def on_iter_end(self, trainer, losses):
         self.timer.tick()
+        trainer.logged = None
         if self.bar is not None:
             self.bar.total = trainer.schedule.max_iter
             self.bar.update(1)
@@ -321,9 +315,7 @@ class MetricsLogger(Hook):
                   "images_per_second": round(trainer.cfg.train.batch_size / max(per_iter, 1e-9), 2),
                   "eta_seconds": round(per_iter * (trainer.schedule.max_iter - trainer.iteration))}
         trainer.append_jsonl(record)
-        if self.writer:
-            for k, v in values.items():
-                self.writer.add_scalar(f"train/{k}", v, trainer.iteration)
+        trainer.logged = record
         if trainer.progress and self.bar is None:
             print(f"iter {trainer.iteration}/{trainer.schedule.max_iter} loss {values['loss']:.4f} "
                   f"(cls {values['loss_cls']:.4f} box {values['loss_box']:.4f}) lr {values.get('lr', 0):.2e} "
@@ -334,26 +326,27 @@ class MetricsLogger(Hook):
             self.bar.close()
 
 
-class PeriodicCheckpoint(Hook):
+class PeriodicCheckpoint(Callback):
     def __init__(self, period: int):
         self.period = period
 
-    def after_step(self, trainer, losses):
+    def on_iter_end(self, trainer, losses):
         if trainer.iteration % self.period == 0:
             trainer.save_last()
 
 
-class PeriodicEval(Hook):
+class PeriodicEval(Callback):
     def __init__(self, period: int):
         self.period = period
 
-    def after_step(self, trainer, losses):
+    def on_iter_end(self, trainer, losses):
         if trainer.iteration % self.period == 0 and trainer.iteration < trainer.schedule.max_iter:
             trainer.evaluate()
 
 
-class StopOnSignal(Hook):
-    """Turns SIGINT/SIGTERM into a stop between iterations, agreed by every process."""
+class StopOnSignal(Callback):
+    """Turns SIGINT/SIGTERM, and `trainer.request_stop`, into a stop between iterations, agreed
+    by every process (a signal wins over a request)."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -370,20 +363,25 @@ class StopOnSignal(Hook):
     def requested(self) -> bool:
         return distributed.any_over_processes(self.signal is not None)
 
-    def after_step(self, trainer, losses):
+    def on_iter_end(self, trainer, losses):
         if self.requested():
             trainer.stop_signal = self.signal or signal.SIGINT
+        elif distributed.any_over_processes(trainer.stop_reason is not None):
+            reasons = distributed.all_gather_objects(trainer.stop_reason)
+            trainer.stop_reason = next(r for r in reasons if r is not None)
 
     def close(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
 
 # ------------------------------------------------------------------------------ the trainer
 class Trainer:
     """One training run. `run()` returns a summary dict; files go to `output_dir`:
     `config.yaml`, `last.pt` (resumable), `best.pt` (best AP), `model_final.pt`,
-    `metrics.jsonl`, TensorBoard events, and `eval/` outputs.
+    `metrics.jsonl`, the loggers' files (`train.loggers`), and `eval/` outputs. `callbacks`
+    (`retinanet.Callback` instances) run at the run's events, before those of `train.callbacks`.
 
     Construction only stores its arguments (the caller's config is copied, never changed);
     `setup()` has the side effects: the process group, seeds, thread count, reading the
@@ -392,7 +390,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
                  device: str = "auto", progress: bool = True, overwrite: bool = False,
-                 start: StartWeights | None = None, trust_weights: bool = False):
+                 start: StartWeights | None = None, trust_weights: bool = False,
+                 callbacks: list[Callback] | None = None):
         """`start`: the detector of `cfg.train.weights` when the caller has read it already;
         `trust_weights`: a peer's weight file may be fully unpickled (code in it may run)."""
         self.cfg = copy.deepcopy(cfg)
@@ -405,7 +404,10 @@ class Trainer:
         self.skipped_images: list[str] = []
         self.nonfinite_skipped = 0
         self.stop_signal: int | None = None
-        self.writer = None
+        self.stop_reason: str | None = None
+        self.user_callbacks = list(callbacks or [])
+        self.events: list[Callback] = []  # every callback of the run, in calling order
+        self.logged: dict | None = None  # the metrics.jsonl record of this iteration, if any
         self.start, self.trust_weights = start, trust_weights
         self.class_rows: list[int | None] = []  # the start's class for each of ours (fine-tuning)
 
@@ -571,11 +573,22 @@ class Trainer:
         if self.dist.is_main:
             write_checkpoint(self.output_dir / "last.pt", self.cfg.model, self.final_model.state_dict(),
                              run_config=config_to_dict(self.cfg), training=training)
+        self._fire("on_checkpoint", self.output_dir / "last.pt")
 
     def save_weights(self, name: str) -> None:
         if self.dist.is_main:
             write_checkpoint(self.output_dir / name, self.cfg.model, self.final_model.state_dict(),
                              run_config=config_to_dict(self.cfg))
+        self._fire("on_checkpoint", self.output_dir / name)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current iteration as at its normal end (last.pt, model_final.pt,
+        final evaluation); the summary has `status: "stopped"` and `stop_reason`."""
+        self.stop_reason = reason
+
+    def _fire(self, event: str, *args) -> None:
+        for callback in self.events:
+            getattr(callback, event)(self, *args)
 
     def load(self, path: Path) -> None:
         checkpoint = read_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors
@@ -615,6 +628,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
+        # imported before any data is read: a missing package or class fails at once
+        extra = build_loggers(self.cfg.train.loggers) + self.user_callbacks + load_callbacks(self.cfg.train.callbacks)
         self.setup()
         if self.resume:
             self.load(self.output_dir / "last.pt")
@@ -625,53 +640,66 @@ class Trainer:
         if self.dist.is_main:
             self._tidy_run_folder()
             save_config(self.cfg, self.output_dir / "config.yaml")
-        self.writer = self._tensorboard()
-        metrics = None
+        self.events = self._hooks(extra)
         try:
-            status = self._loop()
-            self.save_last()
-            if status == "interrupted":
-                if self.dist.is_main:
-                    print(f"interrupted at iteration {self.iteration}: saved {self.output_dir / 'last.pt'}; "
-                          "continue with --resume", file=sys.stderr)
-                return {"status": status, "iteration": self.iteration, "signal": self.stop_signal}
-            self.save_weights("model_final.pt")
-            if self.val_set is not None:
-                metrics = self.evaluate()
+            self._fire("on_train_start")
+            summary = self._train()
+            self._fire("on_train_end", summary)
         finally:
-            if self.writer:
-                self.writer.close()
-        distributed.barrier()
-        return {"status": status, "iteration": self.iteration, "metrics": metrics,
-                "skipped_images": self.skipped_images, "nonfinite_skipped": self.nonfinite_skipped}
+            for callback in self.events:
+                callback.close()
+        if summary["status"] != "interrupted":
+            distributed.barrier()
+        return summary
 
-    def _hooks(self) -> list[Hook]:
+    def _train(self) -> dict:
+        """The loop, then the final checkpoints and evaluation; the run's summary."""
+        status = self._loop()
+        self.save_last()
+        if status == "interrupted":
+            if self.dist.is_main:
+                print(f"interrupted at iteration {self.iteration}: saved {self.output_dir / 'last.pt'}; "
+                      "continue with --resume", file=sys.stderr)
+            return {"status": status, "iteration": self.iteration, "signal": self.stop_signal}
+        if status == "stopped" and self.dist.is_main:
+            print(f"stopped at iteration {self.iteration}: {self.stop_reason}", file=sys.stderr)
+        self.save_weights("model_final.pt")
+        metrics = self.evaluate() if self.val_set is not None else None
+        summary = {"status": status, "iteration": self.iteration, "metrics": metrics,
+                   "skipped_images": self.skipped_images, "nonfinite_skipped": self.nonfinite_skipped}
+        if status == "stopped":
+            summary["stop_reason"] = self.stop_reason
+        return summary
+
+    def _hooks(self, extra: list[Callback]) -> list[Callback]:
+        """The loop's actions, then `extra` (loggers and the user's callbacks), and the stop check
+        last (it sees a stop requested by any of them)."""
         t = self.cfg.train
-        hooks: list[Hook] = []
+        hooks: list[Callback] = []
         if t.max_minutes > 0:
             hooks.append(TimeBudget(t.max_minutes, self.iteration))
         hooks += [MetricsLogger(self, t.log_period), PeriodicCheckpoint(t.checkpoint_period)]
         if t.eval_period and self.val_set is not None:
             hooks.append(PeriodicEval(t.eval_period))
-        hooks.append(StopOnSignal())
-        return hooks
+        self.signals = StopOnSignal()  # its handlers are on while the loop runs
+        return hooks + extra + [self.signals]
 
     def _loop(self) -> str:
-        """Iterate until max_iter ("finished") or a stop signal ("interrupted")."""
+        """Iterate until max_iter ("finished"), a stop signal ("interrupted") or a callback's
+        `request_stop` ("stopped")."""
         batches = iter(self._loader())
-        hooks = self._hooks()
         try:
             while self.iteration < self.schedule.max_iter:
                 images, targets, skipped = self._resizable(*next(batches))
                 losses = self.step(images, targets) if self._usable_batch(images, skipped) else None
                 self.iteration += 1
-                for hook in hooks:
-                    hook.after_step(self, losses)
+                self._fire("on_iter_end", losses)
                 if self.stop_signal is not None:
                     return "interrupted"
+                if self.stop_reason is not None:
+                    return "stopped"
         finally:
-            for hook in hooks:
-                hook.close()
+            self.signals.close()
         return "finished"
 
     def _resizable(self, images: list, targets: list[dict], skipped: list[str]) -> tuple[list, list, list]:
@@ -744,12 +772,11 @@ class Trainer:
         if self.dist.is_main and metrics is not None:
             self.append_jsonl({"iteration": self.iteration, "eval": {k: v for k, v in metrics.items()
                                                                      if k != "skipped_images"}})
-            if self.writer:
-                for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-                    self.writer.add_scalar(f"eval/{key}", metrics[key], self.iteration)
             if metrics["AP"] > self.best_ap:
                 self.best_ap = metrics["AP"]
                 self.save_weights("best.pt")
+        if metrics is not None:
+            self._fire("on_eval_end", metrics)
         return metrics
 
     # ------------------------------------------------------------------ helpers
@@ -777,16 +804,6 @@ class Trainer:
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _tensorboard(self):
-        if not self.dist.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.info("tensorboard is not installed: no event files (pip install tensorboard)")
-            return None
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
-
 
 class _Timer:
     """Seconds per iteration over the last few iterations."""
@@ -806,8 +823,10 @@ class _Timer:
 
 
 def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, device: str = "auto",
-          overwrite: bool = False, start: StartWeights | None = None, trust_weights: bool = False) -> dict:
-    trainer = Trainer(cfg, output_dir, resume, device, overwrite=overwrite, start=start, trust_weights=trust_weights)
+          overwrite: bool = False, start: StartWeights | None = None, trust_weights: bool = False,
+          callbacks: list[Callback] | None = None) -> dict:
+    trainer = Trainer(cfg, output_dir, resume, device, overwrite=overwrite, start=start, trust_weights=trust_weights,
+                      callbacks=callbacks)
     try:
         return trainer.run()
     finally:
