@@ -204,13 +204,15 @@ def _add_predict_parser(commands) -> None:
     p.add_argument("--value-range", type=_value_range, metavar="LOW,HIGH",
                    help="with --tile: the values of a 16-bit or float image that map to black and white (e.g. "
                         "0,4095; --value-range=-1,1 for a negative LOW); default: the data's own range, as logged")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="images run together (4); images of one size run as one batch")
+    p.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="images run together (4); images of one size run as one batch")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (0: decode in the main thread)")
     p.add_argument("--save-txt", choices=["yolo", "csv"],
                    help="also one label file per image in OUTPUT_DIR/labels: YOLO txt or CSV rows")
     _add_speed_options(p)
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: run an exported .onnx given as --weights (no torch needed; same outputs, no --tile)")
+                   help="onnxruntime: run an exported .onnx given as --weights (no torch needed; same outputs, "
+                        "no --tile)")
     p.add_argument("--device", default="auto", type=_device)
 
 
@@ -526,7 +528,8 @@ def cmd_eval(args) -> int:
                        cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main,
                        amp=resolve_amp(cfg.train.amp, info.device)[0],
                        tile=cfg.data.tile, value_range=cfg.data.value_range,
-                       score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou)
+                       score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou,
+                       coco_backend=cfg.eval.coco_backend)
     if info.is_main:
         print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}  "
               f"-> {output_dir / 'metrics.json'}")
