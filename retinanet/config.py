@@ -202,6 +202,8 @@ class EvalConfig:
     compile: bool = False  # `retinanet eval`: torch.compile the network (and NMS on a GPU); the first batches wait for the compiler
     score_threshold: Fraction = 0.5  # precision/recall/F1/confusion matrix count detections scored this or more
     iou: Annotated[float, Range(0, 1, open_min=True)] = 0.5  # a detection finds a box at this IoU or more (same)
+    # who computes COCO AP: auto is faster-coco-eval where installed (the same numbers, in C++), else pycocotools
+    coco_backend: Literal["auto", "pycocotools", "faster-coco-eval"] = "auto"
 
 
 @dataclass

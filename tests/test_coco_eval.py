@@ -1,14 +1,24 @@
 """Our COCO metrics equal what pycocotools computes directly on the same data."""
 
 import contextlib
+import copy
 import io
 import json
+import sys
 
+import numpy as np
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retinanet.engine.evaluate import SUMMARY_KEYS, coco_metrics, load_coco_ground_truth
+from retinanet import RetinaNet, save_model
+from retinanet.cli import main as cli
+from retinanet.config import save_config
+from retinanet.data.dataset import coco_api
+from retinanet.engine import evaluate as evaluate_module
+from retinanet.engine.evaluate import SUMMARY_KEYS, coco_classes, coco_metrics, load_coco_ground_truth
+
+from conftest import require_peer, tiny_config
 
 GT = {
     "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 200},
@@ -55,3 +65,49 @@ def test_no_detections_scores_zero(tmp_path):
     path.write_text(json.dumps(GT))
     metrics = coco_metrics(load_coco_ground_truth(path), [], verbose=False)
     assert metrics["AP"] == 0.0 and set(metrics["per_class_AP"]) == set()
+
+
+def test_faster_coco_eval_gives_the_numbers_of_pycocotools():
+    """`eval.coco_backend`: faster-coco-eval's summary, per-class AP, error breakdown and
+    precision array equal pycocotools' (to rounding), on the case above (a crowd region, two
+    classes) and on the error-breakdown case of test_analysis (confusion, localisation,
+    background, a miss); "auto" picks it where installed."""
+    faster = require_peer("faster_coco_eval", "pip install faster-coco-eval")
+    error_gt = {"images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}"} for i in (1, 2, 3)],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "iscrowd": 0},
+                                {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 40, 40], "iscrowd": 0},
+                                {"id": 3, "image_id": 3, "category_id": 1, "bbox": [20, 20, 30, 30], "iscrowd": 0}],
+                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    error_detections = [{"image_id": 1, "category_id": 2, "bbox": [10, 10, 40, 40], "score": 0.9},
+                        {"image_id": 2, "category_id": 2, "bbox": [58, 58, 40, 40], "score": 0.8},
+                        {"image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.95}]
+    for gt, detections in ((GT, DETECTIONS), (error_gt, error_detections)):
+        runs = [coco_metrics(coco_api(copy.deepcopy(gt)), copy.deepcopy(detections), verbose=False,
+                             return_precision=True, backend=backend) for backend in ("pycocotools", "faster-coco-eval")]
+        (reference, reference_precision), (ours, precision) = runs
+        assert set(ours) == set(reference)
+        for key in SUMMARY_KEYS:
+            assert ours[key] == pytest.approx(reference[key], abs=1e-12), key
+        assert ours["per_class_AP"] == pytest.approx(reference["per_class_AP"], abs=1e-12)
+        assert ours["error_breakdown"] == reference["error_breakdown"]
+        assert np.abs(precision - reference_precision).max() < 1e-12
+    assert coco_classes("auto")[0] is faster.COCO
+    assert coco_classes("pycocotools") == (COCO, COCOeval)
+
+
+def test_a_missing_backend_stops_eval_before_predicting(shapes_data, tmp_path, capsys, monkeypatch):
+    """Without faster-coco-eval, "auto" falls back to pycocotools, and `retinanet eval
+    eval.coco_backend=faster-coco-eval` ends in one line saying how to install it, with
+    nothing predicted."""
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # import fails as when not installed
+    assert coco_classes("auto") == (COCO, COCOeval)
+    cfg = tiny_config(shapes_data, tmp_path, model__fpn__out_channels=64)
+    cfg.model.class_names = ["ellipse", "rectangle", "triangle", "star", "cross"]
+    cfg.model.num_classes, cfg.model.category_ids = 5, [1, 2, 3, 4, 5]
+    weights = save_model(RetinaNet.from_config(cfg.model), tmp_path / "model.pt")
+    save_config(cfg, tmp_path / "cfg.yaml")
+    monkeypatch.setattr(evaluate_module, "predict_dataset", lambda *a, **k: pytest.fail("predicted"))
+    assert cli(["eval", "--weights", str(weights), "--config", str(tmp_path / "cfg.yaml"), "--output-dir",
+                str(tmp_path / "ev"), "eval.coco_backend=faster-coco-eval"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: eval.coco_backend: faster-coco-eval is not installed "
+                                               "(pip install faster-coco-eval)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader
 from ..data.dataset import DatasetError, DetectionDataset, coco_api, collate
 from ..data.image_io import ImageReadError
 from ..data.raster import open_raster
+from ..model.config import ConfigError
 from ..analysis.threshold_metrics import format_threshold_line, images_from_results, threshold_metrics
 from ..outputs import write_text
 from . import distributed
@@ -180,19 +182,56 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids
     ]
 
 
+COCO_BACKENDS = ("auto", "pycocotools", "faster-coco-eval")
+
+
+def coco_classes(name: str = "auto") -> tuple[type, type]:
+    """`(COCO, COCOeval)` of an `eval.coco_backend`: faster-coco-eval's (the same numbers as
+    pycocotools, computed in C++) where `name` is "faster-coco-eval", or "auto" and it is
+    installed; pycocotools' otherwise. Asking for faster-coco-eval without it is a `ConfigError`."""
+    if name not in COCO_BACKENDS:
+        raise ConfigError(f"eval.coco_backend: {name!r} is not one of {', '.join(COCO_BACKENDS)}")
+    if name != "pycocotools":
+        try:
+            from faster_coco_eval import COCO as FasterCOCO
+            from faster_coco_eval import COCOeval_faster
+        except ImportError:
+            if name == "faster-coco-eval":
+                raise ConfigError("eval.coco_backend: faster-coco-eval is not installed "
+                                  "(pip install faster-coco-eval)") from None
+        else:
+            return FasterCOCO, functools.partial(COCOeval_faster, print_function=print)
+    return COCO, COCOeval
+
+
+def _as_backend(gt, coco_class: type):
+    """`gt` as an instance of the backend's COCO class (the same annotation dict, indexed)."""
+    if isinstance(gt, coco_class):
+        return gt
+    converted = coco_class()
+    converted.dataset = gt.dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        converted.createIndex()
+    return converted
+
+
 def coco_metrics(gt: COCO, results: list[dict], image_ids: list[int] | None = None,
-                 class_names: list[str] | None = None, verbose: bool = True, return_precision: bool = False):
+                 class_names: list[str] | None = None, verbose: bool = True, return_precision: bool = False,
+                 backend: str = "auto"):
     """COCO box metrics: the 12 summary numbers (fractions in [0, 1]), per-class AP and the
-    error breakdown; with `return_precision`, also COCOeval's precision array (for plots)."""
+    error breakdown; with `return_precision`, also COCOeval's precision array (for plots).
+    `backend`: the `eval.coco_backend` that computes them (`coco_classes`)."""
+    coco_class, evaluator_class = coco_classes(backend)
     if not results:
         log.warning("no detections: every metric is 0")
         metrics = {k: 0.0 for k in SUMMARY_KEYS}
         metrics["per_class_AP"] = {name: 0.0 for name in (class_names or [])}
         metrics["error_breakdown"] = None
         return (metrics, None) if return_precision else metrics
+    gt = _as_backend(gt, coco_class)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
-    evaluator = COCOeval(gt, dt, "bbox")
+    evaluator = evaluator_class(gt, dt, "bbox")
     if image_ids is not None:
         evaluator.params.imgIds = sorted(image_ids)
     out = io.StringIO()
@@ -212,17 +251,17 @@ def coco_metrics(gt: COCO, results: list[dict], image_ids: list[int] | None = No
         p = p[p > -1]
         per_class[name] = float(p.mean()) if p.size else None  # no ground truth of this class
     metrics["per_class_AP"] = per_class
-    metrics["error_breakdown"] = error_breakdown(gt, dt, evaluator)
+    metrics["error_breakdown"] = error_breakdown(gt, dt, evaluator, evaluator_class)
     return (metrics, precision) if return_precision else metrics
 
 
-def error_breakdown(gt: COCO, dt, evaluator: COCOeval) -> dict:
+def error_breakdown(gt: COCO, dt, evaluator: COCOeval, evaluator_class=COCOeval) -> dict:
     """The COCO analysis tool's cumulative precisions (area all, 100 detections): `C75` and
     `C50` (AP at those IoUs), `Loc` (IoU 0.1: localisation errors forgiven), `Oth` (also class
     confusions forgiven: class-agnostic), `BG` (also background detections removed: the
     recall reached), `FN` (everything found: 1). The gaps are what each kind of error costs."""
     def run(iou: float, use_cats: bool) -> COCOeval:
-        e = COCOeval(gt, dt, "bbox")
+        e = evaluator_class(gt, dt, "bbox")
         e.params.imgIds = evaluator.params.imgIds
         e.params.iouThrs = np.array([iou])
         e.params.useCats = int(use_cats)
@@ -269,7 +308,7 @@ def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str
 def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = None, batch_size: int = 8,
              num_workers: int = 0, max_images: int = 0, verbose: bool = True, amp: str = "none",
              tile=None, value_range: list[float] | None = None, score_threshold: float = 0.5,
-             iou_threshold: float = 0.5) -> dict | None:
+             iou_threshold: float = 0.5, coco_backend: str = "auto") -> dict | None:
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
     `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. Beside COCO's
     metrics, `threshold_metrics` holds precision, recall, F1 and the confusion matrix of the
@@ -285,6 +324,7 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
     check_categories(model, dataset)
     if model.config is not None:
         check_tile_config(tile, model.config)
+    coco_classes(coco_backend)  # a backend that is not installed stops here, before any prediction
     results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp, tile, value_range)
     gathered = distributed.all_gather_objects((results, skipped))
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
@@ -293,7 +333,8 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
     skipped = [s for _, part in gathered for s in part]
     image_ids = [dataset.records[i].image_id for i in range(count)]
     gt = dataset.coco_ground_truth()
-    metrics, precision = coco_metrics(gt, results, image_ids, dataset.class_names, verbose, return_precision=True)
+    metrics, precision = coco_metrics(gt, results, image_ids, dataset.class_names, verbose, return_precision=True,
+                                      backend=coco_backend)
     metrics["num_images"] = count - len(skipped)
     metrics["skipped_images"] = skipped
     records = [dataset.records[i] for i in range(count)]

@@ -768,7 +768,8 @@ class Trainer:
                            self.cfg.eval.batch_size // self.dist.world_size or 1, self.cfg.data.num_workers,
                            self.cfg.eval.max_images, verbose=self.dist.is_main, amp=self.amp,
                            tile=self.cfg.data.tile, value_range=self.cfg.data.value_range,
-                           score_threshold=self.cfg.eval.score_threshold, iou_threshold=self.cfg.eval.iou)
+                           score_threshold=self.cfg.eval.score_threshold, iou_threshold=self.cfg.eval.iou,
+                           coco_backend=self.cfg.eval.coco_backend)
         if self.dist.is_main and metrics is not None:
             self.append_jsonl({"iteration": self.iteration, "eval": {k: v for k, v in metrics.items()
                                                                      if k != "skipped_images"}})
