@@ -131,9 +131,16 @@ def test_a_missing_callback_or_logger_package_is_one_line_before_any_data_is_rea
 @pytest.fixture(scope="module")
 def tracked_run(shapes_data, tmp_path_factory):
     """One run with the csv, MLflow and W&B loggers (MLflow to its default store in the run's
-    folder, W&B offline): 3 iterations, evaluated at 2 and at the end."""
+    folder, W&B offline): 3 iterations, evaluated at 2 and at the end. One class is named
+    "star (5)", a name MLflow refuses in a metric name."""
     tmp = tmp_path_factory.mktemp("tracked")
     out = tmp / "run"
+    data = dict(shapes_data)
+    for split in ("train", "val"):
+        coco = json.loads(Path(shapes_data[f"{split}_annotations"]).read_text())
+        coco["categories"][3]["name"] = "star (5)"
+        data[f"{split}_annotations"] = tmp / f"{split}.json"
+        data[f"{split}_annotations"].write_text(json.dumps(coco))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "")  # restored to absent afterwards; the logger sets it
@@ -143,7 +150,7 @@ def tracked_run(shapes_data, tmp_path_factory):
         mp.setenv("WANDB_DIR", str(tmp / "wandb_dir"))
         mp.setenv("WANDB_SILENT", "true")
         (tmp / "wandb_dir").mkdir()
-        cfg = small_config(shapes_data, out, train__max_iter=3, train__eval_period=2,
+        cfg = small_config(data, out, train__max_iter=3, train__eval_period=2,
                            train__loggers="[csv,mlflow,wandb]")
         summary = retinanet.Trainer(cfg, out, progress=False).run()
     records = jsonl(out / "metrics.jsonl")
@@ -159,7 +166,7 @@ def test_csv_logger_writes_losses_and_evaluations(tracked_run):
     ap = {int(r["iteration"]): float(r["value"]) for r in rows if r["name"] == "eval/AP"}
     assert loss == pytest.approx(tracked_run["losses"]) and list(loss) == [1, 2, 3]
     assert ap == pytest.approx(tracked_run["AP"]) and list(ap) == [2, 3]
-    assert {"train/lr", "train/loss_cls", "eval/AP50"} <= {r["name"] for r in rows}
+    assert {"train/lr", "train/loss_cls", "eval/AP50", "eval/per_class_AP.star (5)"} <= {r["name"] for r in rows}
 
 
 def test_mlflow_logger_writes_params_metrics_and_the_final_checkpoint(tracked_run, monkeypatch):
@@ -177,6 +184,7 @@ def test_mlflow_logger_writes_params_metrics_and_the_final_checkpoint(tracked_ru
     ap = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/AP")}
     assert loss == pytest.approx(tracked_run["losses"]) and sorted(loss) == [1, 2, 3]
     assert ap == pytest.approx(tracked_run["AP"]) and sorted(ap) == [2, 3]
+    assert "eval/per_class_AP.star _5_" in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["model_final.pt"]
     stored = Path(client.download_artifacts(run.info.run_id, "model_final.pt", str(out.parent / "dl")))
     assert stored.read_bytes() == (out / "model_final.pt").read_bytes()
@@ -225,3 +233,20 @@ def test_wandb_logger_writes_an_offline_run(tracked_run):
     [entry] = artifact.manifest.contents
     md5 = base64.b64encode(hashlib.md5((tracked_run["out"] / "model_final.pt").read_bytes()).digest()).decode()
     assert artifact.type == "model" and entry.path == "model_final.pt" and entry.digest == md5
+
+
+def test_csv_logger_on_resume_drops_the_rows_after_the_checkpoint(shapes_data, tmp_path, monkeypatch):
+    from retinanet.engine import train as train_module
+
+    out = tmp_path / "run"
+    cfg = small_config(shapes_data, out, train__max_iter=3, train__loggers="[csv]", data__val_annotations="''")
+    monkeypatch.setattr(train_module.StopOnSignal, "requested", lambda self: True)  # as Ctrl-C at iteration 1
+    assert retinanet.Trainer(cfg, out, progress=False).run()["status"] == "interrupted"
+    monkeypatch.undo()
+    with open(out / "metrics.csv", "a") as f:  # as a run killed after logging iteration 2 leaves it
+        f.write("2,train/loss,99.0\n")
+    assert retinanet.Trainer(cfg, out, resume=True, progress=False).run()["status"] == "finished"
+    with open(out / "metrics.csv", newline="") as f:
+        loss = [(int(r["iteration"]), float(r["value"])) for r in csv.DictReader(f) if r["name"] == "train/loss"]
+    logged = {r["iteration"]: r["loss"] for r in jsonl(out / "metrics.jsonl") if "loss" in r}
+    assert [i for i, _ in loss] == [1, 2, 3] and dict(loss) == pytest.approx(logged)

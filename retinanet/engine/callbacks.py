@@ -7,6 +7,7 @@ import csv
 import importlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -197,7 +198,8 @@ class MLflowLogger(_Logger):
 
     def log_values(self, values, step):
         if self.run is not None:
-            self.mlflow.log_metrics(values, step=step)
+            # MLflow refuses other characters in names (a class name in eval/per_class_AP...)
+            self.mlflow.log_metrics({re.sub(r"[^\w\-. /:]", "_", k): v for k, v in values.items()}, step=step)
 
     def on_train_end(self, trainer, summary):
         final = trainer.output_dir / "model_final.pt"
