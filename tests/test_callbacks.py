@@ -250,3 +250,19 @@ def test_csv_logger_on_resume_drops_the_rows_after_the_checkpoint(shapes_data, t
         loss = [(int(r["iteration"]), float(r["value"])) for r in csv.DictReader(f) if r["name"] == "train/loss"]
     logged = {r["iteration"]: r["loss"] for r in jsonl(out / "metrics.jsonl") if "loss" in r}
     assert [i for i, _ in loss] == [1, 2, 3] and dict(loss) == pytest.approx(logged)
+
+
+def test_mlflow_logger_uses_the_tracking_uri_the_user_set(shapes_data, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "team_store").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "shapes")
+    out = tmp_path / "run"
+    cfg = small_config(shapes_data, out, train__max_iter=1, train__loggers="[mlflow]", data__val_annotations="''")
+    assert retinanet.Trainer(cfg, out, progress=False).run()["status"] == "finished"
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("shapes").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
+    assert not (out / "mlruns").exists()
