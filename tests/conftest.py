@@ -98,3 +98,13 @@ def tiny_config(data: dict, output_dir: Path, **overrides) -> Config:
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+@pytest.fixture
+def victim(tmp_path) -> Path:
+    """A file outside every output folder that hostile inputs aim at (through `..`, absolute
+    paths or symlinks); it must still read "keep me" afterwards."""
+    path = tmp_path / "victim" / "pwn.txt"
+    path.parent.mkdir()
+    path.write_text("keep me\n")
+    return path

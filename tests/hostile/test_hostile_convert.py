@@ -12,6 +12,8 @@ from PIL import Image
 
 from retinanet.cli import main as cli
 
+from hostile_helpers import refused
+
 
 def _image(path: Path, size: int = 16) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,27 +31,6 @@ def _coco(path: Path, file_names: list) -> Path:
     return path
 
 
-@pytest.fixture
-def victim(tmp_path) -> Path:
-    """A file outside every output folder that hostile annotations aim at."""
-    path = tmp_path / "victim" / "pwn.txt"
-    path.parent.mkdir()
-    path.write_text("keep me\n")
-    return path
-
-
-def _refused(capsys, argv: list[str], *expected: str) -> str:
-    """Run the CLI; it must exit 2 with exactly one `error:` line containing `expected`."""
-    assert cli(argv) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if not line.startswith(("INFO", "WARNING"))]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
-
-
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -60,20 +41,20 @@ TRAVERSALS = ["../victim/pwn.jpg", "../../victim/pwn.jpg", "sub/../../victim/pwn
 
 
 @pytest.mark.parametrize("name", TRAVERSALS)
-def test_coco_file_names_leaving_the_output_folder_are_refused(tmp_path, victim, capsys, name):
+def test_coco_file_names_leaving_the_output_folder_arerefused(tmp_path, victim, capsys, name):
     ann = _coco(tmp_path / "ds" / "ann.json", ["ok.jpg", name])
     out = tmp_path / "out" / "labels"
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
              str(ann), "image 2", "nothing was written")
     assert victim.read_text() == "keep me\n"
     assert not out.exists() and not (tmp_path / "victim" / "pwn.txt").with_name("pwn.txt.tmp").exists()
     assert sorted(p.name for p in victim.parent.iterdir()) == ["pwn.txt"]
 
 
-def test_absolute_file_name_outside_the_image_folder_is_refused(tmp_path, victim, capsys):
+def test_absolute_file_name_outside_the_image_folder_isrefused(tmp_path, victim, capsys):
     ann = _coco(tmp_path / "ds" / "ann.json", [str(victim.with_suffix(".jpg"))])
     out = tmp_path / "out"
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
              str(ann), "absolute path outside the image folder")
     assert victim.read_text() == "keep me\n" and not out.exists()
 
@@ -88,52 +69,52 @@ def test_absolute_file_name_inside_the_image_folder_maps_to_its_relative_label(t
     assert sorted(_tree(out)) == ["classes.txt", "sub/a.txt"]
 
 
-def test_non_string_file_name_is_refused(tmp_path, capsys):
+def test_non_string_file_name_isrefused(tmp_path, capsys):
     ann = _coco(tmp_path / "ds" / "ann.json", [7])
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output",
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output",
                       str(tmp_path / "out")], str(ann), "image 1")
 
 
-def test_voc_filename_leaving_the_output_folder_is_refused(tmp_path, victim, capsys):
+def test_voc_filename_leaving_the_output_folder_isrefused(tmp_path, victim, capsys):
     xml = tmp_path / "voc" / "a.xml"
     xml.parent.mkdir()
     xml.write_text("<annotation><filename>../../victim/pwn.jpg</filename><size><width>16</width><height>16</height>"
                    "</size><object><name>thing</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>8</xmax><ymax>8</ymax>"
                    "</bndbox></object></annotation>")
     out = tmp_path / "out" / "labels"
-    _refused(capsys, ["data", "convert", "--from", "voc", str(xml.parent), "--images", str(tmp_path / "img"),
+    refused(capsys, ["data", "convert", "--from", "voc", str(xml.parent), "--images", str(tmp_path / "img"),
                       "--to", "yolo", "--output", str(out)], str(xml.parent), "../../victim/pwn.jpg")
     assert victim.read_text() == "keep me\n" and not out.exists()
 
 
-def test_csv_path_leaving_the_output_folder_is_refused(tmp_path, victim, capsys):
+def test_csv_path_leaving_the_output_folder_isrefused(tmp_path, victim, capsys):
     _image(victim.with_suffix(".jpg"))  # the CSV reader opens the image: make the target a real one
     csv = tmp_path / "ds" / "train.csv"
     csv.parent.mkdir()
     csv.write_text("../victim/pwn.jpg,2,2,8,8,thing\n")
     out = tmp_path / "out" / "labels"
-    _refused(capsys, ["data", "convert", "--from", "csv", str(csv), "--to", "yolo", "--output", str(out)],
+    refused(capsys, ["data", "convert", "--from", "csv", str(csv), "--to", "yolo", "--output", str(out)],
              str(csv), "'..'")
     assert victim.read_text() == "keep me\n" and not out.exists()
 
 
-def test_symlinked_folder_inside_the_output_pointing_out_is_refused(tmp_path, victim, capsys):
+def test_symlinked_folder_inside_the_output_pointing_out_isrefused(tmp_path, victim, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "link").symlink_to(victim.parent, target_is_directory=True)
     ann = _coco(tmp_path / "ds" / "ann.json", ["link/pwn.jpg"])
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out),
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out),
                       "--force"], "link/pwn.jpg", "outside the output folder")
     assert victim.read_text() == "keep me\n"
     assert not (out / "classes.txt").exists()
 
 
-def test_symlinked_label_file_pointing_out_is_refused(tmp_path, victim, capsys):
+def test_symlinked_label_file_pointing_out_isrefused(tmp_path, victim, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.txt").symlink_to(victim)
     ann = _coco(tmp_path / "ds" / "ann.json", ["a.jpg"])
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out),
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out),
                       "--force"], "a.jpg", "outside the output folder")
     assert victim.read_text() == "keep me\n"
 
@@ -144,7 +125,7 @@ def test_symlinked_label_file_pointing_out_is_refused(tmp_path, victim, capsys):
 def test_images_sharing_a_label_file_are_refused_naming_both(tmp_path, capsys, names, shared):
     ann = _coco(tmp_path / "ds" / "ann.json", names)
     out = tmp_path / "out"
-    line = _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
+    line = refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
                     str(ann), shared, "nothing was written")
     for name in names:
         assert repr(name) in line
@@ -156,7 +137,7 @@ def test_existing_label_file_is_not_replaced_without_force(tmp_path, capsys):
     out.mkdir()
     (out / "a.txt").write_text("mine\n")
     ann = _coco(tmp_path / "ds" / "ann.json", ["a.jpg"])
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
              "--force")
     assert (out / "a.txt").read_text() == "mine\n"
     assert cli(["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out), "--force"]) == 0
@@ -167,11 +148,11 @@ def test_output_kind_mismatch_with_force_is_one_line(tmp_path, capsys):
     ann = _coco(tmp_path / "ds" / "ann.json", ["a.jpg"])
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(a_file),
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(a_file),
                       "--force"], str(a_file), "not a folder")
     a_folder = tmp_path / "folder"
     a_folder.mkdir()
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--output", str(a_folder), "--force"],
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--output", str(a_folder), "--force"],
              str(a_folder), "is a folder")
     assert a_file.read_text() == "x"
 
@@ -179,7 +160,7 @@ def test_output_kind_mismatch_with_force_is_one_line(tmp_path, capsys):
 def test_a_failure_while_writing_labels_leaves_no_output(tmp_path, capsys):
     ann = _coco(tmp_path / "ds" / "ann.json", ["a.jpg", "b" * 300 + ".jpg"])  # the second name is too long
     out = tmp_path / "out"
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out)],
              str(out), "nothing was written")
     assert sorted(os.listdir(tmp_path)) == ["ds"]
 
@@ -200,9 +181,9 @@ def _yolo_set(root: Path) -> tuple[Path, Path, Path]:
 def test_yolo_to_yolo_onto_its_own_labels_is_refused_even_with_force(tmp_path, capsys):
     images, labels, classes = _yolo_set(tmp_path / "ds")
     before = _tree(tmp_path / "ds")
-    _refused(capsys, ["data", "convert", "--from", "yolo", str(images), "--classes", str(classes), "--to", "yolo",
+    refused(capsys, ["data", "convert", "--from", "yolo", str(images), "--classes", str(classes), "--to", "yolo",
                       "--output", str(labels), "--force"], str(labels), "input")
-    _refused(capsys, ["data", "convert", "--from", "yolo", str(images), "--labels", str(labels), "--classes",
+    refused(capsys, ["data", "convert", "--from", "yolo", str(images), "--labels", str(labels), "--classes",
                       str(classes), "--to", "yolo", "--output", str(labels / "." / "sub"), "--force"], "input")
     assert _tree(tmp_path / "ds") == before
 
@@ -213,28 +194,28 @@ def test_labels_into_the_image_folder_are_refused_even_with_force(tmp_path, caps
     ann = _coco(images / "ann.json", ["a.png"])
     before = _tree(images)
     for out in (images, images / "labels"):
-        _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out),
+        refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--to", "yolo", "--output", str(out),
                           "--force"], "input")
     assert _tree(images) == before
 
 
-def test_label_tree_reaching_into_an_input_folder_is_refused(tmp_path, capsys):
+def test_label_tree_reaching_into_an_input_folder_isrefused(tmp_path, capsys):
     """Output beside the inputs, but an image's relative path leads its label into the labels input."""
     root = tmp_path / "ds"
     images, labels, classes = _yolo_set(root)
     _image(images / "labels" / "a.png")  # its label in --output ROOT would be ROOT/labels/a.txt
     before = _tree(root)
-    _refused(capsys, ["data", "convert", "--from", "yolo", str(images), "--labels", str(labels), "--classes",
+    refused(capsys, ["data", "convert", "--from", "yolo", str(images), "--labels", str(labels), "--classes",
                       str(classes), "--to", "yolo", "--output", str(root), "--force"], "labels/a.png", "input")
     assert _tree(root) == before
 
 
-def test_coco_output_hard_linked_to_the_source_is_refused(tmp_path, capsys):
+def test_coco_output_hard_linked_to_the_source_isrefused(tmp_path, capsys):
     ann = _coco(tmp_path / "ds" / "ann.json", ["a.jpg"])
     link = tmp_path / "link.json"
     os.link(ann, link)
     before = ann.read_bytes()
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--output", str(link), "--force"],
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--output", str(link), "--force"],
              str(link), "input")
     assert ann.read_bytes() == before
 
@@ -242,7 +223,7 @@ def test_coco_output_hard_linked_to_the_source_is_refused(tmp_path, capsys):
 def test_coco_output_never_replaces_a_file_in_an_input_folder(tmp_path, capsys):
     images, labels, classes = _yolo_set(tmp_path / "ds")
     before = _tree(tmp_path / "ds")
-    _refused(capsys, ["data", "convert", "--from", "yolo", str(images), "--classes", str(classes), "--output",
+    refused(capsys, ["data", "convert", "--from", "yolo", str(images), "--classes", str(classes), "--output",
                       str(images / "a.png"), "--force"], "input")
     assert _tree(tmp_path / "ds") == before
     # a new file beside the inputs is fine (COCO jsons usually live next to their images)
@@ -255,7 +236,7 @@ def test_empty_csv_is_one_line_and_writes_nothing(tmp_path, capsys):
     for text in ("", "image_path,xmin,ymin,xmax,ymax,label\n"):
         csv = tmp_path / "empty.csv"
         csv.write_text(text)
-        _refused(capsys, ["data", "convert", "--from", "csv", str(csv), "--output", str(tmp_path / "o.json")],
+        refused(capsys, ["data", "convert", "--from", "csv", str(csv), "--output", str(tmp_path / "o.json")],
                  str(csv), "no annotation rows")
         assert not (tmp_path / "o.json").exists()
 
@@ -263,7 +244,7 @@ def test_empty_csv_is_one_line_and_writes_nothing(tmp_path, capsys):
 def test_csv_with_every_image_missing_is_one_line(tmp_path, capsys):
     csv = tmp_path / "train.csv"
     csv.write_text("missing.jpg,1,1,5,5,thing\n")
-    _refused(capsys, ["data", "convert", "--from", "csv", str(csv), "--output", str(tmp_path / "o.json")],
+    refused(capsys, ["data", "convert", "--from", "csv", str(csv), "--output", str(tmp_path / "o.json")],
              str(csv), "no images")
     assert not (tmp_path / "o.json").exists()
 
@@ -299,7 +280,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_part_of_an_output(tmp_path, capsy
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
 
     monkeypatch.setattr(Path, "write_text", full)
-    _refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--images", str(tmp_path / "images"), "--to",
+    refused(capsys, ["data", "convert", "--from", "coco", str(ann), "--images", str(tmp_path / "images"), "--to",
                       target, "--output", str(out), "--force"], "No space left on device")
     monkeypatch.undo()
     assert _tree(tmp_path) == before  # no temporary file, the old output whole

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from retinanet.cli import main as cli
+
+from hostile_helpers import refused
 from retinanet.config import save_config
 from retinanet.data.synthetic import generate_dataset
 
@@ -61,26 +63,6 @@ def photo(tmp_path) -> Path:
     path.parent.mkdir()
     Image.new("RGB", (48, 40), (120, 60, 200)).save(path)
     return path
-
-
-@pytest.fixture
-def victim(tmp_path) -> Path:
-    """A file outside every output folder that a symlink in an output folder points at."""
-    path = tmp_path / "victim" / "keep.txt"
-    path.parent.mkdir()
-    path.write_text("keep me\n")
-    return path
-
-
-def _refused(capsys, argv: list[str], *expected: str) -> str:
-    """Run the CLI; it must exit 2 with exactly one `error:` line holding each of `expected`."""
-    assert cli(argv) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if not line.startswith(("INFO", "WARNING"))]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def _temporaries(*folders: Path) -> list[Path]:
@@ -143,7 +125,7 @@ def read_only(monkeypatch):
 @pytest.mark.parametrize("force", [[], ["--force"]], ids=["plain", "force"])
 def test_anchors_never_draw_over_their_image(config, photo, capsys, force):
     before = photo.read_bytes()
-    _refused(capsys, ["anchors", "--config", str(config), "--image", str(photo), "--output", str(photo), *force],
+    refused(capsys, ["anchors", "--config", str(config), "--image", str(photo), "--output", str(photo), *force],
              str(photo), "is the input")
     assert photo.read_bytes() == before and not _temporaries(photo.parent)
 
@@ -152,7 +134,7 @@ def test_anchors_never_draw_over_a_hard_link_to_their_image(config, photo, tmp_p
     link = tmp_path / "link.png"
     os.link(photo, link)
     before = photo.read_bytes()
-    _refused(capsys, ["anchors", "--config", str(config), "--image", str(photo), "--output", str(link), "--force"],
+    refused(capsys, ["anchors", "--config", str(config), "--image", str(photo), "--output", str(link), "--force"],
              "is the input")
     assert photo.read_bytes() == before
 
@@ -160,7 +142,7 @@ def test_anchors_never_draw_over_a_hard_link_to_their_image(config, photo, tmp_p
 def test_anchors_and_plot_replace_an_existing_output_only_with_force(config, tmp_path, capsys):
     out = tmp_path / "view.png"
     out.write_bytes(b"my own picture")
-    _refused(capsys, ["anchors", "--config", str(config), "--output", str(out)], str(out), "--force")
+    refused(capsys, ["anchors", "--config", str(config), "--output", str(out)], str(out), "--force")
     assert out.read_bytes() == b"my own picture"
     assert cli(["anchors", "--config", str(config), "--output", str(out), "--force"]) == 0
     assert _is_picture(out) and not _temporaries(tmp_path)
@@ -171,7 +153,7 @@ def test_anchors_and_plot_replace_an_existing_output_only_with_force(config, tmp
                                                    "loss_box": 0.4, "lr": 0.01}) + "\n")
     curves = tmp_path / "curves.png"
     curves.write_bytes(b"older curves")
-    _refused(capsys, ["plot", str(run), "--output", str(curves)], str(curves), "--force")
+    refused(capsys, ["plot", str(run), "--output", str(curves)], str(curves), "--force")
     assert curves.read_bytes() == b"older curves"
     assert cli(["plot", str(run), "--output", str(curves), "--force"]) == 0
     assert _is_picture(curves) and not _temporaries(tmp_path)
@@ -183,7 +165,7 @@ def test_plot_never_writes_over_a_runs_metrics(tmp_path, capsys):
     metrics = run / "metrics.jsonl"
     metrics.write_text(json.dumps({"iteration": 1, "loss": 1.0, "loss_cls": 0.6, "loss_box": 0.4}) + "\n")
     before = metrics.read_bytes()
-    _refused(capsys, ["plot", str(run), "--output", str(metrics), "--force"], "is the input")
+    refused(capsys, ["plot", str(run), "--output", str(metrics), "--force"], "is the input")
     assert metrics.read_bytes() == before
 
 
@@ -192,9 +174,9 @@ def test_assign_never_draws_over_or_into_the_training_images(config, dataset, ca
     first = json.loads(Path(dataset["train_annotations"]).read_text())["images"][0]
     target = images / first["file_name"]
     before = {p.name: p.read_bytes() for p in images.iterdir()}
-    _refused(capsys, ["assign", "--config", str(config), "--image-id", str(first["id"]), "--output", str(target),
+    refused(capsys, ["assign", "--config", str(config), "--image-id", str(first["id"]), "--output", str(target),
                       "--force"], str(target), "is the input")
-    _refused(capsys, ["assign", "--config", str(config), "--image-id", str(first["id"]),
+    refused(capsys, ["assign", "--config", str(config), "--image-id", str(first["id"]),
                       "--output", str(images / "assigned.png")], "inside the input folder")
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
 
@@ -203,7 +185,7 @@ def test_assign_replaces_an_existing_drawing_only_with_force(config, dataset, tm
     image_id = str(json.loads(Path(dataset["train_annotations"]).read_text())["images"][0]["id"])
     out = tmp_path / "assigned.png"
     out.write_bytes(b"mine")
-    _refused(capsys, ["assign", "--config", str(config), "--image-id", image_id, "--output", str(out)], "--force")
+    refused(capsys, ["assign", "--config", str(config), "--image-id", image_id, "--output", str(out)], "--force")
     assert out.read_bytes() == b"mine"
     assert cli(["assign", "--config", str(config), "--image-id", image_id, "--output", str(out), "--force"]) == 0
     assert _is_picture(out) and not _temporaries(tmp_path)
@@ -232,7 +214,7 @@ def test_export_never_replaces_its_checkpoint_even_with_force(weights, tmp_path,
     link = tmp_path / "model.onnx"
     os.link(weights, link) if kind == "hard link" else link.symlink_to(weights)
     before = weights.read_bytes()
-    _refused(capsys, ["export", "--weights", str(weights), "--output", str(link), "--force"], str(link),
+    refused(capsys, ["export", "--weights", str(weights), "--output", str(link), "--force"], str(link),
              "is the input")
     assert weights.read_bytes() == before and not _temporaries(tmp_path, weights.parent)
 
@@ -245,12 +227,12 @@ def test_export_on_a_full_disk_leaves_the_old_file_and_no_partial_one(weights, t
 
     monkeypatch.setattr(torch.onnx, "export", full_disk)
     fresh = tmp_path / "new.onnx"
-    _refused(capsys, ["export", "--weights", str(weights), "--output", str(fresh)], str(fresh),
+    refused(capsys, ["export", "--weights", str(weights), "--output", str(fresh)], str(fresh),
              "No space left on device")
     assert not fresh.exists()
     old = tmp_path / "old.onnx"
     old.write_bytes(b"the previous export")
-    _refused(capsys, ["export", "--weights", str(weights), "--output", str(old), "--force"], str(old),
+    refused(capsys, ["export", "--weights", str(weights), "--output", str(old), "--force"], str(old),
              "No space left on device", "unchanged")
     assert old.read_bytes() == b"the previous export" and not _temporaries(tmp_path)
 
@@ -278,7 +260,7 @@ def test_train_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(config, 
 
     monkeypatch.setattr(torch, "save", save)
     run = tmp_path / "run"
-    line = _refused(capsys, ["train", "--config", str(config), "train.checkpoint_period=1", "train.max_iter=2"],
+    line = refused(capsys, ["train", "--config", str(config), "train.checkpoint_period=1", "train.max_iter=2"],
                     str(run / "last.pt"), "No space left on device", "intact", "--resume")
     assert "unexpected pos" not in line
     assert read_checkpoint(run / "last.pt").training["iteration"] == 1
@@ -294,7 +276,7 @@ def test_predict_on_a_full_disk_is_one_line_without_a_partial_drawing(weights, p
 
     monkeypatch.setattr(Image.Image, "save", full_disk)
     out = tmp_path / "out"
-    _refused(capsys, ["predict", "--weights", str(weights), str(photo), "--output-dir", str(out), "--workers", "0"],
+    refused(capsys, ["predict", "--weights", str(weights), str(photo), "--output-dir", str(out), "--workers", "0"],
              str(out / "photo.jpg"), "No space left on device")
     assert not (out / "photo.jpg").exists() and not _temporaries(out)
 
@@ -307,7 +289,7 @@ def test_analyze_refuses_a_read_only_folder_before_any_work(config, tmp_path, ca
 
     monkeypatch.setattr(analyze_module, "open_dataset", no_work)
     out = read_only(tmp_path / "ro") / "analysis"
-    _refused(capsys, ["analyze", "--config", str(config), "--output-dir", str(out)], str(out),
+    refused(capsys, ["analyze", "--config", str(config), "--output-dir", str(out)], str(out),
              "Read-only file system")
 
 
@@ -326,7 +308,7 @@ def test_a_read_only_output_folder_is_one_line(command, config, dataset, weights
             "anchors": ["anchors", "--config", str(config), "--output", str(ro / "a.png")],
             "assign": ["assign", "--config", str(config), "--image-id", image_id, "--output", str(ro / "a.png")],
             "plot": ["plot", str(run), "--output", str(ro / "curves.png")]}[command]
-    _refused(capsys, argv, "Read-only file system")
+    refused(capsys, argv, "Read-only file system")
     assert list(ro.iterdir()) == []
 
 
@@ -339,7 +321,7 @@ def test_a_disk_error_anywhere_is_one_line_not_a_traceback(config, tmp_path, cap
         raise _disk_error(errno.ENOSPC, self.output_dir / "metrics.jsonl")
 
     monkeypatch.setattr(train_module.Trainer, "append_jsonl", full_disk)
-    _refused(capsys, ["train", "--config", str(config), "train.max_iter=1"], "metrics.jsonl",
+    refused(capsys, ["train", "--config", str(config), "train.max_iter=1"], "metrics.jsonl",
              "No space left on device", "--resume")
 
 
