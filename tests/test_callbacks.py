@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,13 +101,21 @@ def test_a_callback_stops_training_as_a_normal_end(shapes_data, tmp_path):
     assert recorder.events[-1] == ("train_end", 2, summary)
 
 
-def test_train_callbacks_by_name_through_the_cli(shapes_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+def test_train_callbacks_by_name_through_the_cli(shapes_data, tmp_path):
+    """`retinanet train` finds a callback module in the folder it runs in."""
+    (tmp_path / "my_callbacks.py").write_text(
+        "import retinanet\n\n"
+        "class StopAtTwo(retinanet.Callback):\n"
+        "    def on_iter_end(self, trainer, losses):\n"
+        "        if trainer.iteration == 2:\n"
+        "            trainer.request_stop('enough at 2')\n")
     out = tmp_path / "run"
-    save_config(small_config(shapes_data, out), tmp_path / "cfg.yaml")
-    assert cli(["train", "--config", str(tmp_path / "cfg.yaml"), "--output-dir", str(out),
-                "train.callbacks=[test_callbacks:StopAtTwo]"]) == 0
-    assert "stopped at iteration 2: enough at 2" in capsys.readouterr().err
+    save_config(small_config(shapes_data, out, data__val_annotations="''"), tmp_path / "cfg.yaml")
+    done = subprocess.run([str(Path(sys.executable).parent / "retinanet"), "train", "--config", "cfg.yaml",
+                           "train.callbacks=[my_callbacks:StopAtTwo]"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "stopped at iteration 2: enough at 2" in done.stderr
     assert read_checkpoint(out / "last.pt").training["iteration"] == 2 and (out / "model_final.pt").is_file()
 
 

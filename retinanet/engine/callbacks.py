@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,14 +49,21 @@ class Callback:
 
 
 def load_callbacks(names: list[str]) -> list[Callback]:
-    """Instances of `train.callbacks` ("module:Class", each built with no arguments)."""
-    out = []
+    """Instances of `train.callbacks` ("module:Class", each built with no arguments), imported
+    from the Python path or else the current folder (which the `retinanet` script's path lacks)."""
+    out, folder = [], os.getcwd()
     for name in names:
         module_name, _, attr = name.partition(":")
+        added = folder not in sys.path
+        if added:
+            sys.path.append(folder)
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
             raise ConfigError(f"train.callbacks: cannot import {name!r} ({type(err).__name__}: {err})") from None
+        finally:
+            if added and folder in sys.path:
+                sys.path.remove(folder)
         if not (isinstance(cls, type) and issubclass(cls, Callback)):
             raise ConfigError(f"train.callbacks: {name} is not a retinanet.Callback class")
         out.append(cls())
