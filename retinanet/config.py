@@ -200,8 +200,10 @@ class EvalConfig:
     batch_size: PositiveInt = 8  # global
     max_images: NonNegativeInt = 0  # 0: all
     compile: bool = False  # `retinanet eval`: torch.compile the network (and NMS on a GPU); the first batches wait for the compiler
-    score_threshold: Fraction = 0.5  # precision/recall/F1/confusion matrix count detections scored this or more
-    iou: Annotated[float, Range(0, 1, open_min=True)] = 0.5  # a detection finds a box at this IoU or more (same)
+    # precision, recall, F1 and confusion matrix: they count the detections scored at least this
+    score_threshold: Fraction = 0.5
+    # precision, recall, F1 and confusion matrix: a detection finds a ground-truth box at this IoU or more
+    iou: Annotated[float, Range(0, 1, open_min=True)] = 0.5
     # who computes COCO AP: auto is faster-coco-eval where installed (the same numbers, in C++), else pycocotools
     coco_backend: Literal["auto", "pycocotools", "faster-coco-eval"] = "auto"
 
