@@ -262,6 +262,7 @@ def test_csv_logger_on_resume_drops_the_rows_after_the_checkpoint(shapes_data, t
 
 
 def test_mlflow_logger_uses_the_tracking_uri_the_user_set(shapes_data, tmp_path, monkeypatch):
+    """Also after an earlier run of this process (tracked_run) set its store in mlflow."""
     from mlflow.tracking import MlflowClient
 
     store = (tmp_path / "team_store").resolve().as_uri()

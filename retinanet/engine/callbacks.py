@@ -195,10 +195,12 @@ class MLflowLogger(_Logger):
         if not trainer.dist.is_main:
             return
         mlflow = self.mlflow
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
             # MLflow 3 keeps its file store for explicit opt-in: a local store needs no server or database
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            mlflow.set_tracking_uri((trainer.output_dir / "mlruns").resolve().as_uri())
+            uri = (trainer.output_dir / "mlruns").resolve().as_uri()
+        mlflow.set_tracking_uri(uri)  # also replaces the store an earlier run of this process set
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "retinanet"))
         self.run = mlflow.start_run(run_name=trainer.output_dir.name)
         params = {k: str(v)[:6000] for k, v in flatten(config_to_dict(trainer.cfg)).items()}
