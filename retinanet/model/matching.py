@@ -87,9 +87,10 @@ class AnchorMatcher:
         # The chunk loop's length depends on shapes only.
         crowd = gt_crowd & gt_valid if gt_crowd is not None else torch.zeros_like(gt_valid)
         matchable = gt_valid & ~crowd
-        # crowd IoA only where a crowd box can change a label (on a CPU, asking costs nothing)
+        # crowd IoA only where a crowd box can change a label (on a CPU in eager mode asking costs
+        # nothing; a compiled graph cannot branch on a value, so it always computes it)
         with_crowd = gt_crowd is not None and (anchors.device.type != "cpu" or self.crowd_ioa_threshold <= 0
-                                               or bool(crowd.any()))
+                                               or torch.compiler.is_compiling() or bool(crowd.any()))
         anchor_area = box_area(anchors)
         budget = self.chunk_elements * (16 if anchors.device.type == "cuda" else 1)
         step = max(1, budget // max(1, batch * num_anchors))

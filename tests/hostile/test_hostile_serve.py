@@ -101,7 +101,7 @@ def onnx_server(weights):
     from retinanet.export.onnx import export_onnx
 
     path = weights.with_suffix(".onnx")
-    export_onnx(load_model(weights), path, 128, 128)
+    export_onnx(load_model(weights), path, 128, 128, dynamic=True)
     proc, url = start_server(path, "--max-pixels", str(BUDGET))
     yield proc, url
     log = stop_server(proc)
