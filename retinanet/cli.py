@@ -402,7 +402,7 @@ def _add_speed_options(p) -> None:
 
 def _resolved_amp(amp: str, device) -> str:
     """`--amp` resolved for `device` (`resolve_amp`), said on stderr unless it is the default."""
-    from .engine.evaluate import resolve_amp
+    from .engine.precision import resolve_amp
 
     resolved, why = resolve_amp(amp, device)
     if amp != "none":
@@ -522,7 +522,7 @@ def cmd_eval(args) -> int:
     model = load_model(args.weights, info.device, model_overrides).to(info.device)
     model.optimize_for_inference(compile=cfg.eval.compile)
     dataset = open_dataset(cfg.data, "val", model.class_names)
-    from .engine.evaluate import resolve_amp
+    from .engine.precision import resolve_amp
 
     metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
                        cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main,

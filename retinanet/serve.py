@@ -70,7 +70,7 @@ class Predictor:
         import torch
 
         tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
-        from .engine.evaluate import autocast
+        from .engine.precision import autocast
 
         with autocast(self.amp, torch.device(self.device).type):
             detections = self.model.predict(tensors, batch_size=len(tensors))

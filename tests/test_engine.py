@@ -274,14 +274,14 @@ def test_ddp_resume_is_exact_with_multiscale(shapes_data, tmp_path):
 def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch, shapes_data, tmp_path, caplog):
     import logging
 
-    from retinanet.engine import evaluate as evaluate_module
-    from retinanet.engine.evaluate import resolve_amp
+    from retinanet.engine import precision
+    from retinanet.engine.precision import resolve_amp
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(evaluate_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert resolve_amp("auto", cpu)[0] == "none"
     assert "much slower" in resolve_amp("bf16", cpu)[1]
-    monkeypatch.setattr(evaluate_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert resolve_amp("auto", cpu)[0] == "bf16" and resolve_amp("none", cpu)[0] == "none"
     with caplog.at_level(logging.INFO):
         trainer = Trainer(tiny_config(shapes_data, tmp_path, train__amp="auto"), progress=False).setup()

@@ -17,6 +17,7 @@ import torch
 from .. import __version__
 from ..analysis.plots import save_figure
 from ..outputs import write_text
+from .precision import cpu_flags
 
 
 def _sync(device: torch.device) -> None:
@@ -314,20 +315,12 @@ def _variant(*flags) -> str:
 
 
 def machine() -> dict:
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"]
     model_name = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                        if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     # what the kernels use may be less than the CPU has: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap it
     kernels = {"aten": torch.backends.cpu.get_cpu_capability(), "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
-    return {"cpu": model_name, "cpu_flags": [f for f in wanted if f" {f}" in flags], "kernels": kernels,
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"})
+    return {"cpu": model_name, "cpu_flags": flags, "kernels": kernels,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

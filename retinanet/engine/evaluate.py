@@ -22,47 +22,12 @@ from ..model.config import ConfigError
 from ..analysis.threshold_metrics import format_threshold_line, images_from_results, threshold_metrics
 from ..outputs import write_text
 from . import distributed
+from .precision import autocast
 from .tiling import check_tile_config, predict_tiled
 
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-
-
-def amp_dtype(amp: str) -> torch.dtype | None:
-    """The autocast dtype of a resolved `train.amp` setting (None: full precision)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-
-
-def autocast(amp: str, device_type: str):
-    """Autocast in a resolved `train.amp` precision on `device_type`; for "none" a disabled one."""
-    dtype = amp_dtype(amp)
-    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 autocast
-    is emulated and much slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
-    """`(precision, why)` for a `train.amp` setting on `device`: `auto` picks bf16 on GPUs and
-    CPUs with native bf16, fp16 on older GPUs, and full precision on other CPUs."""
-    if amp != "auto":
-        if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-            return amp, "as configured (this CPU has no native bf16: expect it to be much slower than fp32)"
-        return amp, "as configured"
-    if device.type == "cuda":
-        return ("bf16", "GPU with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "GPU without bf16")
-    if cpu_has_native_bf16():
-        return "bf16", "the CPU has native bf16 (avx512_bf16/amx)"
-    return "none", "the CPU has no native bf16, where bf16 autocast is ~15x slower"
 
 
 def check_categories(model, dataset: DetectionDataset) -> None:

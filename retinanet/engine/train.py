@@ -32,7 +32,8 @@ from . import distributed
 from .analyze import coverage_warning
 from .callbacks import Callback, build_loggers, load_callbacks
 from .checkpoint import capture_rng, restore_rng
-from .evaluate import autocast, box_count, drop_unresizable, evaluate, resolve_amp
+from .evaluate import box_count, drop_unresizable, evaluate
+from .precision import autocast, resolve_amp
 from .finetune import (StartWeights, apply_freeze, architecture_differences, class_table, match_classes,
                        read_start_weights, start_state)
 from .tiling import check_tile_config
