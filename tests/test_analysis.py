@@ -17,7 +17,7 @@ from retinanet.config import apply_overrides, load_config
 from retinanet.data.synthetic import generate_dataset
 from retinanet.model.config import AnchorConfig, InputConfig, MatcherConfig
 
-from conftest import tiny_config, write_json
+from helpers import tiny_config, write_json
 
 PAPER_ANCHORS = "model.anchors.sizes=[[32,40.32,50.8],[64,80.63,101.59],[128,161.27,203.19],[256,322.54,406.37]," \
                 "[512,645.08,812.75]]"

@@ -15,7 +15,7 @@ from retinanet.data.coco import CocoDetection
 from retinanet.data.sampler import TrainBatchSampler
 from retinanet.data.tiles import TiledDataset
 
-from conftest import write_json
+from helpers import write_json
 
 
 def ops(*entries: str):
@@ -228,7 +228,7 @@ def test_augment_command_draws_pictures_and_refuses_to_overwrite(tmp_path, capsy
 
 
 def test_the_trainer_samples_and_loads_the_configured_ops(shapes_data, tmp_path):
-    from conftest import tiny_config
+    from helpers import tiny_config
     from retinanet.engine.train import Trainer
 
     cfg = tiny_config(shapes_data, tmp_path / "run", data__num_workers=0, data__horizontal_flip=0,

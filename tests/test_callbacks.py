@@ -17,7 +17,7 @@ from retinanet.checkpoint import read_checkpoint
 from retinanet.cli import main as cli
 from retinanet.config import save_config
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 class Recorder(retinanet.Callback):

@@ -18,7 +18,7 @@ from retinanet.data.dataset import coco_api
 from retinanet.engine import evaluate as evaluate_module
 from retinanet.engine.evaluate import SUMMARY_KEYS, coco_classes, coco_metrics, load_coco_ground_truth
 
-from conftest import require_peer, tiny_config
+from helpers import require_peer, tiny_config
 
 GT = {
     "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 200},

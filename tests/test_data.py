@@ -11,7 +11,7 @@ from retinanet.data.coco import CocoDetection, DatasetError, collate, hflip
 from retinanet.data.image_io import ImageReadError, read_image
 from retinanet.data.sampler import TrainBatchSampler
 
-from conftest import write_json
+from helpers import write_json
 
 
 def coco(images, annotations, categories=({"id": 1, "name": "a"}, {"id": 5, "name": "b"})):

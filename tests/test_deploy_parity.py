@@ -15,7 +15,7 @@ from retinanet import load_model, read_image
 from retinanet.checkpoint import save_model
 from retinanet.cli import main as cli
 
-from conftest import require_peer, tiny_config
+from helpers import require_peer, tiny_config
 
 ort = require_peer("onnxruntime", "pip install onnxruntime (the test extra)")
 require_peer("onnx", "pip install onnx onnxscript (the test extra)")

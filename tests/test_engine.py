@@ -13,7 +13,7 @@ from retinanet.engine import train as train_module
 from retinanet.engine.train import Trainer, lr_factor, scaled_schedule
 from retinanet.config import TrainConfig
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def _training_script(path: Path, config_arguments: str, run: str) -> Path:
     path.write_text(
         "import sys, json, torch\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from conftest import tiny_config\n"
+        "from helpers import tiny_config\n"
         "from retinanet.engine.train import Trainer\n"
         "data = json.loads(sys.argv[1]); out = sys.argv[2]\n"
         "cfg = tiny_config(data, out, train__optimizer='sgd', train__base_lr=0.02, train__schedule='step',\n"

@@ -13,7 +13,7 @@ import torch
 from retinanet import load_model, read_image
 from retinanet.cli import main as cli
 
-from conftest import require_peer, tiny_config
+from helpers import require_peer, tiny_config
 
 ort = require_peer("onnxruntime", "pip install onnxruntime (the test extra)")
 onnx = require_peer("onnx", "pip install onnx onnxscript (the test extra)")

@@ -15,7 +15,7 @@ from retinanet.convert import convert_state, read_detector
 from retinanet.engine.finetune import finetune_config, match_classes
 from retinanet.engine.train import Trainer
 
-from conftest import require_peer, tiny_config
+from helpers import require_peer, tiny_config
 
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
 TINY = ["train.max_iter=1", "train.batch_size=2", "train.reference_batch_size=2", "train.warmup_iters=0",

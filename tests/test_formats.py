@@ -13,7 +13,7 @@ from retinanet.data.coco import CocoDetection
 from retinanet.data.dataset import DatasetError
 from retinanet.data.formats import open_dataset, read_csv, read_voc, read_yolo
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 SHAPES = ["ellipse", "rectangle", "triangle", "star", "cross"]
 

@@ -11,7 +11,7 @@ import pytest
 from retinanet.cli import main as cli
 from retinanet.config import save_config
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 @pytest.fixture(autouse=True)

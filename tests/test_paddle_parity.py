@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_peer  # noqa: E402
+from helpers import require_peer  # noqa: E402
 
 paddle = require_peer("paddle", "pip install paddlepaddle==3.3.1 (see .ci/run)")
 require_peer("ppdet", "pip install --no-deps paddledet==2.6.0 (see .ci/run)")

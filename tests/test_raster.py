@@ -15,7 +15,7 @@ from retinanet.data.image_io import ImageReadError, read_image
 from retinanet.data.raster import ArrayRaster, WindowedRaster, open_raster
 from retinanet.engine.predict import predict_files
 
-from conftest import require_peer
+from helpers import require_peer
 
 rasterio = require_peer("rasterio", "pip install -e '.[geo]'")
 from rasterio.transform import Affine  # noqa: E402
@@ -317,7 +317,7 @@ def test_tiled_evaluation_reads_images_by_windows_and_matches_the_whole_decode(s
     from retinanet.engine.tiling import predict_tiled
     from retinanet.model.build import build_retinanet
 
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     # the shapes validation set as TIFFs: the files tiled evaluation should read window by window
     annotations = json.loads(open(shapes_data["val_annotations"]).read())
@@ -354,7 +354,7 @@ def test_data_value_range_reaches_tiled_training_and_evaluation(tmp_path, monkey
     from retinanet.engine import evaluate as evaluate_module
     from retinanet.engine.train import Trainer
 
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -15,7 +15,7 @@ from retinanet.checkpoint import read_checkpoint
 from retinanet.cli import main as cli
 from retinanet.engine.train import Trainer, TrainingError
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def _poison(trainer, at_iteration):

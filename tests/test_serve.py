@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import require_peer, tiny_config
+from helpers import require_peer, tiny_config
 
 httpx = require_peer("httpx", "pip install httpx fastapi uvicorn python-multipart (the test extra)")
 require_peer("fastapi", "pip install fastapi uvicorn python-multipart (the test extra)")

@@ -19,7 +19,7 @@ from retinanet.config import save_config
 from retinanet.data.formats import open_dataset
 from retinanet.data.dataset import ImageRecord
 
-from conftest import tiny_config, write_json
+from helpers import tiny_config, write_json
 
 NAMES = ["a", "b"]
 CATEGORY_IDS = [1, 2]

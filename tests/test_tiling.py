@@ -18,7 +18,7 @@ from retinanet.engine.tiling import merge_detections, predict_tiled
 from retinanet.engine import train as train_module
 from retinanet.engine.train import Trainer
 
-from conftest import require_peer, tiny_config
+from helpers import require_peer, tiny_config
 
 
 def test_windows_cover_the_image_with_the_overlap():

@@ -15,7 +15,7 @@ from retinanet.convert.torchvision import convert_torchvision
 from retinanet.data.image_io import read_image
 from retinanet.model.build import build_retinanet
 
-from conftest import assert_same_detections
+from helpers import assert_same_detections
 
 
 def _freeze_bn(module):

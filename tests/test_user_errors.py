@@ -15,7 +15,7 @@ from retinanet import RetinaNet, save_model
 from retinanet.cli import main as cli
 from retinanet.config import save_config
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 SHAPES = ["ellipse", "rectangle", "triangle", "star", "cross"]
 

@@ -24,7 +24,7 @@ from hostile_helpers import refused
 from retinanet.config import save_config
 from retinanet.data.synthetic import generate_dataset
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 CLASSES = ["ellipse", "rectangle", "triangle", "star", "cross"]
 

@@ -14,7 +14,7 @@ from PIL import Image
 from retinanet import ModelConfig, RetinaNet, save_model
 from retinanet.cli import main as cli
 
-from conftest import require_peer
+from helpers import require_peer
 
 rasterio = require_peer("rasterio", "pip install -e '.[geo]'")
 from rasterio.transform import Affine  # noqa: E402

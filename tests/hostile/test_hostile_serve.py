@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from helpers import tiny_config
 from test_serve import httpx, start_server, stop_server
 
 BUDGET = 4_000_000  # pixels: the servers here are started with --max-pixels BUDGET

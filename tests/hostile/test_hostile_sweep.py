@@ -16,7 +16,7 @@ from PIL import Image
 
 from retinanet.cli import main as cli
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 BAD_IMAGES = ["cut.png", "cut.jpg", "empty.jpg", "text.png", "noise.jpg", "bomb.png", "strip.png"]
 
