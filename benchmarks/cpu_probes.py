@@ -5,7 +5,7 @@ channels-last), eager and compiled, batch 1 at 800x1216, alternating; prints eac
 medians. `--probe faults`: seconds and minor page faults of one inference (batch 1) and of
 training steps (batch 2, 800x1216). Allocator settings are read when a process starts, so
 compare them one process each (`--keep-freed-memory`: what the command line sets,
-`retinanet.engine.allocator.keep_freed_memory`), e.g.
+`retinanet.allocator.keep_freed_memory`), e.g.
 
     python benchmarks/cpu_probes.py --probe compile --repeat 6
     for i in 1 2 3; do
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from retinanet.engine.allocator import keep_freed_memory
+from retinanet.allocator import keep_freed_memory
 from retinanet.engine.bench import _models, _photos, optimized_copy, random_targets, timed, training_step
 from retinanet.model.detector import cpu_freezing
 

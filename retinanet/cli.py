@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
-    from .engine.allocator import keep_freed_memory
+    from .allocator import keep_freed_memory
 
     keep_freed_memory()  # a CPU training step ~6% faster; see its docstring
     try:

@@ -204,23 +204,10 @@ def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, max_b
     import uvicorn
     from PIL import Image
 
-    from .data.raster import _return_large_buffers_to_the_os
+    from .allocator import return_freed_memory
 
-    _return_large_buffers_to_the_os()
-    _trim_freed_heap()
+    return_freed_memory()  # a large request's memory goes back to the OS, not kept by the server
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels
     app = create_app(predictor, max_bytes, max_batch, max_pixels)
     uvicorn.run(app, host=host, port=port, log_level="info")
-
-
-def _trim_freed_heap() -> None:
-    """Restore glibc's own trim threshold (128 KiB), which the command line raises to keep
-    freed memory for training (`engine.allocator`): decoding a large upload frees hundreds of
-    MB in blocks under the mmap threshold, which a server must give back, not keep."""
-    from .engine.allocator import M_TRIM_THRESHOLD, uses_glibc
-
-    if uses_glibc():
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(M_TRIM_THRESHOLD, 128 * 1024)

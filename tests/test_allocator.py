@@ -1,4 +1,5 @@
-"""keep_freed_memory: freed activations stay in the process instead of returning to the kernel."""
+"""The malloc owner: keep_freed_memory (freed activations stay in the process) and
+return_freed_memory (large freed buffers go back to the kernel), and the user's own settings win."""
 
 import os
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from retinanet.engine import allocator
+from retinanet import allocator
 
 GLIBC = allocator.uses_glibc()
 
@@ -14,7 +15,7 @@ GLIBC = allocator.uses_glibc()
 # took after a warm-up pass, and whether keep_freed_memory applied (argv[1] == "keep").
 PROBE = """
 import resource, sys, torch
-from retinanet.engine.allocator import keep_freed_memory
+from retinanet.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 if sys.argv[1] == "cli":
     import os
@@ -67,3 +68,40 @@ def test_the_command_line_applies_it(tmp_path):
     _, as_is = _faults("default")
     applied, after_cli = _faults("cli", PROBE_RUN_DIR=str(tmp_path / "run"))
     assert applied == "None" and after_cli * 5 < as_is, (after_cli, as_is)
+
+
+# Allocates and frees 200 MB in 2 MiB blocks after the command line's kept-memory mode, then
+# prints how much of it the process still holds (MB), and whether argv[1]'s mode applied.
+RETURN_PROBE = """
+import sys, torch
+from retinanet.allocator import keep_freed_memory, return_freed_memory
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+keep_freed_memory()
+applied = return_freed_memory() if sys.argv[1] == "return" else None
+before = resident_mb()
+blocks = [torch.ones(2**19) for _ in range(100)]
+del blocks
+print(applied, round(resident_mb() - before))
+"""
+
+
+def _held_after_free(mode: str, **env) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", RETURN_PROBE, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
+    applied, held = out.stdout.split()
+    return applied, int(held)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_return_mode_gives_large_freed_buffers_back_after_the_kept_mode():
+    """What a tiled raster pass and the HTTP service switch to: 200 MB of tile-sized buffers
+    freed leave the process (kept mode would hold them all)."""
+    _, kept = _held_after_free("keep")
+    applied, returned = _held_after_free("return")
+    assert applied == "True"
+    assert kept > 150 and returned < 20, (kept, returned)
+    # the user's settings win here too: theirs keep the blocks, and neither mode changes that
+    applied, held = _held_after_free("return", MALLOC_MMAP_THRESHOLD_=str(32 << 20),
+                                     MALLOC_TRIM_THRESHOLD_=str(1 << 30))
+    assert applied == "False" and held > 150, held

@@ -20,11 +20,9 @@ short) raises `ImageReadError` naming the file. Data that is not 8-bit is scaled
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..allocator import return_freed_memory
 from .image_io import ImageReadError, read_image
 from .value_range import ValueScaling, automatic_scaling, check_value_range
 
@@ -109,7 +108,7 @@ class WindowedRaster(Raster):
         from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
         self.path = path
-        _return_large_buffers_to_the_os()
+        return_freed_memory()  # tile-sized buffers must not fragment the heap (see allocator)
         self._env = rasterio.Env(**_GDAL_OPTIONS)
         self._env.__enter__()
         try:
@@ -304,27 +303,6 @@ def _cached_scaling(path: Path, value_range, find) -> ValueScaling:
         log.info("%s: %s; set data.value_range (predict --value-range LOW,HIGH) to change it",
                  path, scaling.describe())
     return _SCALINGS[key]
-
-
-_HEAP_BOUNDED = False
-
-
-def _return_large_buffers_to_the_os() -> None:
-    """Serve allocations of 1 MiB and more by mmap, returned to the OS when freed (glibc).
-
-    glibc otherwise raises its mmap threshold after the first large free and serves the
-    tile-sized buffers of a tiled pass from the heap, which fragments: tiled prediction over a
-    very large GeoTIFF could then grow by gigabytes, where with the threshold fixed it stays
-    flat (figures in benchmarks/RESULTS.md)."""
-    global _HEAP_BOUNDED
-    if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
-        return
-    _HEAP_BOUNDED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; a fixed value also stops glibc adjusting it
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
 
 
 def rasterio_available() -> bool:
