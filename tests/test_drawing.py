@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from retinanet.engine.predict import draw_detections, place_labels
+from retinanet.analysis.drawing import draw_detections, place_labels
 
 
 def _overlaps(a, b, size_a, size_b):

@@ -8,8 +8,7 @@ from PIL import Image, ImageDraw
 from ..model.anchors import AnchorGenerator
 from ..model.config import AnchorConfig
 from ..model.matching import FOREGROUND, IGNORE, AnchorMatcher, batched_iou
-
-LEVEL_COLOURS = [(31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+from .drawing import LEVEL_COLOURS, enlarged
 
 
 def _generator(anchors: AnchorConfig) -> AnchorGenerator:
@@ -17,20 +16,12 @@ def _generator(anchors: AnchorConfig) -> AnchorGenerator:
                            anchors.round_cell_anchors, anchors.stride_from_image_size)
 
 
-def _display(image: Image.Image, min_side: int = 512) -> tuple[Image.Image, int]:
-    """The picture enlarged by a whole factor so that small inputs stay legible."""
-    scale = max(1, min_side // max(image.width, image.height))
-    image = image.convert("RGB")
-    return (image.resize((image.width * scale, image.height * scale), Image.BILINEAR) if scale > 1
-            else image.copy()), scale
-
-
 def draw_anchor_grid(canvas: Image.Image, anchors: AnchorConfig, feature_sizes: list[tuple[int, int]],
                      level: int, location: tuple[float, float] | None = None) -> Image.Image:
     """The anchor centres of `level` over `canvas` (the network input), and the anchors of
     the grid location nearest `location` (x, y; default: the centre), coloured by size."""
     h, w = canvas.height, canvas.width
-    canvas, k = _display(canvas)
+    canvas, k = enlarged(canvas)
     draw = ImageDraw.Draw(canvas)
     level_anchors = _generator(anchors)(feature_sizes, (h, w))[level]
     per_location = _generator(anchors).num_anchors
@@ -59,7 +50,7 @@ def draw_assignment(image: Image.Image, boxes: torch.Tensor, anchors: AnchorConf
     anchors the matcher makes positive (outlined, coloured by level) and ignored (dotted
     centres); boxes that no anchor reaches at `fg_iou_threshold` are drawn in red."""
     per_level = _generator(anchors)(feature_sizes, (image.height, image.width))
-    image, k = _display(image)
+    image, k = enlarged(image)
     draw = ImageDraw.Draw(image)
     grid = torch.cat(per_level)
     level_of = torch.cat([torch.full((len(a),), i) for i, a in enumerate(per_level)])

@@ -13,7 +13,7 @@ from ..data.image_io import ImageReadError
 from ..data.sampler import TrainBatchSampler
 from ..outputs import OutputRefused, check_output_file, check_writable, save_image, write_text
 from .analyze import _open
-from .predict import draw_detections
+from ..analysis.drawing import draw_detections
 
 log = logging.getLogger(__name__)
 

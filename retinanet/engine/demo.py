@@ -13,7 +13,7 @@ from ..data.formats import open_dataset
 from ..data.synthetic import SHAPE_CLASSES, generate_dataset
 from ..model.detector import RetinaNet
 from ..outputs import save_image, write_text
-from .predict import draw_detections
+from ..analysis.drawing import draw_detections
 from .train import TrainingError, train
 
 

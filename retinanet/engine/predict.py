@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.drawing import draw_detections
 from ..data.raster import crs_name, open_raster, pixel_to_crs
 from ..outputs import save_image, write_text
 from .precision import autocast
-from .prediction_files import (DRAWING_MAX_SIDE, coco_records, draw_detections, drawn_names, label_path,  # noqa: F401
-                               place_labels, size_groups, write_labels)
+from .prediction_files import DRAWING_MAX_SIDE, coco_records, label_path, size_groups, write_labels
 from .prediction_files import predict_files as predict_with_backend
 from .tiling import predict_tiled
 
