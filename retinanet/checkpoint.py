@@ -17,10 +17,12 @@ saying so. Files are written atomically: a temporary file beside the target, fsy
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .model.config import (ConfigError, ModelConfig, apply_overrides, check_config, config_from_dict,
@@ -160,3 +162,30 @@ def save_model(model: RetinaNet, path: str | Path, meta: dict | None = None) -> 
     if model.config is None:
         raise ValueError("this model was not built from a config; build it with RetinaNet.from_config")
     return write_checkpoint(path, model.config, model.state_dict(), meta=meta)
+
+
+def capture_rng() -> dict:
+    """RNG states of Python, NumPy, torch (CPU) and CUDA as tensors and plain tuples (no
+    pickled objects, so the checkpoint still loads with `weights_only`): saved in a training
+    checkpoint so that `--resume` continues exactly."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Set the RNG states `capture_rng` took (CUDA's only where CUDA is available)."""
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from ..checkpoint import CheckpointError, capture_rng, read_checkpoint, restore_rng, write_checkpoint
 from ..config import Config, ConfigError, config_to_dict, save_config
 from ..data.dataset import DatasetError, collate
 from ..data.formats import has_split, open_dataset
@@ -31,7 +31,6 @@ from ..outputs import check_writable, remove_stale_temporaries, write_text
 from . import distributed
 from .analyze import coverage_warning
 from .callbacks import Callback, build_loggers, load_callbacks
-from .checkpoint import capture_rng, restore_rng
 from .evaluate import box_count, drop_unresizable, evaluate
 from .precision import autocast, resolve_amp
 from .finetune import (StartWeights, apply_freeze, architecture_differences, class_table, match_classes,
