@@ -108,7 +108,8 @@ class ExportedDetector(nn.Module):
             size = torch.floor(original.to(torch.float64) * scale.to(torch.float64)).to(torch.int64)
             x = resize_bilinear(x, size)
         d = pre.size_divisibility
-        pad = (size + d - 1) // d * d - size
+        resized = _shape(x)[2:]  # equal to `size`; read from the tensor, OpenVINO's CPU plugin mis-sizes the
+        pad = (resized + d - 1) // d * d - resized  # resize's Gather when the pads come from `size` itself
         x = nn.functional.pad(x, [0, pad[1], 0, pad[0]])
         return x, original, size
 
