@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import shapes_model, tiny_config
+from retinanet import save_model
 from retinanet.data.synthetic import generate_dataset
 
 
@@ -32,6 +34,25 @@ def shapes_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("shapes")
     return generate_dataset(root, num_train=24, num_val=8, image_size=128, seed=3, max_objects=4, min_size=16,
                             max_size=80)
+
+
+@pytest.fixture(scope="session")
+def shapes_model_file(tmp_path_factory) -> Path:
+    """`helpers.shapes_model()` saved once for the session (untrained, detects everywhere). Shared:
+    a test must not write beside it (eval without --output-dir does), nor change it."""
+    return save_model(shapes_model(), tmp_path_factory.mktemp("shapes_model") / "model.pt")
+
+
+@pytest.fixture(scope="session")
+def trained_model_file(tmp_path_factory, shapes_data) -> Path:
+    """A `tiny_config` detector of the 5 shape classes trained for 2 iterations on `shapes_data`
+    (no evaluation): its `model_final.pt`. Shared: a test must not write beside it, nor change it."""
+    from retinanet.engine.train import Trainer
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    torch.manual_seed(0)
+    Trainer(tiny_config(shapes_data, out, train__max_iter=2, data__val_annotations="''"), progress=False).run()
+    return out / "model_final.pt"
 
 
 @pytest.fixture(scope="session")

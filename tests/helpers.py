@@ -7,10 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from retinanet import RetinaNet
 from retinanet.config import Config, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+SHAPES = ["ellipse", "rectangle", "triangle", "star", "cross"]  # conftest's shapes_data, category ids 1-5
 
 
 def require_peer(module: str, install: str):
@@ -55,3 +58,19 @@ def tiny_config(data: dict, output_dir: Path, **overrides) -> Config:
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+def shapes_model(class_names: list[str] = SHAPES, category_ids: list[int] | None = None,
+                 **overrides) -> RetinaNet:
+    """An untrained `tiny_config` RetinaNet (`overrides` as there; FPN width 64, so that GroupNorm
+    has 2 channels a group) with random weights from seed 0, for the classes `class_names`
+    (category ids 1..n unless given: `shapes_data`'s by default) and its class bias at 0, so
+    that it detects everywhere with scores near 0.5."""
+    cfg = tiny_config({}, Path("unused"), **{"model__fpn__out_channels": 64, **overrides}).model
+    cfg.class_names, cfg.num_classes = list(class_names), len(class_names)
+    cfg.category_ids = list(category_ids or range(1, len(class_names) + 1))
+    torch.manual_seed(0)
+    model = RetinaNet.from_config(cfg)
+    with torch.no_grad():
+        model.head.cls_score.bias.fill_(0.0)
+    return model

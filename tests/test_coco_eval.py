@@ -11,7 +11,6 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retinanet import RetinaNet, save_model
 from retinanet.cli import main as cli
 from retinanet.config import save_config
 from retinanet.data.dataset import coco_api
@@ -95,17 +94,15 @@ def test_faster_coco_eval_gives_the_numbers_of_pycocotools():
     assert coco_classes("pycocotools") == (COCO, COCOeval)
 
 
-def test_a_missing_backend_stops_eval_before_predicting(shapes_data, tmp_path, capsys, monkeypatch):
+def test_a_missing_backend_stops_eval_before_predicting(shapes_data, shapes_model_file, tmp_path, capsys,
+                                                         monkeypatch):
     """Without faster-coco-eval, "auto" falls back to pycocotools, and `retinanet eval
     eval.coco_backend=faster-coco-eval` ends in one line saying how to install it, with
     nothing predicted."""
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # import fails as when not installed
     assert coco_classes("auto") == (COCO, COCOeval)
-    cfg = tiny_config(shapes_data, tmp_path, model__fpn__out_channels=64)
-    cfg.model.class_names = ["ellipse", "rectangle", "triangle", "star", "cross"]
-    cfg.model.num_classes, cfg.model.category_ids = 5, [1, 2, 3, 4, 5]
-    weights = save_model(RetinaNet.from_config(cfg.model), tmp_path / "model.pt")
-    save_config(cfg, tmp_path / "cfg.yaml")
+    weights = shapes_model_file
+    save_config(tiny_config(shapes_data, tmp_path), tmp_path / "cfg.yaml")
     monkeypatch.setattr(evaluate_module, "predict_dataset", lambda *a, **k: pytest.fail("predicted"))
     assert cli(["eval", "--weights", str(weights), "--config", str(tmp_path / "cfg.yaml"), "--output-dir",
                 str(tmp_path / "ev"), "eval.coco_backend=faster-coco-eval"]) == 2

@@ -15,7 +15,7 @@ from retinanet.convert import convert_state, read_detector
 from retinanet.engine.finetune import finetune_config, match_classes
 from retinanet.engine.train import Trainer
 
-from helpers import require_peer, tiny_config
+from helpers import require_peer
 
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
 TINY = ["train.max_iter=1", "train.batch_size=2", "train.reference_batch_size=2", "train.warmup_iters=0",
@@ -24,11 +24,9 @@ SMALL_INPUT = ["model.input.train_min_sizes=[128]", "model.input.test_min_size=1
 
 
 @pytest.fixture(scope="module")
-def trained(shapes_data, tmp_path_factory) -> Path:
+def trained(trained_model_file) -> Path:
     """A tiny detector of the 5 shape classes, trained for 2 iterations."""
-    out = tmp_path_factory.mktemp("source")
-    Trainer(tiny_config(shapes_data, out, train__max_iter=2), out, progress=False).run()
-    return out / "model_final.pt"
+    return trained_model_file
 
 
 def renamed_data(shapes_data, folder: Path, names: list[str]) -> list[str]:

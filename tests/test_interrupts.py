@@ -3,6 +3,7 @@ no traceback, and nothing already written is lost. (The training loop itself, wi
 signal to a subprocess, is tested in test_reliability.py.)"""
 
 import os
+import shutil
 import signal
 import time
 
@@ -55,9 +56,9 @@ def test_train_interrupted_in_any_phase(shapes_data, tmp_path, capsys, monkeypat
 
 
 def test_demo_interrupted_during_training(tmp_path, capsys, monkeypatch):
-    from retinanet.engine import train as train_module
+    from retinanet.engine.callbacks import StopOnSignal
 
-    monkeypatch.setattr(train_module.StopOnSignal, "requested", lambda self: True)
+    monkeypatch.setattr(StopOnSignal, "requested", lambda self: True)
     code = cli(["demo", "--output-dir", str(tmp_path / "demo"), "--num-train", "8", "--num-val", "2",
                 "--minutes", "1", "model.input.train_min_sizes=[64]", "model.input.test_min_size=64",
                 "model.input.max_size=64"])
@@ -66,16 +67,11 @@ def test_demo_interrupted_during_training(tmp_path, capsys, monkeypatch):
     assert "demo interrupted at iteration 1" in err and "Traceback" not in err
 
 
-def test_sigterm_while_evaluating_from_the_cli(shapes_data, tmp_path, capsys, monkeypatch):
-    from retinanet import RetinaNet, save_model
+def test_sigterm_while_evaluating_from_the_cli(shapes_data, shapes_model_file, tmp_path, capsys, monkeypatch):
     from retinanet.engine import evaluate as evaluate_module
 
-    cfg = tiny_config(shapes_data, tmp_path)
-    model_cfg = cfg.model
-    model_cfg.class_names = ["ellipse", "rectangle", "triangle", "star", "cross"]
-    model_cfg.category_ids = [1, 2, 3, 4, 5]
-    save_model(RetinaNet.from_config(model_cfg), tmp_path / "m.pt")
-    save_config(cfg, tmp_path / "cfg.yaml")
+    shutil.copyfile(shapes_model_file, tmp_path / "m.pt")  # eval writes beside its weights
+    save_config(tiny_config(shapes_data, tmp_path), tmp_path / "cfg.yaml")
     monkeypatch.setattr(evaluate_module, "predict_dataset", _send(signal.SIGTERM))
     assert cli(["eval", "--weights", str(tmp_path / "m.pt"), "--config", str(tmp_path / "cfg.yaml")]) == 143
     assert "interrupted (SIGTERM) during eval" in capsys.readouterr().err

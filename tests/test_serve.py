@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import require_peer, tiny_config
+from helpers import require_peer
 
 httpx = require_peer("httpx", "pip install httpx fastapi uvicorn python-multipart (the test extra)")
 require_peer("fastapi", "pip install fastapi uvicorn python-multipart (the test extra)")
@@ -31,21 +31,11 @@ def _jpeg(seed: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, shapes_data):
-    from retinanet import RetinaNet, save_model
+def server(shapes_model_file):
+    from retinanet import load_model
 
-    folder = tmp_path_factory.mktemp("serve")
-    cfg = tiny_config(shapes_data, folder, model__fpn__out_channels=64).model
-    cfg.class_names = ["ellipse", "rectangle", "triangle", "star", "cross"]
-    cfg.category_ids = [1, 2, 3, 4, 5]
-    model = RetinaNet.from_config(cfg)
-    import torch
-
-    with torch.no_grad():
-        model.head.cls_score.bias.fill_(0.0)
-    weights = save_model(model, folder / "m.pt")
-    proc, url = start_server(weights, "--max-bytes", "200000")
-    yield url, model
+    proc, url = start_server(shapes_model_file, "--max-bytes", "200000")
+    yield url, load_model(shapes_model_file)
     stop_server(proc)
 
 
@@ -122,16 +112,15 @@ def test_bad_requests_get_4xx_and_the_service_keeps_answering(server):
     assert httpx.post(url + "/predict", content=_jpeg(3)).status_code == 200
 
 
-def test_a_checkpoint_is_served_in_the_precision_asked(tmp_path, shapes_data, capsys):
+def test_a_checkpoint_is_served_in_the_precision_asked(tmp_path, shapes_model_file, capsys):
     """`serve --amp`: the model runs under autocast in that precision, and /info says which;
     an ONNX model runs as exported, so asking it for --amp or --compile is refused."""
     import torch
 
-    from retinanet import RetinaNet, save_model
     from retinanet.cli import main as cli
     from retinanet.serve import Predictor
 
-    weights = save_model(RetinaNet.from_config(tiny_config(shapes_data, tmp_path).model), tmp_path / "m.pt")
+    weights = shapes_model_file
     arrays = [np.zeros((90, 120, 3), dtype=np.uint8)]
     for amp, expected in (("none", None), ("bf16", torch.bfloat16)):
         predictor = Predictor(weights, "cpu", amp=amp)

@@ -12,14 +12,14 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retinanet import RetinaNet, save_model
+from retinanet import save_model
 from retinanet.analysis.threshold_metrics import images_from_results, threshold_metrics
 from retinanet.cli import main as cli
 from retinanet.config import save_config
 from retinanet.data.formats import open_dataset
 from retinanet.data.dataset import ImageRecord
 
-from helpers import tiny_config, write_json
+from helpers import shapes_model, tiny_config
 
 NAMES = ["a", "b"]
 CATEGORY_IDS = [1, 2]
@@ -186,12 +186,8 @@ def test_eval_cli_threshold_setting_metrics_json_and_picture(shapes_data, tmp_pa
     counts at T: the counts in metrics.json agree with
     detections.json and the ground-truth file, the matrix holds every box and every detection
     once, the console shows the line, and confusion_matrix.png is a picture."""
-    cfg = tiny_config(shapes_data, tmp_path, model__fpn__out_channels=64, model__inference__score_threshold=0.3)
-    cfg.model.class_names = ["ellipse", "rectangle", "triangle", "star", "cross"]
-    cfg.model.num_classes, cfg.model.category_ids = 5, [1, 2, 3, 4, 5]
-    net = RetinaNet.from_config(cfg.model)
-    with torch.no_grad():
-        net.head.cls_score.bias.fill_(0.0)  # detections everywhere
+    cfg = tiny_config(shapes_data, tmp_path, model__inference__score_threshold=0.3)
+    net = shapes_model(model__inference__score_threshold=0.3)  # detections everywhere
     weights = save_model(net, tmp_path / "model.pt")
     save_config(cfg, tmp_path / "cfg.yaml")
     net.eval()

@@ -11,34 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from retinanet import RetinaNet, save_model
+from retinanet import save_model
 from retinanet.cli import main as cli
 from retinanet.config import save_config
 
-from helpers import tiny_config
-
-SHAPES = ["ellipse", "rectangle", "triangle", "star", "cross"]
+from helpers import SHAPES, shapes_model, tiny_config
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _model_file(folder: Path, shapes_data, **model) -> Path:
-    cfg = tiny_config(shapes_data, folder, model__fpn__out_channels=64).model  # GroupNorm: 2 channels a group
-    cfg.class_names = model.get("class_names", SHAPES)
-    cfg.num_classes = len(cfg.class_names)
-    cfg.category_ids = model.get("category_ids", list(range(1, cfg.num_classes + 1)))
-    torch.manual_seed(0)
-    net = RetinaNet.from_config(cfg)
-    with torch.no_grad():
-        net.head.cls_score.bias.fill_(0.0)  # detections everywhere
-    return save_model(net, folder / model.get("name", "model.pt"))
-
-
 @pytest.fixture
-def model_file(tmp_path, shapes_data):
-    return _model_file(tmp_path, shapes_data)
+def model_file(tmp_path, shapes_model_file) -> Path:
+    """The session's shapes model, copied into the test's folder (eval writes beside it)."""
+    return Path(shutil.copyfile(shapes_model_file, tmp_path / "model.pt"))
 
 
 def _photo(path: Path, size=(96, 64)) -> Path:
@@ -264,7 +251,7 @@ def test_check_data_decode_flags_sizes_that_disagree(shapes_data, tmp_path, caps
     {"class_names": SHAPES, "category_ids": [11, 12, 13, 14, 15]},  # ids 11-15 against 1-5
 ], ids=["91-class", "renamed", "shifted-ids"])
 def test_eval_stops_when_categories_do_not_match(shapes_data, tmp_path, capsys, model):
-    weights = _model_file(tmp_path, shapes_data, **model)
+    weights = save_model(shapes_model(**model), tmp_path / "model.pt")
     cfg = tmp_path / "cfg.yaml"
     save_config(tiny_config(shapes_data, tmp_path), cfg)
     assert cli(["eval", "--weights", str(weights), "--config", str(cfg)]) == 2
@@ -272,8 +259,8 @@ def test_eval_stops_when_categories_do_not_match(shapes_data, tmp_path, capsys, 
     assert "categories do not match the model's" in err and "Traceback" not in err
 
 
-def test_eval_of_a_dataset_with_more_categories_and_of_an_empty_one(shapes_data, tmp_path, capsys):
-    weights = _model_file(tmp_path, shapes_data)
+def test_eval_of_a_dataset_with_more_categories_and_of_an_empty_one(shapes_data, model_file, tmp_path, capsys):
+    weights = model_file
     ann = json.loads(Path(shapes_data["val_annotations"]).read_text())
     ann["categories"].append({"id": 6, "name": "hexagon"})
     (tmp_path / "six.json").write_text(json.dumps(ann))

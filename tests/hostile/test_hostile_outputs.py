@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,6 @@ from retinanet.config import save_config
 from retinanet.data.synthetic import generate_dataset
 
 from helpers import tiny_config
-
-CLASSES = ["ellipse", "rectangle", "triangle", "star", "cross"]
 
 
 # ------------------------------------------------------------------------------ fixtures and helpers
@@ -47,14 +46,9 @@ def config(dataset, tmp_path) -> Path:
 
 
 @pytest.fixture
-def weights(tmp_path_factory, dataset) -> Path:
-    from retinanet import RetinaNet, save_model
-
-    model_cfg = tiny_config(dataset, Path("unused")).model
-    model_cfg.class_names, model_cfg.category_ids = CLASSES, [1, 2, 3, 4, 5]
-    path = tmp_path_factory.mktemp("weights") / "model.pt"
-    save_model(RetinaNet.from_config(model_cfg), path)
-    return path
+def weights(tmp_path_factory, shapes_model_file) -> Path:
+    """A copy of the session's shapes model in a folder of its own (the tests look beside it)."""
+    return Path(shutil.copyfile(shapes_model_file, tmp_path_factory.mktemp("weights") / "model.pt"))
 
 
 @pytest.fixture

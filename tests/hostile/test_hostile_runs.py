@@ -11,10 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from retinanet import RetinaNet, save_model
 from retinanet.cli import main as cli
 from retinanet.config import save_config
 
@@ -44,17 +42,9 @@ def _errors(capsys) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, shapes_data) -> Path:
+def weights(shapes_model_file) -> Path:
     """A small random RetinaNet at 128 px (smallest anchor 16 px) that detects everywhere."""
-    folder = tmp_path_factory.mktemp("runs")
-    cfg = tiny_config(shapes_data, folder, model__fpn__out_channels=64).model
-    cfg.class_names = ["ellipse", "rectangle", "triangle", "star", "cross"]
-    cfg.num_classes, cfg.category_ids = 5, [1, 2, 3, 4, 5]
-    torch.manual_seed(0)
-    net = RetinaNet.from_config(cfg)
-    with torch.no_grad():
-        net.head.cls_score.bias.fill_(0.0)
-    return save_model(net, folder / "model.pt")
+    return shapes_model_file
 
 
 def _without_boxes(annotations: str, path: Path) -> str:
@@ -179,8 +169,8 @@ def test_tiny_tiles_and_huge_overlaps_are_refused_unless_forced(weights, tmp_pat
 
 # ------------------------------------------------------------------ case 13: onnxruntime predict, --config
 @pytest.fixture(scope="module")
-def onnx_weights(weights) -> Path:
-    path = weights.with_suffix(".onnx")
+def onnx_weights(weights, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"  # not beside the session's weights
     assert cli(["export", "--weights", str(weights), "--output", str(path), "--dynamic"]) == 0
     return path
 

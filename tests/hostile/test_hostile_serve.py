@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import tiny_config
 from test_serve import httpx, start_server, stop_server
 
 BUDGET = 4_000_000  # pixels: the servers here are started with --max-pixels BUDGET
@@ -45,11 +44,8 @@ def _memory_kb(pid: int, field: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    from retinanet import RetinaNet, save_model
-
-    folder = tmp_path_factory.mktemp("hostile_serve")
-    return save_model(RetinaNet.from_config(tiny_config({}, folder).model), folder / "m.pt")
+def weights(shapes_model_file) -> Path:
+    return shapes_model_file
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +92,11 @@ def test_the_pixel_budget_is_the_servers_own(torch_server):
 
 
 @pytest.fixture(scope="module")
-def onnx_server(weights):
+def onnx_server(weights, tmp_path_factory):
     from retinanet.checkpoint import load_model
     from retinanet.export.onnx import export_onnx
 
-    path = weights.with_suffix(".onnx")
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"  # not beside the session's weights
     export_onnx(load_model(weights), path, 128, 128, dynamic=True)
     proc, url = start_server(path, "--max-pixels", str(BUDGET))
     yield proc, url

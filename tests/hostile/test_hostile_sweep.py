@@ -6,6 +6,7 @@ pixels or boxes. The files are made here; the cases the other hostile tests pin 
 swept here command by command."""
 
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -32,7 +33,7 @@ def _png(width: int, height: int, rows: int = 4) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shapes_data) -> dict:
+def corpus(tmp_path_factory, shapes_data, shapes_model_file) -> dict:
     root = tmp_path_factory.mktemp("corpus")
     images = root / "images"
     images.mkdir()
@@ -60,12 +61,8 @@ def corpus(tmp_path_factory, shapes_data) -> dict:
     (root / "noise.json").write_bytes(rng.integers(0, 256, 2000, np.uint8).tobytes())
     (root / "noise.pt").write_bytes(rng.integers(0, 256, 2000, np.uint8).tobytes())
     (root / "text.onnx").write_text("not a model")
-    from retinanet import RetinaNet, save_model
-
     cfg = tiny_config(shapes_data, root / "run")
-    model_cfg = cfg.model
-    model_cfg.class_names, model_cfg.category_ids = [c["name"] for c in coco["categories"]], [1, 2, 3, 4, 5]
-    weights = save_model(RetinaNet.from_config(model_cfg), root / "model.pt")
+    weights = Path(shutil.copyfile(shapes_model_file, root / "model.pt"))  # the corpus's own copy
     (root / "cut.pt").write_bytes(weights.read_bytes()[:5000])
     config = root / "config.yaml"
     from retinanet.config import apply_overrides, save_config
