@@ -144,23 +144,37 @@ def _upgrade_v1(data: dict) -> dict:
     return out
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu",
-               overrides: list[str] | None = None) -> RetinaNet:
-    """Rebuild the model from the config stored in a checkpoint and load its weights.
-    `overrides` are `key=value` strings on the model config (e.g. `inference.score_threshold=0.3`)."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", overrides: list[str] | None = None,
+               optimize: bool = True, compile: bool = False) -> RetinaNet:
+    """Rebuild the model from the config stored in a checkpoint, load its weights and put it
+    on `map_location`. `overrides` are `key=value` strings on the model config (e.g.
+    `inference.score_threshold=0.3`).
+
+    `optimize` (the default): the model is ready to predict as `retinanet predict`, `eval`
+    and `serve` run it (`RetinaNet.optimize_for_inference`: eval mode, BatchNorm folded into
+    the convolutions, channels-last memory; `compile` adds torch.compile). Its detections
+    equal the plain model's up to float rounding; it refuses `.train()`, and `save_model`
+    refuses it. `optimize=False`: the model as built from the config, BatchNorm modules kept,
+    in training mode: to train or fine-tune it, or to change and save its weights."""
+    if compile and not optimize:
+        raise ValueError("compile=True needs optimize=True (the compiled model is the optimized one)")
     checkpoint = read_checkpoint(path, map_location)
     model = RetinaNet.from_config(apply_overrides(checkpoint.model_config, overrides or []))
     try:
         model.load_state_dict(checkpoint.weights)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the stored config: {str(err).splitlines()[0]}") from None
-    return model
+    model.to(map_location)
+    return model.optimize_for_inference(compile=compile) if optimize else model
 
 
 def save_model(model: RetinaNet, path: str | Path, meta: dict | None = None) -> Path:
     """Write a model's weights and config so that `load_model` rebuilds it."""
     if model.config is None:
         raise ValueError("this model was not built from a config; build it with RetinaNet.from_config")
+    if model.inference_only:
+        raise ValueError("this model was optimized for inference (BatchNorm folded): its weights no longer fit "
+                         "its config; save the model as loaded with retinanet.load_model(path, optimize=False)")
     return write_checkpoint(path, model.config, model.state_dict(), meta=meta)
 
 

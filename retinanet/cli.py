@@ -519,8 +519,7 @@ def cmd_eval(args) -> int:
         raise OutputError("no validation set: set data.val_images and data.val_annotations (or pass --config)")
     info = distributed.setup(args.device)
     model_overrides = [o[len("model."):] for o in args.overrides if o.startswith("model.")]
-    model = load_model(args.weights, info.device, model_overrides).to(info.device)
-    model.optimize_for_inference(compile=cfg.eval.compile)
+    model = load_model(args.weights, info.device, model_overrides, compile=cfg.eval.compile)
     dataset = open_dataset(cfg.data, "val", model.class_names)
     from .engine.precision import resolve_amp
 
@@ -563,7 +562,7 @@ def _predict_torch(args) -> tuple[list[dict], list[str]]:
     output_dir = _output_folder(args.output_dir)
     device = resolve_device(args.device)
     amp = _resolved_amp(args.amp, device)
-    model = load_model(args.weights, map_location=device).to(device).optimize_for_inference(compile=args.compile)
+    model = load_model(args.weights, map_location=device, compile=args.compile)
     tiling = None
     if args.tile:
         _check_tiling(args, model.config)
@@ -688,7 +687,7 @@ def cmd_export(args) -> int:
     _resolve_weights(args)
     output = check_output_file(args.output, [args.weights], args.force)  # the checkpoint: even a hard link
     check_writable(output.parent)
-    model = load_model(args.weights).eval()
+    model = load_model(args.weights, optimize=False).eval()  # as built: the runtimes fold BatchNorm themselves
     pre = model.preprocessor
     height = args.height or pre.test_min_size  # an image the model takes as it is: no resize
     width = args.width or pre.max_size

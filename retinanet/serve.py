@@ -46,7 +46,7 @@ class Predictor:
             from .checkpoint import load_model
 
             self.onnx = None
-            self.model = load_model(weights, map_location=device).to(device).optimize_for_inference(compile=compile)
+            self.model = load_model(weights, map_location=device, compile=compile)
             self.class_names, self.category_ids = self.model.class_names, self.model.category_ids
             self.device, self.amp = device, amp
             pre = self.model.preprocessor

@@ -3,12 +3,16 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
+import retinanet
 from retinanet import ModelConfig, RetinaNet, load_model, save_model
 from retinanet.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_torch_save, read_checkpoint,
                                   write_checkpoint)
 from retinanet.cli import main as cli
 from retinanet.model.config import config_to_dict
+
+from helpers import assert_same_detections
 
 
 def _small():
@@ -29,7 +33,7 @@ def test_checkpoint_alone_rebuilds_the_model(tmp_path):
     with torch.no_grad():
         model.head.cls_score.bias.fill_(0.0)
     path = save_model(model, tmp_path / "m.pt")
-    loaded = load_model(path).eval()
+    loaded = load_model(path, optimize=False).eval()
     assert loaded.config == model.config and loaded.class_names == ["a", "b", "c"]
     assert loaded.category_ids == [1, 5, 9]
     image = torch.rand(3, 80, 120)
@@ -72,6 +76,49 @@ def test_version_1_files_are_upgraded(tmp_path):
     assert checkpoint.training["iteration"] == 7 and checkpoint.run_config["train"] == {}
     loaded = load_model(tmp_path / "v1.pt")
     assert torch.equal(loaded.head.cls_score.weight, model.head.cls_score.weight)
+
+
+def _saved_with_batchnorm_statistics(tmp_path):
+    """A small model whose frozen BatchNorms compute a non-trivial affine map (so that folding
+    them changes the weights), scoring many boxes on a 160 px input, saved as a checkpoint."""
+    model = _small()
+    model.preprocessor.test_min_size, model.preprocessor.max_size = 160, 256
+    model.config.input.test_min_size, model.config.input.max_size = 160, 256
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.1, 0.1)
+            bn.running_mean.uniform_(-0.1, 0.1), bn.running_var.uniform_(0.5, 1.5)
+        model.head.cls_score.bias.fill_(0.0)
+    return save_model(model, tmp_path / "m.pt")
+
+
+def test_load_model_gives_the_optimized_model_and_optimize_false_the_plain_one(tmp_path):
+    path = _saved_with_batchnorm_statistics(tmp_path)
+    fast = load_model(path)
+    assert not fast.training and fast.inference_only
+    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in fast.modules())
+    assert fast.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=r"optimized for inference.*optimize=False"):
+        fast.train()
+    with pytest.raises(ValueError, match="optimize=False"):
+        save_model(fast, tmp_path / "folded.pt")  # its weights would not load into its config
+    plain = load_model(path, optimize=False)
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in plain.modules()) > 10
+    assert plain.state_dict().keys() == read_checkpoint(path).weights.keys()
+    assert plain.train().training  # trainable as built
+    with pytest.raises(ValueError, match="compile=True needs optimize=True"):
+        load_model(path, optimize=False, compile=True)
+
+
+def test_optimized_and_plain_models_detect_the_same_on_a_photo(tmp_path, photo_path):
+    """The default (folded, channels-last) and `optimize=False` through the public API, on a
+    decoded JPEG: the same detections within the parity tolerances."""
+    path = _saved_with_batchnorm_statistics(tmp_path)
+    image = retinanet.read_image(photo_path)
+    fast = retinanet.load_model(path).predict(image)
+    plain = retinanet.load_model(path, optimize=False).predict(image)
+    assert len(plain["scores"]) == 100  # detections_per_image: a full list to compare
+    assert_same_detections(fast, plain, box_tol=1e-2, score_tol=1e-4)
 
 
 def test_predict_accepts_tensors_and_arrays(tmp_path):

@@ -209,7 +209,7 @@ def test_a_model_trained_on_tiles_finds_each_object_of_a_large_image_once(tmp_pa
         "train.base_lr=0.002", "model.loss.box_loss=smooth_l1", "train.channels_last=true",
         "model.input.test_min_size=128", "model.input.max_size=128"])
     assert Trainer(cfg, progress=False).run()["status"] == "finished"
-    model = load_model(run / "model_final.pt").optimize_for_inference()
+    model = load_model(run / "model_final.pt")
 
     windows = tile_windows(3000, 4000, 128, 0.2)
     borders = sorted({x1 for _, _, x1, _ in windows if x1 < 4000})

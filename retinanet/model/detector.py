@@ -48,6 +48,7 @@ class RetinaNet(nn.Module):
         self.class_names = list(class_names) or [str(i) for i in range(self.num_classes)]
         self.channels_last = False
         self.compiled = False  # see optimize_for_inference
+        self.inference_only = False  # BatchNorm folded: see optimize_for_inference
         self.config: Any = None  # the ModelConfig this model was built from, when known
         self.assignment_stats: dict[str, torch.Tensor] = {}  # of the last training forward
         # On a CPU, training runs the box subnet at foreground locations only (see
@@ -93,8 +94,9 @@ class RetinaNet(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> "RetinaNet":
-        if mode and getattr(self, "inference_only", False):
-            raise RuntimeError("this model was optimized for inference (BatchNorm folded); load it again to train")
+        if mode and self.inference_only:
+            raise RuntimeError("this model was optimized for inference (BatchNorm folded into the convolutions): "
+                               "it cannot train; load it with retinanet.load_model(path, optimize=False)")
         return super().train(mode)
 
     @property
