@@ -245,11 +245,11 @@ def test_wandb_logger_writes_an_offline_run(tracked_run):
 
 
 def test_csv_logger_on_resume_drops_the_rows_after_the_checkpoint(shapes_data, tmp_path, monkeypatch):
-    from retinanet.engine import train as train_module
+    from retinanet.engine.callbacks import StopOnSignal
 
     out = tmp_path / "run"
     cfg = small_config(shapes_data, out, train__max_iter=3, train__loggers="[csv]", data__val_annotations="''")
-    monkeypatch.setattr(train_module.StopOnSignal, "requested", lambda self: True)  # as Ctrl-C at iteration 1
+    monkeypatch.setattr(StopOnSignal, "requested", lambda self: True)  # as Ctrl-C at iteration 1
     assert retinanet.Trainer(cfg, out, progress=False).run()["status"] == "interrupted"
     monkeypatch.undo()
     with open(out / "metrics.csv", "a") as f:  # as a run killed after logging iteration 2 leaves it

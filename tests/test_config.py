@@ -135,7 +135,7 @@ def test_every_shipped_config_builds_and_runs(name):
 
 
 def test_linear_scaling_is_logged(caplog):
-    from retinanet.engine.train import describe_scaling, scaled_schedule
+    from retinanet.engine.optimization import describe_scaling, scaled_schedule
 
     cfg = load_config("retinanet_r50_fpn_1x_coco", ["train.batch_size=2", "train.max_iter=2"]).train
     line = describe_scaling(cfg, scaled_schedule(cfg))

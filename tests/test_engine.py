@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from retinanet.cli import main as cli
-from retinanet.engine import train as train_module
-from retinanet.engine.train import Trainer, lr_factor, scaled_schedule
+from retinanet.engine.callbacks import StopOnSignal
+from retinanet.engine.optimization import ModelEMA, lr_factor, scaled_schedule
+from retinanet.engine.train import Trainer
 from retinanet.config import TrainConfig
 
 from helpers import tiny_config
@@ -117,7 +118,7 @@ def test_exact_resume_after_interruption(shapes_data, tmp_path, monkeypatch):
     straight.run()
 
     interrupted = Trainer(config(tmp_path / "b"), progress=False)
-    monkeypatch.setattr(train_module.StopOnSignal, "requested", lambda self: interrupted.iteration == 3)
+    monkeypatch.setattr(StopOnSignal, "requested", lambda self: interrupted.iteration == 3)
     assert interrupted.run()["status"] == "interrupted"
     monkeypatch.undo()
     resumed = Trainer(config(tmp_path / "b"), resume=True, progress=False)
@@ -334,7 +335,7 @@ def test_matching_and_losses_compile_as_one_graph(shapes_data):
 
 def test_ema_follows_the_ramped_decay_and_copies_counters():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    ema = train_module.ModelEMA(model, decay=0.9)
+    ema = ModelEMA(model, decay=0.9)
     start = model[0].weight.detach().clone()
     expected = start.clone()
     for step in range(1, 4):

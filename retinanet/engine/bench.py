@@ -266,7 +266,7 @@ def demo_training_step(cfg, images: list[torch.Tensor], targets: list[dict], dev
                        channels_last: bool):
     """The demo's training step (its model and AdamW, as `retinanet demo` builds them from
     `cfg`, seeded) on fixed inputs, as a function to time."""
-    from ..engine.train import build_optimizer
+    from .optimization import build_optimizer
     from ..model.build import build_retinanet
 
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
-"""The training loop's callbacks: the public `Callback` events and the experiment loggers
-(`train.loggers`: TensorBoard, CSV, MLflow, Weights & Biases) built on them."""
+"""The training loop's callbacks: the public `Callback` events, the experiment loggers
+(`train.loggers`: TensorBoard, CSV, MLflow, Weights & Biases) built on them, and the loop's
+own periodic actions (time budget, metrics lines, checkpoints, evaluation, stop on a signal)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import ConfigError, config_to_dict
+from . import distributed
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -258,3 +262,138 @@ class WandbLogger(_Logger):
         if self.run is not None:
             self.run.finish(exit_code=1)
             self.run = None
+
+
+# ------------------------------------------------------------------------------ the loop's own
+# The loop's own periodic actions are callbacks (retinanet.Callback) like the user's and the loggers'.
+class TimeBudget(Callback):
+    """Shortens max_iter so that training ends within `max_minutes` of wall clock, from the
+    average iteration time so far (re-fitted every 25 iterations; never above the config's)."""
+
+    def __init__(self, minutes: float, start_iter: int):
+        self.minutes, self.start_iter, self.start = minutes, start_iter, time.perf_counter()
+
+    def on_iter_end(self, trainer, losses):
+        done = trainer.iteration - self.start_iter
+        if done % 25:
+            return
+        elapsed = time.perf_counter() - self.start
+        remaining = self.minutes * 60 - elapsed
+        fitted = trainer.iteration + max(0, int(remaining / max(elapsed / done, 1e-6)))
+        configured = trainer.configured_max_iter
+        fitted = min(distributed.all_gather_objects(fitted)[0], configured)
+        if fitted != trainer.schedule.max_iter:
+            if trainer.schedule.max_iter == configured:
+                log.info("time budget %.1f min: max_iter %d -> %d", self.minutes, configured, fitted)
+            trainer.schedule.max_iter = fitted
+
+
+class MetricsLogger(Callback):
+    """Loss lines in `metrics.jsonl` and the console (a progress bar on a TTY); the record is
+    `trainer.logged` for the loggers that follow (None at iterations that log nothing)."""
+
+    def __init__(self, trainer: "Trainer", period: int):
+        self.period = period
+        self.timer = _Timer()
+        self.bar = None
+        if trainer.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.schedule.max_iter, initial=trainer.iteration, dynamic_ncols=True,
+                            desc="train")
+
+    def on_iter_end(self, trainer, losses):
+        self.timer.tick()
+        trainer.logged = None
+        if self.bar is not None:
+            self.bar.total = trainer.schedule.max_iter
+            self.bar.update(1)
+            if losses:
+                self.bar.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)
+        if losses is None or not (trainer.iteration % self.period == 0 or trainer.iteration == 1):
+            return
+        values = distributed.mean_over_processes(losses)
+        if not trainer.dist.is_main:
+            return
+        per_iter = self.timer.recent()
+        record = {"iteration": trainer.iteration, **{k: round(v, 6) for k, v in values.items()},
+                  "seconds_per_iter": round(per_iter, 4),
+                  "images_per_second": round(trainer.cfg.train.batch_size / max(per_iter, 1e-9), 2),
+                  "eta_seconds": round(per_iter * (trainer.schedule.max_iter - trainer.iteration))}
+        trainer.append_jsonl(record)
+        trainer.logged = record
+        if trainer.progress and self.bar is None:
+            print(f"iter {trainer.iteration}/{trainer.schedule.max_iter} loss {values['loss']:.4f} "
+                  f"(cls {values['loss_cls']:.4f} box {values['loss_box']:.4f}) lr {values.get('lr', 0):.2e} "
+                  f"{per_iter:.2f}s/it eta {record['eta_seconds'] // 60:.0f} min", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PeriodicCheckpoint(Callback):
+    def __init__(self, period: int):
+        self.period = period
+
+    def on_iter_end(self, trainer, losses):
+        if trainer.iteration % self.period == 0:
+            trainer.save_last()
+
+
+class PeriodicEval(Callback):
+    def __init__(self, period: int):
+        self.period = period
+
+    def on_iter_end(self, trainer, losses):
+        if trainer.iteration % self.period == 0 and trainer.iteration < trainer.schedule.max_iter:
+            trainer.evaluate()
+
+
+class StopOnSignal(Callback):
+    """Turns SIGINT/SIGTERM, and `trainer.request_stop`, into a stop between iterations, agreed
+    by every process (a signal wins over a request)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def requested(self) -> bool:
+        return distributed.any_over_processes(self.signal is not None)
+
+    def on_iter_end(self, trainer, losses):
+        if self.requested():
+            trainer.stop_signal = self.signal or signal.SIGINT
+        elif distributed.any_over_processes(trainer.stop_reason is not None):
+            reasons = distributed.all_gather_objects(trainer.stop_reason)
+            trainer.stop_reason = next(r for r in reasons if r is not None)
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class _Timer:
+    """Seconds per iteration over the last few iterations."""
+
+    def __init__(self, window: int = 20):
+        self.times: list[float] = [time.perf_counter()]
+        self.window = window
+
+    def tick(self) -> None:
+        self.times.append(time.perf_counter())
+        self.times = self.times[-self.window - 1 :]
+
+    def recent(self) -> float:
+        if len(self.times) < 2:
+            return 0.0
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)

@@ -1,5 +1,6 @@
-"""The training loop: SGD/AdamW with warmup and step/cosine schedules, AMP, DDP, EMA,
-periodic evaluation, atomic checkpoints and exact resume."""
+"""The training loop (`Trainer`): data, model and run folder set up, steps with AMP and DDP,
+periodic evaluation, atomic checkpoints and exact resume. The recipe (schedule, optimizer,
+EMA) is `optimization`; the periodic actions and loggers are `callbacks`."""
 
 from __future__ import annotations
 
@@ -9,10 +10,7 @@ import logging
 import math
 import random
 import shutil
-import signal
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +28,13 @@ from ..model.detector import RetinaNet
 from ..outputs import check_writable, remove_stale_temporaries, write_text
 from . import distributed
 from .analyze import coverage_warning
-from .callbacks import Callback, build_loggers, load_callbacks
+from .callbacks import (Callback, MetricsLogger, PeriodicCheckpoint, PeriodicEval, StopOnSignal, TimeBudget,
+                        build_loggers, load_callbacks)
 from .evaluate import box_count, drop_unresizable, evaluate
-from .precision import autocast, resolve_amp
 from .finetune import (StartWeights, apply_freeze, architecture_differences, class_table, match_classes,
                        read_start_weights, start_state)
+from .optimization import ModelEMA, build_optimizer, describe_scaling, lr_factor, scaled_schedule
+from .precision import autocast, resolve_amp
 from .tiling import check_tile_config
 
 log = logging.getLogger(__name__)
@@ -42,53 +42,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
-
-
-# ------------------------------------------------------------------------------ schedule
-@dataclass
-class Schedule:
-    """The run's schedule after the linear scaling rule for the actual batch size."""
-
-    lr: float
-    max_iter: int
-    steps: list[int]
-    warmup_iters: int
-
-
-def describe_scaling(cfg, schedule: Schedule) -> str | None:
-    """One line saying what the linear scaling rule changed, or None when nothing."""
-    if cfg.batch_size == cfg.reference_batch_size:
-        return None
-    return (f"linear scaling rule: batch {cfg.batch_size} vs the config's reference batch "
-            f"{cfg.reference_batch_size}: lr {cfg.base_lr:g} -> {schedule.lr:g}, max_iter {cfg.max_iter} -> "
-            f"{schedule.max_iter}, steps {cfg.steps} -> {schedule.steps}, warmup_iters {cfg.warmup_iters} -> "
-            f"{schedule.warmup_iters} (set train.reference_batch_size={cfg.batch_size} to keep them)")
-
-
-def scaled_schedule(cfg) -> Schedule:
-    """Scale lr by `batch / reference_batch` and iteration counts by the inverse
-    (Goyal et al. 2017), so that a config written for batch 16 runs on any batch."""
-    factor = cfg.batch_size / cfg.reference_batch_size
-    return Schedule(
-        lr=cfg.base_lr * factor,
-        max_iter=max(1, round(cfg.max_iter / factor)),
-        steps=[round(s / factor) for s in cfg.steps],
-        warmup_iters=round(cfg.warmup_iters / factor),
-    )
-
-
-def lr_factor(iteration: int, schedule: Schedule, kind: str, gamma: float, warmup_factor: float) -> float:
-    """Multiplier of the base lr at `iteration`: linear warmup, then step decay or cosine."""
-    if kind == "step":
-        factor = gamma ** sum(iteration >= s for s in schedule.steps)
-    elif kind == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * min(iteration, schedule.max_iter) / schedule.max_iter))
-    else:
-        raise ValueError(f"unknown schedule {kind!r} (step or cosine)")
-    if iteration < schedule.warmup_iters:
-        alpha = iteration / schedule.warmup_iters
-        factor *= warmup_factor * (1 - alpha) + alpha
-    return factor
 
 
 def compile_for_training(model: RetinaNet) -> None:
@@ -100,50 +53,6 @@ def compile_for_training(model: RetinaNet) -> None:
         part.compile()
     model.local_box_training = False  # its count of foreground locations would break the graph
     model.forward_training = torch.compile(model.forward_training)
-
-
-def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
-    """SGD or AdamW; normalisation parameters get `weight_decay_norm`."""
-    norm_types = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-    decay, no_decay = [], []
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if param.requires_grad:
-                (no_decay if isinstance(module, norm_types) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": cfg.weight_decay_norm}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    if cfg.optimizer == "adamw":
-        # one fused kernel per step instead of a dozen foreach passes over the parameters, which
-        # weigh on a CPU step of a small model such as the demo's
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in decay + no_decay)
-        return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd or adamw)")
-
-
-# ------------------------------------------------------------------------------ EMA
-class ModelEMA:
-    """Exponential moving average of the weights; `decay` ramps up over the first updates."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay, self.updates = decay, 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        averaged, current = [], []
-        for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if ema_v.dtype.is_floating_point:
-                averaged.append(ema_v)
-                current.append(v)
-            else:
-                ema_v.copy_(v)  # BatchNorm's batch counters
-        torch._foreach_lerp_(averaged, current, 1 - d)  # one kernel per dtype and device, not one per tensor
 
 
 # ------------------------------------------------------------------------------ pretrained
@@ -203,6 +112,22 @@ def check_output_dir(output_dir: Path, cfg: Config, resume: bool, overwrite: boo
                             f"to continue it, --overwrite to replace it, or choose another --output-dir")
 
 
+def resolve_resume(output_dir: Path, resume: bool | str, overwrite: bool) -> tuple[bool, bool]:
+    """`(resume, overwrite)` to run with. `resume="auto"` continues from `output_dir/last.pt`
+    when there is one, and otherwise starts the run, replacing the files of an attempt that
+    wrote no checkpoint. A worker that torchrun restarted after a failure (`--max-restarts`)
+    resumes so unless it was given `resume=True`: its first attempt began this run (and did any
+    `overwrite` asked for), so starting again would throw that attempt's work away."""
+    restarted = distributed.restart_count() > 0
+    if resume is True or not (resume == "auto" or restarted):
+        return bool(resume), overwrite
+    found = (output_dir / "last.pt").is_file()
+    why = f"torchrun restart {distributed.restart_count()}" if restarted else "--resume auto"
+    log.info("%s: %s", why, f"resuming from {output_dir / 'last.pt'}" if found else
+             f"no checkpoint in {output_dir} yet, starting the run")
+    return found, not found
+
+
 def model_config_differences(stored: dict, wanted: dict, where: str = "model") -> list[str]:
     """`key: stored -> wanted` for every model setting that differs. Class names and
     category ids left empty in `wanted` are filled from the data and do not count."""
@@ -258,124 +183,6 @@ def clear_run_files(output_dir: Path) -> None:
     shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------ hooks
-# The loop's own periodic actions are callbacks (retinanet.Callback) like the user's and the loggers'.
-class TimeBudget(Callback):
-    """Shortens max_iter so that training ends within `max_minutes` of wall clock, from the
-    average iteration time so far (re-fitted every 25 iterations; never above the config's)."""
-
-    def __init__(self, minutes: float, start_iter: int):
-        self.minutes, self.start_iter, self.start = minutes, start_iter, time.perf_counter()
-
-    def on_iter_end(self, trainer, losses):
-        done = trainer.iteration - self.start_iter
-        if done % 25:
-            return
-        elapsed = time.perf_counter() - self.start
-        remaining = self.minutes * 60 - elapsed
-        fitted = trainer.iteration + max(0, int(remaining / max(elapsed / done, 1e-6)))
-        configured = trainer.configured_max_iter
-        fitted = min(distributed.all_gather_objects(fitted)[0], configured)
-        if fitted != trainer.schedule.max_iter:
-            if trainer.schedule.max_iter == configured:
-                log.info("time budget %.1f min: max_iter %d -> %d", self.minutes, configured, fitted)
-            trainer.schedule.max_iter = fitted
-
-
-class MetricsLogger(Callback):
-    """Loss lines in `metrics.jsonl` and the console (a progress bar on a TTY); the record is
-    `trainer.logged` for the loggers that follow (None at iterations that log nothing)."""
-
-    def __init__(self, trainer: "Trainer", period: int):
-        self.period = period
-        self.timer = _Timer()
-        self.bar = None
-        if trainer.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=trainer.schedule.max_iter, initial=trainer.iteration, dynamic_ncols=True,
-                            desc="train")
-
-    def on_iter_end(self, trainer, losses):
-        self.timer.tick()
-        trainer.logged = None
-        if self.bar is not None:
-            self.bar.total = trainer.schedule.max_iter
-            self.bar.update(1)
-            if losses:
-                self.bar.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)
-        if losses is None or not (trainer.iteration % self.period == 0 or trainer.iteration == 1):
-            return
-        values = distributed.mean_over_processes(losses)
-        if not trainer.dist.is_main:
-            return
-        per_iter = self.timer.recent()
-        record = {"iteration": trainer.iteration, **{k: round(v, 6) for k, v in values.items()},
-                  "seconds_per_iter": round(per_iter, 4),
-                  "images_per_second": round(trainer.cfg.train.batch_size / max(per_iter, 1e-9), 2),
-                  "eta_seconds": round(per_iter * (trainer.schedule.max_iter - trainer.iteration))}
-        trainer.append_jsonl(record)
-        trainer.logged = record
-        if trainer.progress and self.bar is None:
-            print(f"iter {trainer.iteration}/{trainer.schedule.max_iter} loss {values['loss']:.4f} "
-                  f"(cls {values['loss_cls']:.4f} box {values['loss_box']:.4f}) lr {values.get('lr', 0):.2e} "
-                  f"{per_iter:.2f}s/it eta {record['eta_seconds'] // 60:.0f} min", flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class PeriodicCheckpoint(Callback):
-    def __init__(self, period: int):
-        self.period = period
-
-    def on_iter_end(self, trainer, losses):
-        if trainer.iteration % self.period == 0:
-            trainer.save_last()
-
-
-class PeriodicEval(Callback):
-    def __init__(self, period: int):
-        self.period = period
-
-    def on_iter_end(self, trainer, losses):
-        if trainer.iteration % self.period == 0 and trainer.iteration < trainer.schedule.max_iter:
-            trainer.evaluate()
-
-
-class StopOnSignal(Callback):
-    """Turns SIGINT/SIGTERM, and `trainer.request_stop`, into a stop between iterations, agreed
-    by every process (a signal wins over a request)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def requested(self) -> bool:
-        return distributed.any_over_processes(self.signal is not None)
-
-    def on_iter_end(self, trainer, losses):
-        if self.requested():
-            trainer.stop_signal = self.signal or signal.SIGINT
-        elif distributed.any_over_processes(trainer.stop_reason is not None):
-            reasons = distributed.all_gather_objects(trainer.stop_reason)
-            trainer.stop_reason = next(r for r in reasons if r is not None)
-
-    def close(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
 # ------------------------------------------------------------------------------ the trainer
 class Trainer:
     """One training run. `run()` returns a summary dict; files go to `output_dir`:
@@ -388,12 +195,14 @@ class Trainer:
     data and building the model. `run()` calls it when needed.
     """
 
-    def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool = False,
+    def __init__(self, cfg: Config, output_dir: str | Path | None = None, resume: bool | str = False,
                  device: str = "auto", progress: bool = True, overwrite: bool = False,
                  start: StartWeights | None = None, trust_weights: bool = False,
                  callbacks: list[Callback] | None = None):
-        """`start`: the detector of `cfg.train.weights` when the caller has read it already;
-        `trust_weights`: a peer's weight file may be fully unpickled (code in it may run)."""
+        """`resume`: True continues from `output_dir/last.pt` exactly, "auto" when there is one
+        (`resolve_resume`, which a worker restarted by torchrun follows too); `start`: the
+        detector of `cfg.train.weights` when the caller has read it already; `trust_weights`: a
+        peer's weight file may be fully unpickled (code in it may run)."""
         self.cfg = copy.deepcopy(cfg)
         self.output_dir = Path(output_dir or cfg.output_dir)
         self.resume, self.device, self.overwrite = resume, device, overwrite
@@ -415,6 +224,7 @@ class Trainer:
     def setup(self) -> "Trainer":
         if self.ready:
             return self
+        self.resume, self.overwrite = resolve_resume(self.output_dir, self.resume, self.overwrite)
         check_output_dir(self.output_dir, self.cfg, self.resume, self.overwrite)
         check_writable(self.output_dir)
         self.dist = distributed.setup(self.device)
@@ -806,24 +616,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
 
-class _Timer:
-    """Seconds per iteration over the last few iterations."""
-
-    def __init__(self, window: int = 20):
-        self.times: list[float] = [time.perf_counter()]
-        self.window = window
-
-    def tick(self) -> None:
-        self.times.append(time.perf_counter())
-        self.times = self.times[-self.window - 1 :]
-
-    def recent(self) -> float:
-        if len(self.times) < 2:
-            return 0.0
-        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
-
-
-def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, device: str = "auto",
+def train(cfg: Config, output_dir: str | Path | None = None, resume: bool | str = False, device: str = "auto",
           overwrite: bool = False, start: StartWeights | None = None, trust_weights: bool = False,
           callbacks: list[Callback] | None = None) -> dict:
     trainer = Trainer(cfg, output_dir, resume, device, overwrite=overwrite, start=start, trust_weights=trust_weights,
