@@ -1,5 +1,6 @@
-"""Training on images far larger than the network input: every image is cut into
-overlapping tiles on the fly, and each tile is a training item of its own."""
+"""The tile grid (`tile_windows`), for training and prediction alike, and training on images
+far larger than the network input: every image is cut into overlapping tiles on the fly, and
+each tile is a training item of its own. Prediction on tiles is `engine.tiling`."""
 
 from __future__ import annotations
 

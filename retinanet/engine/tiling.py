@@ -1,5 +1,6 @@
 """Images far larger than the network input: prediction on overlapping tiles at full
-resolution, merged back into one set of detections."""
+resolution, merged back into one set of detections, and the checks of a tile size against a
+model's anchors. The tile grid itself, shared with training on tiles, is `data.tiles`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from ..data.raster import ArrayRaster, Raster
 from ..data.tiles import tile_step, tile_windows
 from ..model.config import ConfigError
 
-__all__ = ["tile_windows", "merge_detections", "predict_tiled", "tiling_problem", "small_tile_warning",
-           "check_tile_config"]
+__all__ = ["merge_detections", "predict_tiled", "tiling_problem", "small_tile_warning", "check_tile_config"]
 
 MAX_TILE_WORK = 16  # an overlap may make at most this many times the tiles of overlap 0 (overlap 0.75)
 
