@@ -159,7 +159,9 @@ def _add_train_parser(commands) -> None:
                    help="allow a full (code-executing) unpickle of a --weights file; only for files you trust")
     p.add_argument("--output-dir", help="where checkpoints and logs go (default: the config's output_dir)")
     run = p.add_mutually_exclusive_group()
-    run.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt exactly")
+    run.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                     help="continue from OUTPUT_DIR/last.pt exactly; `--resume auto`: if there is one, else start "
+                          "(what a worker restarted by torchrun --max-restarts does)")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in OUTPUT_DIR")
     p.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.base_lr=0.02")
@@ -480,7 +482,8 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .engine.train import train
 
-    if args.weights and args.resume:
+    _resume_value(args)
+    if args.weights and args.resume is True:
         raise OutputError("--weights starts a new run from a detector, --resume continues the run in the output "
                           "folder: give one of them")
     if not (args.config or args.weights):
@@ -495,6 +498,16 @@ def cmd_train(args) -> int:
     summary = train(cfg, args.output_dir, resume=args.resume, device=args.device, overwrite=args.overwrite,
                     start=start, trust_weights=args.trust)
     return 128 + int(summary["signal"]) if summary["status"] == "interrupted" else 0  # 130 SIGINT, 143 SIGTERM
+
+
+def _resume_value(args) -> None:
+    """`--resume` takes an optional `auto`; a KEY=VALUE that argparse took for its value is an override."""
+    if args.resume in (True, False, "auto"):
+        return
+    if "=" not in args.resume:
+        raise OutputError(f"--resume {args.resume}: --resume takes no value, or auto")
+    args.overrides.insert(0, args.resume)
+    args.resume = True
 
 
 def cmd_eval(args) -> int:

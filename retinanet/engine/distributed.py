@@ -50,6 +50,12 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group after a failure (`--max-restarts`);
+    0 on the first attempt and outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
