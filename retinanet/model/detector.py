@@ -194,14 +194,15 @@ class RetinaNet(nn.Module):
 
     # ------------------------------------------------------------------ convenience
     @torch.inference_mode()
-    def predict(self, images: Any, score_threshold: float | None = None,
-                batch_size: int = 4) -> list[dict[str, Any]] | dict[str, Any]:
+    def predict(self, images: Any, score_threshold: float | None = None, batch_size: int = 4,
+                tta: Any = None) -> list[dict[str, Any]] | dict[str, Any]:
         """Detect objects in one image or a list of them.
 
         Images are `(3, H, W)` uint8 RGB tensors (float in [0, 1] also works) or `(H, W, 3)`
         uint8 RGB arrays; read files with `retinanet.read_image(path)`. Returns per image
         `{"boxes" (D, 4) xyxy, "scores" (D,), "labels" (D,), "class_names": [str] * D}` in
-        original-image pixels, on the CPU.
+        original-image pixels, on the CPU. `tta`: a `TestTimeAugmentation` (`model.tta`) that
+        runs each image's views and merges their detections; None: the image as it is.
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -212,9 +213,13 @@ class RetinaNet(nn.Module):
         try:
             for start in range(0, len(items), batch_size):
                 tensors = [to_image_tensor(item).to(device) for item in items[start : start + batch_size]]
-                batch, _ = self.preprocessor(tensors)
-                logits, deltas, anchors = self.run_network(batch.tensor)
-                for det in self.forward_inference(logits, deltas, anchors, batch, score_threshold):
+                if tta is not None:
+                    detections = tta(self, tensors, score_threshold)
+                else:
+                    batch, _ = self.preprocessor(tensors)
+                    logits, deltas, anchors = self.run_network(batch.tensor)
+                    detections = self.forward_inference(logits, deltas, anchors, batch, score_threshold)
+                for det in detections:
                     det = {k: v.cpu() for k, v in det.items()}
                     det["class_names"] = [self.class_names[i] for i in det["labels"].tolist()]
                     outputs.append(det)
