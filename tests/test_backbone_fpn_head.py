@@ -126,9 +126,10 @@ def test_head_layout_is_location_major_anchor_minor():
 
 @pytest.mark.parametrize("num_convs,block", [(4, 4), (4, 1), (4, 3), (1, 4), (0, 2)])
 def test_box_subnet_at_chosen_locations_equals_it_over_whole_maps(num_convs, block):
-    """`regress_at` (what training on a CPU runs): the same deltas and the same gradients, for
-    the weights and the features, as the whole-map subnet read at those locations; corners,
-    edges and maps smaller than the subnet's window included (float64, so equal to rounding)."""
+    """`regress_at`'s local pass (what training on a CPU runs where objects are few): the same
+    deltas and the same gradients, for the weights and the features, as the whole-map subnet
+    read at those locations; corners, edges and maps smaller than the subnet's window included
+    (float64, so equal to rounding)."""
     torch.manual_seed(0)
     head = RetinaNetHead(8, num_anchors=3, num_classes=2, num_convs=num_convs).double()
     for conv in head.modules():
@@ -139,7 +140,7 @@ def test_box_subnet_at_chosen_locations_equals_it_over_whole_maps(num_convs, blo
     features = [torch.randn(2, 8, h, w, dtype=torch.float64, requires_grad=True) for h, w in shapes]
     locations = [torch.tensor([[0, 0, 0], [1, 8, 13], [0, 4, 7], [1, 0, 13], [0, 8, 0], [1, 4, 7], [0, 5, 6]]),
                  torch.tensor([[1, 2, 3], [0, 1, 0], [1, 0, 0]]), torch.tensor([[0, 0, 1], [1, 0, 0]])]
-    local = head.regress_at(features, locations, block)
+    local = head.regress_at(features, locations, block, whole_maps_when_cheaper=False)
     _, dense = head(features)
     read = torch.cat([d.view(2, h, w, 3, 4)[loc[:, 0], loc[:, 1], loc[:, 2]]
                       for d, (h, w), loc in zip(dense, shapes, locations)])
@@ -150,6 +151,58 @@ def test_box_subnet_at_chosen_locations_equals_it_over_whole_maps(num_convs, blo
     from_local = torch.autograd.grad((local * weights).sum(), params)
     from_dense = torch.autograd.grad((read * weights).sum(), params)
     for a, b in zip(from_local, from_dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _saved_bytes(fn, exclude: list[torch.Tensor]):
+    """`fn()` and the bytes of the distinct storages autograd keeps for its backward pass,
+    those of `exclude` (inputs, weights and indices, which exist anyway) left out."""
+    existing = {t.untyped_storage().data_ptr() for t in exclude}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in existing:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
+
+
+def test_box_subnet_at_dense_locations_costs_no_more_than_whole_maps():
+    """Where chosen locations are dense (hundreds of objects per image), `regress_at`'s
+    overlapping windows would keep several times a level's activations: such a level runs
+    whole, so that the box subnet keeps no more than `forward` does, while a sparse level in
+    the same call still runs locally (a fraction of that); the deltas and their gradients
+    stay those of the whole-map subnet, levels in order (float64)."""
+    torch.manual_seed(0)
+    head = RetinaNetHead(8, num_anchors=3, num_classes=2).double()
+    for conv in head.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.normal_(conv.weight, std=0.3)
+    shapes = [(40, 60), (16, 16), (1, 2)]
+    features = [torch.randn(2, 8, h, w, dtype=torch.float64, requires_grad=True) for h, w in shapes]
+    every = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(16), torch.arange(16), indexing="ij"), -1)
+    locations = [torch.tensor([[0, 3, 50], [1, 39, 0]]), every.reshape(-1, 3), torch.tensor([[1, 0, 1]])]
+    params = [*head.bbox_subnet.parameters(), *head.bbox_pred.parameters()]
+
+    def box_subnet(level):  # what forward keeps for one level's deltas
+        return _saved_bytes(lambda: head.bbox_pred(head.bbox_subnet(features[level])), [*features, *params])[1]
+
+    for level, most in ((1, box_subnet(1)), (0, box_subnet(0) / 4)):
+        _, kept = _saved_bytes(lambda: head.regress_at(features[level : level + 1], locations[level : level + 1]),
+                               [*features, *params, *locations])
+        assert kept <= most, (level, kept, most)
+    deltas = head.regress_at(features, locations)
+    _, dense = head(features)
+    read = torch.cat([d.view(2, h, w, 3, 4)[loc[:, 0], loc[:, 1], loc[:, 2]]
+                      for d, (h, w), loc in zip(dense, shapes, locations)])
+    torch.testing.assert_close(deltas, read, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(deltas)
+    from_regress = torch.autograd.grad((deltas * weights).sum(), [*features, *params])
+    from_dense = torch.autograd.grad((read * weights).sum(), [*features, *params])
+    for a, b in zip(from_regress, from_dense):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 

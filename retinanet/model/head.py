@@ -70,7 +70,8 @@ class RetinaNetHead(nn.Module):
         GroupNorm needs the whole map)."""
         return all(isinstance(m, (nn.Conv2d, nn.ReLU)) for m in self.bbox_subnet)
 
-    def regress_at(self, features: list[torch.Tensor], locations: list[torch.Tensor], block: int = 4) -> torch.Tensor:
+    def regress_at(self, features: list[torch.Tensor], locations: list[torch.Tensor], block: int = 4,
+                   whole_maps_when_cheaper: bool = True) -> torch.Tensor:
         """Box deltas at chosen locations only: `(N, A, 4)`, N the locations of all levels in
         order; `locations[l]` is `(N_l, 3)` long, (image, y, x) on level l. Equal to
         `forward`'s deltas there. Each output depends on a (2R+1)^2 window of its level
@@ -79,16 +80,30 @@ class RetinaNetHead(nn.Module):
         share most of their windows), taken with the zero padding the whole map gets, and
         every intermediate position outside the map is zeroed again, as that padding is at
         every layer. In training only the foreground anchors' deltas reach the loss, so the
-        box subnet need not run over whole maps (~97% of its work at 800x1216)."""
+        box subnet need not run over whole maps (~97% of its work at 800x1216 when objects
+        are few).
+
+        Windows overlap: where chosen locations are dense (hundreds of objects per image),
+        a level's windows hold many times its positions. With `whole_maps_when_cheaper`, such
+        a level (`windows_cost_more`) runs the subnet over its whole map instead and reads
+        the chosen locations there, so that memory and time stay those of `forward` however
+        many objects there are."""
         convs = [m for m in self.bbox_subnet if isinstance(m, nn.Conv2d)] + [self.bbox_pred]
         radius, device = len(convs), features[0].device
         span = torch.arange(block + 2 * radius, device=device)  # a tile's window, from its corner - R
         windows, tiles, picks, sizes, first_tile = [], [], [], [], 0
+        per_level: list[torch.Tensor | None] = []  # deltas of the levels run whole; None: run locally
         for feature, loc in zip(features, locations):
             height, width = feature.shape[-2:]
             tiles_down, tiles_across = -(-height // block), -(-width // block)
             key = (loc[:, 0] * tiles_down + loc[:, 1] // block) * tiles_across + loc[:, 2] // block
             keys, tile_of = torch.unique(key, return_inverse=True)  # the tiles that hold a location
+            if whole_maps_when_cheaper and len(keys) and windows_cost_more(len(keys), block, radius,
+                                                                            feature.shape[0] * height * width):
+                whole = self.bbox_pred(self.bbox_subnet(feature))
+                per_level.append(whole[loc[:, 0], :, loc[:, 1], loc[:, 2]])
+                continue
+            per_level.append(None)
             image = keys // (tiles_down * tiles_across)
             corner = torch.stack([keys // tiles_across % tiles_down, keys % tiles_across], 1) * block
             padded = F.pad(feature, (radius, radius + block, radius, radius + block))
@@ -98,18 +113,40 @@ class RetinaNetHead(nn.Module):
             tiles.append(corner)
             sizes.append(torch.tensor([height, width], device=device).expand(len(corner), 2))
             first_tile += len(corner)
-        x = torch.cat(windows).permute(0, 3, 1, 2)  # (M, C, T+2R, T+2R), channels-last in memory
-        corner, size = torch.cat(tiles), torch.cat(sizes)
+        if windows:
+            local = iter(self._regress_windows(torch.cat(windows), torch.cat(tiles), torch.cat(sizes),
+                                               torch.cat(picks), convs, span).split([len(p) for p in picks]))
+            per_level = [next(local) if deltas is None else deltas for deltas in per_level]
+        return torch.cat(per_level).view(-1, convs[-1].out_channels // 4, 4)
+
+    @staticmethod
+    def _regress_windows(windows: torch.Tensor, corner: torch.Tensor, size: torch.Tensor, pick: torch.Tensor,
+                         convs: list[nn.Conv2d], span: torch.Tensor) -> torch.Tensor:
+        """`regress_at`'s local pass: `windows (M, T+2R, T+2R, C)` around tiles whose corners
+        are `corner (M, 2)` on maps of `size (M, 2)`; the predictor's `(P, A*4)` outputs at
+        `pick (P, 3)` (tile, y, x in the tile)."""
+        radius, block = len(convs), len(span) - 2 * len(convs)
+        x = windows.permute(0, 3, 1, 2)  # (M, C, T+2R, T+2R), channels-last in memory
         for depth, conv in enumerate(convs[:-1]):
-            x = F.conv2d(x, conv.weight, conv.bias).relu()
             margin = radius - 1 - depth  # how far this output reaches beyond its tile
             along = span[: block + 2 * margin] - margin
             ys, xs = corner[:, :1] + along, corner[:, 1:] + along
             inside = ((ys >= 0) & (ys < size[:, :1]))[:, :, None] & ((xs >= 0) & (xs < size[:, 1:]))[:, None, :]
-            x = x * inside[:, None].to(x.dtype)
+            # zeroing before the ReLU equals zeroing after it; in place, each layer keeps one
+            # activation for the backward pass (as the whole-map subnet does), not three
+            x = F.conv2d(x, conv.weight, conv.bias).mul_(inside[:, None].to(x.dtype)).relu_()
         out = F.conv2d(x, convs[-1].weight, convs[-1].bias)  # (M, A*4, T, T)
-        pick = torch.cat(picks)
-        return out[pick[:, 0], :, pick[:, 1], pick[:, 2]].view(len(pick), convs[-1].out_channels // 4, 4)
+        return out[pick[:, 0], :, pick[:, 1], pick[:, 2]]
+
+
+def windows_cost_more(tiles: int, block: int, radius: int, positions: int) -> bool:
+    """Whether `regress_at`'s windows around `tiles` tiles of `block` x `block` locations keep
+    more activations for the backward pass than a subnet of `radius` convolutions (the
+    predictor included) over the whole level of `positions` (batch x height x width): each
+    window keeps its (T+2m)^2 inputs at margins m = R..1, the whole map its R-1 intermediate
+    maps (its input is the level itself). Fewer activations are also less work."""
+    per_tile = sum((block + 2 * margin) ** 2 for margin in range(1, radius + 1))
+    return tiles * per_tile > (radius - 1) * positions
 
 
 def _anchor_view(x: torch.Tensor, last: int) -> torch.Tensor:
