@@ -168,9 +168,15 @@ def _add_train_parser(commands) -> None:
 
 
 def _add_eval_parser(commands) -> None:
-    p = commands.add_parser("eval", help="COCO metrics of a checkpoint on the config's validation set")
-    p.add_argument("--weights", required=True, help="checkpoint (ours; convert others first), or a zoo name "
-                                                    "(retinanet zoo)")
+    from .export.runtimes import EXPORTED_BACKENDS
+
+    p = commands.add_parser("eval", help="COCO metrics of a checkpoint or an exported model on the config's "
+                                         "validation set")
+    p.add_argument("--weights", required=True, help="checkpoint (ours; convert others first), a zoo name "
+                                                    "(retinanet zoo), or with --backend the exported model")
+    p.add_argument("--backend", choices=["torch", *EXPORTED_BACKENDS], default="torch",
+                   help="torch: a checkpoint; onnxruntime (.onnx) or openvino: the exported file you deploy, "
+                        "with --config for the data (its classes must be the data's)")
     p.add_argument("--config", help="config for the data (default: the checkpoint's own); " + _config_help())
     p.add_argument("--output-dir", help="where metrics.json and detections.json go (default: a new folder "
                                         "eval_<weights>[_N] beside the weights)")
@@ -430,12 +436,13 @@ def _known_errors():
     from .data.image_io import ImageReadError
     from .engine.distributed import DeviceError
     from .engine.train import TrainingError
+    from .export.runtimes import ExportedModelError
     from .model.config import ConfigError
     from .outputs import OutputNotWritten, OutputRefused
     from .zoo import ZooError
 
     return (CheckpointError, ConfigError, DatasetError, ImageReadError, FileNotFoundError, ConversionError,
-            TrainingError, DeviceError, OutputError, ZooError, OutputRefused, OutputNotWritten)
+            TrainingError, DeviceError, OutputError, ZooError, OutputRefused, OutputNotWritten, ExportedModelError)
 
 
 def _kept_note(command: str, err: BaseException) -> str:
@@ -511,6 +518,8 @@ def _resume_value(args) -> None:
 
 
 def cmd_eval(args) -> int:
+    if args.backend != "torch":
+        return _eval_exported(args)
     from .checkpoint import load_model, read_checkpoint
     from .config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
     from .data.formats import open_dataset
@@ -543,10 +552,43 @@ def cmd_eval(args) -> int:
                        score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou,
                        coco_backend=cfg.eval.coco_backend)
     if info.is_main:
-        print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}  "
-              f"-> {output_dir / 'metrics.json'}")
+        _print_eval(metrics, output_dir)
     distributed.cleanup()
     return 0
+
+
+def _eval_exported(args) -> int:
+    """`eval` of an exported model under its runtime (`export.runtimes.open_exported`), on the
+    validation set of `--config`; the same metrics.json as of the checkpoint."""
+    from .config import load_config
+    from .data.formats import has_split, open_dataset
+    from .engine.evaluate import evaluate
+    from .export.runtimes import open_exported
+
+    if not args.config:
+        raise OutputError(f"--backend {args.backend}: an exported model holds no data settings; pass --config "
+                          "with the validation set")
+    fixed = [o for o in args.overrides if o.startswith("model.")]
+    if fixed:
+        raise OutputError(f"{fixed[0]}: model.* overrides apply to a checkpoint; an exported model runs as it was "
+                          "exported")
+    output_dir = (_output_folder(args.output_dir) if args.output_dir
+                  else _unique_folder(Path(args.weights).parent / f"eval_{Path(args.weights).stem}"))
+    cfg = load_config(args.config, args.overrides)
+    if not has_split(cfg.data, "val"):
+        raise OutputError("no validation set: set data.val_images and data.val_annotations")
+    detector = open_exported(args.backend, args.weights)
+    dataset = open_dataset(cfg.data, "val", detector.class_names)
+    metrics = evaluate(detector, dataset, output_dir, cfg.eval.batch_size, cfg.data.num_workers, cfg.eval.max_images,
+                       tile=cfg.data.tile, score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou,
+                       coco_backend=cfg.eval.coco_backend)
+    _print_eval(metrics, output_dir)
+    return 0
+
+
+def _print_eval(metrics: dict, output_dir: Path) -> None:
+    print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}  "
+          f"-> {output_dir / 'metrics.json'}")
 
 
 def cmd_predict(args) -> int:

@@ -30,11 +30,23 @@ log = logging.getLogger(__name__)
 SUMMARY_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
+def is_torch_model(model) -> bool:
+    """Whether `model` is a PyTorch module (else a backend of the `engine.prediction_files`
+    protocol, such as an exported model under its runtime)."""
+    return isinstance(model, torch.nn.Module)
+
+
 def check_categories(model, dataset: DetectionDataset) -> None:
     """Stop when the model's categories are not the dataset's: every dataset category id
-    must be one of the model's, under the same name (when the model has names)."""
+    must be one of the model's, under the same name (when the model has names: a checkpoint
+    whose config names its classes; a backend whose names are not the labels' numbers, as an
+    exported model's metadata has them)."""
     names = dict(zip(model.category_ids, model.class_names))
-    named = bool(model.config is not None and model.config.class_names)
+    if is_torch_model(model):
+        named = bool(model.config is not None and model.config.class_names)
+    else:
+        named = model.class_names != [str(i) for i in range(len(model.class_names))]
+    whose = "the model's" if is_torch_model(model) else f"{getattr(model, 'path', 'the model')}'s"
     problems = []
     for cid, name in zip(dataset.category_ids, dataset.class_names):
         if cid not in names:
@@ -43,8 +55,8 @@ def check_categories(model, dataset: DetectionDataset) -> None:
             problems.append(f"id {cid} is {name!r} in the data but {names[cid]!r} in the model")
     if problems:
         raise DatasetError(
-            f"{dataset.annotation_file}: its categories do not match the model's "
-            f"({model.num_classes} classes, ids {_span(model.category_ids)}): " + "; ".join(problems[:4])
+            f"{dataset.annotation_file}: its categories do not match {whose} "
+            f"({len(model.category_ids)} classes, ids {_span(model.category_ids)}): " + "; ".join(problems[:4])
             + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
             + ". Evaluate with the dataset the model was trained for, or fine-tune it on this one")
 
@@ -61,11 +73,15 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
     (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images.
     `amp` is the run's `train.amp`: evaluation runs in the precision training used. With a
     `tile` config of size > 0, each image is predicted on tiles (`engine.tiling`), read window
-    by window as `predict` reads it, so that memory does not grow with the image."""
+    by window as `predict` reads it, so that memory does not grow with the image. A `model`
+    that is not a torch module is a backend (`is_torch_model`): it runs as it is, without
+    `amp` or tiles (`_predict_backend`)."""
     rank = torch.distributed.get_rank() if distributed.is_distributed() else 0
     world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     indices = list(range(rank, count, world))
+    if not is_torch_model(model):
+        return _predict_backend(model, dataset, indices, batch_size, num_workers)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -111,6 +127,33 @@ def _predict_batches(model, dataset: DetectionDataset, indices: list[int], batch
     return results, skipped
 
 
+def _predict_backend(backend, dataset: DetectionDataset, indices: list[int], batch_size: int,
+                     num_workers: int) -> tuple[list[dict], list[str]]:
+    """Whole images through a backend of the `engine.prediction_files` protocol (an exported
+    model under its runtime), decoded by `num_workers` DataLoader processes, in batches that
+    the backend splits by image size. An image it refuses (`check_size`) is skipped, named,
+    as `drop_unresizable` skips those the torch model cannot resize."""
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate)
+    results, skipped = [], []
+    for images, targets, bad in loader:
+        skipped.extend(bad)
+        arrays, kept = [], []
+        for image, target in zip(images, targets):
+            try:
+                backend.check_size(*image.shape[-2:], name=f"image id {target['image_id']}")
+            except ValueError as err:
+                skipped.append(str(err))
+                continue
+            arrays.append(image.permute(1, 2, 0).numpy())
+            kept.append(target)
+        if not arrays:
+            continue
+        for target, output in zip(kept, backend.predict(arrays)):
+            results.extend(to_coco_results(output, target["image_id"], backend.category_ids))
+    return results, skipped
+
+
 def _predict_tiles(model, dataset: DetectionDataset, indices: list[int], tile, batch_size: int,
                    value_range: list[float] | None = None) -> tuple[list[dict], list[str]]:
     """On tiles, one image at a time, opened by `open_raster` (a TIFF or an image over 64 MP
@@ -135,11 +178,13 @@ def box_count(record) -> int:
     return len(record.boxes) - sum(record.crowd)
 
 
-def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict]:
-    boxes = output["boxes"].float().cpu()
+def to_coco_results(output: dict, image_id: int, category_ids: list[int]) -> list[dict]:
+    """One image's detections (`boxes` xyxy, `scores`, `labels`: tensors or numpy arrays) as
+    COCO results, the box rounded to 0.001 px and the score to 1e-5."""
+    boxes = torch.as_tensor(output["boxes"]).float().cpu().reshape(-1, 4)
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    scores = output["scores"].float().cpu().tolist()
-    labels = output["labels"].cpu().tolist()
+    scores = torch.as_tensor(output["scores"]).float().cpu().tolist()
+    labels = torch.as_tensor(output["labels"]).cpu().tolist()
     return [
         {"image_id": image_id, "category_id": category_ids[label], "bbox": [round(v, 3) for v in box],
          "score": round(score, 5)}
@@ -277,9 +322,12 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
     `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. Beside COCO's
     metrics, `threshold_metrics` holds precision, recall, F1 and the confusion matrix of the
-    detections scored >= `score_threshold`, matched at IoU >= `iou_threshold`. A
+    detections scored >= `score_threshold`, matched at IoU >= `iou_threshold`. `model` is a
+    RetinaNet or a backend of the `engine.prediction_files` protocol (an exported model under
+    its runtime: `export.runtimes.open_exported`), which gives the same metrics.json. A
     dataset without images or without boxes (nothing to evaluate), whose categories are not
-    the model's, or a `tile` config that `check_tile_config` refuses, is an error."""
+    the model's, or a `tile` config that `check_tile_config` refuses (any, for a backend), is
+    an error."""
     if len(dataset) == 0:
         raise DatasetError(f"{dataset.annotation_file}: the evaluation set has no images")
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
@@ -287,7 +335,11 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
         raise DatasetError(f"{dataset.annotation_file}: the evaluation set has no boxes in its {count} image(s) "
                            "(crowd regions aside): there is nothing to evaluate")
     check_categories(model, dataset)
-    if model.config is not None:
+    if not is_torch_model(model):
+        if tile is not None and tile.size > 0:
+            raise ConfigError("data.tile: tiled evaluation runs with a checkpoint only; an exported model takes "
+                              "whole images (set data.tile.size=0)")
+    elif model.config is not None:
         check_tile_config(tile, model.config)
     coco_classes(coco_backend)  # a backend that is not installed stops here, before any prediction
     results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp, tile, value_range)
