@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -214,6 +215,9 @@ def _add_predict_parser(commands) -> None:
                         "0,4095; --value-range=-1,1 for a negative LOW); default: the data's own range, as logged")
     p.add_argument("--batch-size", type=_positive_int, default=4,
                    help="images run together (4); images of one size run as one batch")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the images that OUTPUT_DIR/parts holds, from a run stopped part way (under "
+                        "torchrun each process predicts every N-th image; the parts are flushed every batch)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (0: decode in the main thread)")
     p.add_argument("--save-txt", choices=["yolo", "csv"],
                    help="also one label file per image in OUTPUT_DIR/labels: YOLO txt or CSV rows")
@@ -600,7 +604,15 @@ def cmd_predict(args) -> int:
     if args.backend == "onnxruntime":
         predictions, errors = _predict_onnxruntime(args)
     else:
-        predictions, errors = _predict_torch(args)
+        from .engine import distributed
+
+        info = distributed.setup(args.device)  # under torchrun: the process group that shards the images
+        try:
+            predictions, errors = _predict_torch(args, info)
+        finally:
+            distributed.cleanup()
+        if not info.is_main:
+            return 1 if errors else 0
     images = len({p["file_name"] for p in predictions})
     print(f"{len(predictions)} detections in {images} image(s) with detections ({args.backend}) -> "
           f"{Path(args.output_dir) / 'predictions.json'}"
@@ -608,14 +620,15 @@ def cmd_predict(args) -> int:
     return 1 if errors else 0
 
 
-def _predict_torch(args) -> tuple[list[dict], list[str]]:
+def _predict_torch(args, info) -> tuple[list[dict], list[str]]:
     _resolve_weights(args)
     from .checkpoint import load_model
-    from .engine.distributed import resolve_device
+    from .engine.distributed import barrier
     from .engine.predict import predict_files
+    from .engine.prediction_files import Shard
 
     output_dir = _output_folder(args.output_dir)
-    device = resolve_device(args.device)
+    device = info.device
     amp = _resolved_amp(args.amp, device)
     model = load_model(args.weights, map_location=device, compile=args.compile)
     tiling = None
@@ -625,7 +638,8 @@ def _predict_torch(args) -> tuple[list[dict], list[str]]:
                   "value_range": args.value_range}
     return predict_files(model, args.images, output_dir, args.score_threshold, draw=not args.no_draw,
                          batch_size=args.batch_size, tiling=tiling, workers=max(0, args.workers),
-                         save_txt=args.save_txt, amp=amp)
+                         save_txt=args.save_txt, amp=amp, shard=Shard(info.rank, info.world_size, barrier),
+                         resume=args.resume)
 
 
 TILING_DEFAULTS = {"overlap": 0.2, "merge": "nms", "full_image": False, "force_tiling": False}
@@ -667,6 +681,9 @@ def _predict_onnxruntime(args) -> tuple[list[dict], list[str]]:
 
     if args.compile or args.amp != "none":
         raise OutputError("--compile and --amp apply to a checkpoint; an ONNX model runs as it was exported")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise OutputError("a prediction shared by processes (torchrun) runs with the torch backend, whose process "
+                          "group they wait for: predict with the checkpoint, or with one process per output folder")
     if args.tile:
         raise OutputError("--tile runs with the torch backend only: predict on tiles with the checkpoint")
     output_dir = _output_folder(args.output_dir)
@@ -682,7 +699,8 @@ def _predict_onnxruntime(args) -> tuple[list[dict], list[str]]:
                           f"{detector.score_threshold:g} and gives no detections below it; predict with the checkpoint "
                           "for a lower one")
     return predict_files(detector, args.images, output_dir, args.score_threshold, draw=not args.no_draw,
-                         batch_size=args.batch_size, workers=max(0, args.workers), save_txt=args.save_txt)
+                         batch_size=args.batch_size, workers=max(0, args.workers), save_txt=args.save_txt,
+                         resume=args.resume)
 
 
 def cmd_bench(args) -> int:

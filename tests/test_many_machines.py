@@ -188,3 +188,91 @@ def test_resume_auto_starts_a_run_then_continues_it(shapes_data, tmp_path, capsy
     capsys.readouterr()
     assert cli([*train, "--resume", "sometimes"]) == 2
     assert capsys.readouterr().err.strip() == "error: --resume sometimes: --resume takes no value, or auto"
+
+
+@pytest.fixture(scope="module")
+def predict_inputs(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
+    """`(weights, folder)`: a small untrained detector that finds boxes (class bias -1) and a
+    folder of 10 JPEGs and one damaged file."""
+    import shutil
+
+    from retinanet import RetinaNet, save_model
+
+    root = tmp_path_factory.mktemp("predict")
+    model = RetinaNet.from_config(tiny_config(shapes_data, root).model)
+    with torch.no_grad():
+        model.head.cls_score.bias.fill_(-1.0)
+    save_model(model, root / "model.pt")
+    folder = root / "images"
+    folder.mkdir()
+    for path in sorted(Path(shapes_data["train_images"]).glob("*.jpg"))[:10]:
+        shutil.copy(path, folder / path.name)
+    (folder / "zz_damaged.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    return root / "model.pt", folder
+
+
+def predict_args(weights: Path, folder: Path, out: Path) -> list[str]:
+    return ["predict", str(folder), "--weights", str(weights), "--output-dir", str(out), "--no-draw",
+            "--batch-size", "1", "--workers", "0", "--device", "cpu"]
+
+
+def part_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for part in sorted((out / "parts").glob("*.jsonl"))
+            for line in part.read_text().splitlines()]
+
+
+def test_predict_resume_skips_the_images_done_and_redoes_a_torn_line(predict_inputs, tmp_path):
+    """A part cut mid-line, as a kill leaves it: `predict --resume` keeps its complete lines
+    (the images done: their records are taken from the part, not predicted again), predicts
+    the rest once, and merges all into predictions.json in the order of the inputs."""
+    weights, folder = predict_inputs
+    assert cli(predict_args(weights, folder, tmp_path / "straight")) == 1  # the damaged file
+    expected = json.loads((tmp_path / "straight" / "predictions.json").read_text())
+    part = tmp_path / "straight" / "parts" / "rank00000-of-00001.jsonl"
+    lines = part.read_text().splitlines(keepends=True)
+    assert len(lines) == 11 and "error" in json.loads(lines[-1])  # zz_damaged.jpg comes last
+    done = json.loads(lines[0])
+    assert done["records"]
+    marked = json.dumps({**done, "records": done["records"][:1]}) + "\n"  # to see where its records come from
+    stopped = tmp_path / "stopped" / "parts" / part.name
+    stopped.parent.mkdir(parents=True)
+    stopped.write_text(marked + "".join(lines[1:4]) + lines[4][: len(lines[4]) // 2])
+    assert cli([*predict_args(weights, folder, tmp_path / "stopped"), "--resume"]) == 1
+    got = json.loads((tmp_path / "stopped" / "predictions.json").read_text())
+    assert got == [r for r in expected if r["file_name"] != done["file_name"] or r == done["records"][0]]
+    entries = part_lines(tmp_path / "stopped")  # every line whole, every image once
+    assert [e["file_name"] for e in entries] == [json.loads(line)["file_name"] for line in lines]
+
+
+def test_sharded_prediction_killed_part_way_resumes_to_the_single_process_output(predict_inputs, tmp_path):
+    """`torchrun --nproc-per-node 2 ... predict FOLDER`: each process predicts every other image
+    into its own part; the run is SIGKILLed (launcher and workers) once the parts hold a few
+    images, and `--resume` under torchrun finishes it: one predictions.json equal, byte for byte,
+    to a single process's, and no image predicted twice."""
+    weights, folder = predict_inputs
+    assert cli(predict_args(weights, folder, tmp_path / "one")) == 1
+    out = tmp_path / "two"
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "retinanet.cli",
+               *predict_args(weights, folder, out)]
+    proc = launch(command, tmp_path, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            parts = list((out / "parts").glob("*.jsonl")) if (out / "parts").is_dir() else []
+            if len(parts) == 2 and all(p.stat().st_size for p in parts):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        finish([proc], timeout=10)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (out / "predictions.json").exists()
+    assert 2 <= len(part_lines(out)) < 11
+    resumed = launch([*command, "--resume"], tmp_path, tmp_path / "resumed.log")
+    finish([resumed])
+    assert resumed.returncode != 0  # the damaged file: exit status 1
+    assert "1 input(s) could not be used" in (tmp_path / "resumed.log").read_text()
+    assert (out / "predictions.json").read_text() == (tmp_path / "one" / "predictions.json").read_text()
+    names = [e["file_name"] for e in part_lines(out)]
+    assert len(names) == len(set(names)) == 11
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["rank00000-of-00002.jsonl", "rank00001-of-00002.jsonl"]

@@ -13,7 +13,7 @@ from ..analysis.drawing import draw_detections
 from ..data.raster import crs_name, open_raster, pixel_to_crs
 from ..outputs import save_image, write_text
 from .precision import autocast
-from .prediction_files import DRAWING_MAX_SIDE, coco_records, label_path, size_groups, write_labels
+from .prediction_files import DRAWING_MAX_SIDE, Shard, coco_records, label_path, size_groups, write_labels
 from .prediction_files import predict_files as predict_with_backend
 from .tiling import predict_tiled
 
@@ -44,13 +44,15 @@ class TorchBackend:
 
 def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
                   draw: bool = True, batch_size: int = 4, tiling: dict | None = None, workers: int = 2,
-                  save_txt: str | None = None, progress: bool = True,
-                  amp: str = "none") -> tuple[list[dict], list[str]]:
+                  save_txt: str | None = None, progress: bool = True, amp: str = "none",
+                  shard: Shard | None = None, resume: bool = False) -> tuple[list[dict], list[str]]:
     """`prediction_files.predict_files` (inputs, decoding, batches, outputs) with `model`
     (`TorchBackend`). With `tiling` (`tile`, `overlap`, `merge`, `full_image`, optional
     `value_range`), each image is predicted on overlapping tiles at full resolution, one image
     at a time (`tiled_file`). `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the
-    network runs in that autocast precision. Returns the predictions and the error lines."""
+    network runs in that autocast precision. `shard` and `resume`: a run shared by processes,
+    and resumed (see `prediction_files.predict_files`). Returns the predictions and the error
+    lines."""
     device_type = next(model.parameters()).device.type if amp != "none" else "cpu"
     per_file = None
     if tiling is not None:
@@ -59,7 +61,7 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
     with autocast(amp, device_type):
         return predict_with_backend(TorchBackend(model), inputs, output_dir, score_threshold, draw=draw,
                                     batch_size=batch_size, workers=workers, save_txt=save_txt, progress=progress,
-                                    per_file=per_file)
+                                    per_file=per_file, shard=shard, resume=resume)
 
 
 def tiled_file(model, path: Path, drawing: Path, draw: bool, score_threshold, tiling: dict, save_txt: str | None,

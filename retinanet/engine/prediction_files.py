@@ -7,15 +7,23 @@ name)` (raises `ValueError` naming `name` for an image it cannot take) and
 `predict(images, score_threshold=None)`: `(H, W, 3)` uint8 RGB arrays in, per image
 `{"boxes" (D, 4) xyxy in the image's pixels, "scores" (D,), "labels" (D,), "class_names"}`
 out (numpy arrays or tensors), best first.
+
+A run can be shared by many processes (`Shard`: e.g. `torchrun --nproc-per-node N -m
+retinanet.cli predict ...`): each takes every N-th image and appends one line per image done
+to its part, `parts/rankRRRRR-of-NNNNN.jsonl`, flushed to disk after every batch; the first
+process then merges the parts into predictions.json. A run stopped at any moment has lost
+at most a batch: `resume` skips the images that some part holds.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -76,57 +84,216 @@ def size_groups(images: list) -> list[list[int]]:
 
 
 PerFile = Callable[[Path, Path, Path], list[dict]]
+PARTS = "parts"  # the folder of the per-process parts, in the output folder
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a prediction run over `world_size` processes: the images
+    `rank`, `rank + world_size`, ... of the input list. `barrier()` returns once every
+    process has called it (required when `world_size > 1`)."""
+
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, output_dir: Path) -> Path:
+        return output_dir / PARTS / f"rank{self.rank:05d}-of-{self.world_size:05d}.jsonl"
 
 
 def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
                   draw: bool = True, batch_size: int = 4, workers: int = 2, save_txt: str | None = None,
-                  progress: bool = True, per_file: PerFile | None = None) -> tuple[list[dict], list[str]]:
+                  progress: bool = True, per_file: PerFile | None = None, shard: Shard | None = None,
+                  resume: bool = False) -> tuple[list[dict], list[str]]:
     """Detect in every readable image with `backend`; bad inputs are reported (one line each on
-    stderr) and skipped. Returns the predictions and the error lines.
+    stderr) and skipped. Returns the predictions and the error lines: all of them on the main
+    process (`shard.rank` 0), this process's own on the others.
 
     Images are decoded by `workers` threads (0: in this thread), a few batches ahead, and run
     in batches of `batch_size`. Writes `output_dir/predictions.json` (`file_name`,
-    `category_id`, `category_name`, `bbox` [x, y, w, h], `score`); with `draw`, a drawn copy of
-    each image (never over an input); with `save_txt` ("yolo" or "csv"), one file per image in
-    `output_dir/labels/`: YOLO's normalised `class cx cy w h score` lines, or
-    `x1,y1,x2,y2,score,class_name` rows. `per_file(path, drawing_path, label_dir)`, when given,
-    replaces the batched loop and handles one file (tiled prediction), returning its records.
-    Every file is written atomically (per-image files without an fsync each) and replaces
-    (never follows) a symlink at its name; an output folder that cannot be written is refused
-    before any work (`OutputNotWritten`)."""
+    `category_id`, `category_name`, `bbox` [x, y, w, h], `score`), in the order of the inputs
+    however many processes shared the run; with `draw`, a drawn copy of each image (never over
+    an input); with `save_txt` ("yolo" or "csv"), one file per image in `output_dir/labels/`:
+    YOLO's normalised `class cx cy w h score` lines, or `x1,y1,x2,y2,score,class_name` rows.
+    `per_file(path, drawing_path, label_dir)`, when given, replaces the batched loop and
+    handles one file (tiled prediction), returning its records. `shard`: this process's share
+    of the images (None: all); each process's part in `output_dir/parts/` gets a line per image
+    done, on disk after every batch. `resume`: skip the images that the parts there hold
+    (written by a run stopped part way, with any number of processes). Every other file is
+    written atomically (per-image files without an fsync each) and replaces (never follows) a
+    symlink at its name; an output folder that cannot be written is refused before any work
+    (`OutputNotWritten`)."""
+    shard = shard or Shard()
+    if shard.world_size > 1 and shard.barrier is None:
+        raise ValueError("a prediction shared by several processes needs their barrier")
     output_dir = check_writable(Path(output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     paths, errors = collect_images(inputs)
-    for line in errors:
-        print(f"error: {line}", file=sys.stderr)
+    if shard.is_main:
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
     names = drawn_names(paths, output_dir)
     label_dir = output_dir / "labels"
-    bar = progress_bar(len(paths), progress)
+    done = read_parts(output_dir / PARTS) if resume else {}
+    mine = [p for i, p in enumerate(paths) if i % shard.world_size == shard.rank and str(p) not in done]
+    part = _Part(output_dir, shard, resume)
+    bar = progress_bar(len(mine), progress and shard.is_main)
     predictions: list[dict] = []
+    own_errors: list[str] = []
     try:
         if per_file is not None:
-            for path in paths:
+            for path in mine:
                 try:
-                    predictions += per_file(path, names[path], label_dir)
+                    records = per_file(path, names[path], label_dir)
+                    predictions += records
+                    part.add(path, records)
                 except (ImageReadError, ValueError) as err:
-                    _report(str(err), errors)
+                    _report(str(err), own_errors)
+                    part.add(path, error=str(err))
+                part.flush()
                 if bar is not None:
                     bar.update(1)
         else:
-            for items in _batches(_decoded(paths, backend.check_size, workers, 2 * batch_size), batch_size):
+            for items in _batches(_decoded(mine, backend.check_size, workers, 2 * batch_size), batch_size):
                 good = [(path, item) for path, item in items if not isinstance(item, str)]
-                for _, item in items:
+                for path, item in items:
                     if isinstance(item, str):
-                        _report(item, errors)
+                        _report(item, own_errors)
+                        part.add(path, error=item)
                 if good:
-                    predictions += _run(backend, good, names, draw, score_threshold, save_txt, label_dir)
+                    for (path, _), records in zip(good, _run(backend, good, names, draw, score_threshold, save_txt,
+                                                              label_dir)):
+                        predictions += records
+                        part.add(path, records)
+                part.flush()
                 if bar is not None:
                     bar.update(len(items))
     finally:
+        part.close()
         if bar is not None:
             bar.close()
+    if shard.barrier is not None:
+        shard.barrier()
+    if not shard.is_main:
+        return predictions, own_errors
+    predictions, errors = merge_parts(output_dir, paths, errors)
+    if per_file is None:  # a tiled image merges many tiles' detections: the cap is per tile
+        note = cap_note(images_at_cap(predictions, "file_name", detection_cap(backend)), detection_cap(backend),
+                        getattr(backend, "raise_cap", "model.inference.detections_per_image"))
+        if note:
+            print(note, file=sys.stderr)
+    return predictions, errors
+
+
+def detection_cap(backend) -> int | None:
+    """The most detections `backend` gives an image (`model.inference.detections_per_image`,
+    which an exported graph holds from its export): a RetinaNet's, a backend's
+    `detections_per_image`; None where unknown."""
+    post = getattr(backend, "postprocessor", None)
+    return getattr(post, "detections_per_image", None) or getattr(backend, "detections_per_image", None)
+
+
+def images_at_cap(records: list[dict], key: str, cap: int | None) -> int:
+    """How many images (told apart by `key`, e.g. `file_name` or `image_id`) have `cap`
+    records or more: images whose lower-scored detections the cap dropped."""
+    if cap is None:
+        return 0
+    counts: dict = {}
+    for record in records:
+        counts[record[key]] = counts.get(record[key], 0) + 1
+    return sum(count >= cap for count in counts.values())
+
+
+def cap_note(images: int, cap: int | None, how: str) -> str | None:
+    """The line a run prints once when `images` images reached the cap of `cap` detections
+    (None when none did); `how` says how to raise it."""
+    if not images or cap is None:
+        return None
+    return (f"note: {images} image(s) reached the cap of {cap} detections per image, which dropped their "
+            f"lower-scored detections; raise it with {how}")
+
+
+def merge_parts(output_dir: Path, paths: list[Path], errors: list[str]) -> tuple[list[dict], list[str]]:
+    """Write `output_dir/predictions.json` from the parts' records of `paths`, in their order;
+    returns the predictions and `errors` followed by the parts' error lines of `paths`."""
+    entries = read_parts(output_dir / PARTS)
+    predictions: list[dict] = []
+    errors = list(errors)
+    for path in paths:
+        entry = entries.get(str(path), {})
+        predictions += entry.get("records", [])
+        if "error" in entry:
+            errors.append(entry["error"])
     write_text(output_dir / "predictions.json", json.dumps(predictions, indent=1))
     return predictions, errors
+
+
+def read_parts(folder: Path) -> dict[str, dict]:
+    """The entries (`file_name`, and `records` or `error`) of the parts in `folder`, by file
+    name (the first one of a name counts); a line torn by a stopped process is left out, as
+    are symlinks, which are never followed."""
+    entries: dict[str, dict] = {}
+    if not folder.is_dir() or folder.is_symlink():
+        return entries
+    for part in sorted(folder.glob("rank*-of-*.jsonl")):
+        if part.is_symlink() or not part.is_file():
+            continue
+        for line in part.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
+                entries.setdefault(entry["file_name"], entry)
+    return entries
+
+
+class _Part:
+    """This process's part: one JSON line per image done, appended and put on disk (fsync) per
+    batch. A new run starts it empty (the first process also removes the parts that other
+    numbers of processes left); a resumed one keeps its complete lines."""
+
+    def __init__(self, output_dir: Path, shard: Shard, resume: bool):
+        folder = output_dir / PARTS
+        if folder.is_symlink():
+            folder.unlink()
+        folder.mkdir(exist_ok=True)
+        self.path = shard.part(output_dir)
+        if not resume and shard.is_main:
+            for old in folder.glob("rank*-of-*.jsonl"):
+                if not old.name.endswith(f"-of-{shard.world_size:05d}.jsonl"):
+                    old.unlink()
+        if resume and self.path.is_file() and not self.path.is_symlink():
+            _drop_torn_line(self.path)
+        else:
+            write_text(self.path, "")  # replaces a symlink or an earlier run's part
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.lines: list[str] = []
+
+    def add(self, path: Path, records: list[dict] | None = None, error: str | None = None) -> None:
+        entry = {"file_name": str(path), **({"error": error} if error is not None else {"records": records})}
+        self.lines.append(json.dumps(entry) + "\n")
+
+    def flush(self) -> None:
+        if self.lines:
+            self.file.write("".join(self.lines))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.lines = []
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line without its newline (a process stopped while writing it)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
 
 
 def _report(line: str, errors: list[str]) -> None:
@@ -172,13 +339,13 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def _run(backend, items: list[tuple[Path, np.ndarray]], names: dict[Path, Path], draw: bool, score_threshold,
-         save_txt: str | None, label_dir: Path) -> list[dict]:
+         save_txt: str | None, label_dir: Path) -> list[list[dict]]:
     """Detect in `items` (`(path, image)`), write the drawings (to `names[path]`) and label
-    files asked for, and return the COCO-style records."""
+    files asked for, and return each image's COCO-style records."""
     outputs = backend.predict([image for _, image in items], score_threshold=score_threshold)
     records = []
     for (path, image), det in zip(items, outputs):
-        records += coco_records(det, path, backend.category_ids)
+        records.append(coco_records(det, path, backend.category_ids))
         if draw:
             save_image(draw_detections(image, det), names[path], sync=False, quality=92)
         if save_txt is not None:
