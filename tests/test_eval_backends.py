@@ -102,3 +102,18 @@ def test_an_export_whose_classes_are_not_the_datas_is_one_line(run, tmp_path, ca
     assert err.startswith(f"error: {tmp_path / 'val.json'}: its categories do not match {run['onnx']}'s")
     assert f"id {cid} is 'giraffe' in the data but {renamed!r} in the model" in err
     assert not (tmp_path / "ev").exists()  # nothing predicted, nothing written
+
+
+def test_eval_of_an_exported_model_without_its_data_or_file_is_one_line(run, tmp_path, capsys):
+    for args, line in [
+        (["--weights", str(run["onnx"])], "error: --backend onnxruntime: an exported model holds no data settings; "
+                                          "pass --config with the validation set"),
+        (["--weights", str(tmp_path / "gone.onnx"), "--config", str(run["config"])],
+         f"error: {tmp_path / 'gone.onnx'}: no such exported model"),
+        (["--weights", str(run["config"]), "--config", str(run["config"])],  # not an ONNX file at all
+         f"error: {run['config']}: cannot be loaded as an exported model ("),
+    ]:
+        assert cli(["eval", "--backend", "onnxruntime", "--output-dir", str(tmp_path / "ev"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(line), err
+    assert not (tmp_path / "ev").exists()
