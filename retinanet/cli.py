@@ -72,6 +72,13 @@ def _value_range(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH with LOW < HIGH") from None
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        return [_positive_int(v) for v in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not sizes N[,N...], each a whole number >= 1") from None
+
+
 def _positive_minutes(text: str) -> float:
     value = float(text)
     if not (value > 0 and value < 60 * 24 * 7):  # also refuses nan and inf
@@ -221,6 +228,15 @@ def _add_predict_parser(commands) -> None:
     p.add_argument("--workers", type=int, default=2, help="decoding threads (0: decode in the main thread)")
     p.add_argument("--save-txt", choices=["yolo", "csv"],
                    help="also one label file per image in OUTPUT_DIR/labels: YOLO txt or CSV rows")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: also predict each image (each tile) mirrored, and merge "
+                        "(eval.tta.flip)")
+    p.add_argument("--tta-sizes", type=_sizes, metavar="N[,N...]",
+                   help="test-time augmentation: also predict at these input sizes, short sides as "
+                        "model.input.test_min_size (eval.tta.sizes)")
+    p.add_argument("--tta-merge", choices=["nms", "wbf"],
+                   help="with --tta or --tta-sizes: merge the views by class-aware NMS (default) or weighted "
+                        "box fusion (eval.tta.merge)")
     _add_speed_options(p)
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: run an exported .onnx given as --weights (no torch needed; same outputs, "
@@ -554,7 +570,7 @@ def cmd_eval(args) -> int:
                        amp=resolve_amp(cfg.train.amp, info.device)[0],
                        tile=cfg.data.tile, value_range=cfg.data.value_range,
                        score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou,
-                       coco_backend=cfg.eval.coco_backend)
+                       coco_backend=cfg.eval.coco_backend, tta=cfg.eval.tta)
     if info.is_main:
         _print_eval(metrics, output_dir)
     distributed.cleanup()
@@ -585,7 +601,7 @@ def _eval_exported(args) -> int:
     dataset = open_dataset(cfg.data, "val", detector.class_names)
     metrics = evaluate(detector, dataset, output_dir, cfg.eval.batch_size, cfg.data.num_workers, cfg.eval.max_images,
                        tile=cfg.data.tile, score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou,
-                       coco_backend=cfg.eval.coco_backend)
+                       coco_backend=cfg.eval.coco_backend, tta=cfg.eval.tta)
     _print_eval(metrics, output_dir)
     return 0
 
@@ -626,7 +642,9 @@ def _predict_torch(args, info) -> tuple[list[dict], list[str]]:
     from .engine.distributed import barrier
     from .engine.predict import predict_files
     from .engine.prediction_files import Shard
+    from .engine.tta import build_tta
 
+    tta_config = _tta_config(args)
     output_dir = _output_folder(args.output_dir)
     device = info.device
     amp = _resolved_amp(args.amp, device)
@@ -636,10 +654,23 @@ def _predict_torch(args, info) -> tuple[list[dict], list[str]]:
         _check_tiling(args, model.config)
         tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image,
                   "value_range": args.value_range}
+    tta = build_tta(tta_config, model, sizes_key="--tta-sizes")
     return predict_files(model, args.images, output_dir, args.score_threshold, draw=not args.no_draw,
                          batch_size=args.batch_size, tiling=tiling, workers=max(0, args.workers),
-                         save_txt=args.save_txt, amp=amp, shard=Shard(info.rank, info.world_size, barrier),
+                         save_txt=args.save_txt, amp=amp, tta=tta, shard=Shard(info.rank, info.world_size, barrier),
                          resume=args.resume)
+
+
+def _tta_config(args):
+    """predict's --tta, --tta-sizes and --tta-merge as the `eval.tta` setting (`TTAConfig`);
+    --tta-merge alone is refused (there would be nothing to merge)."""
+    from .config import TTAConfig, config_from_dict
+
+    if args.tta_merge and not (args.tta or args.tta_sizes):
+        raise OutputError("--tta-merge merges the views of test-time augmentation: add --tta or --tta-sizes, "
+                          "or leave it out")
+    return config_from_dict(TTAConfig, {"flip": args.tta, "sizes": args.tta_sizes or [],
+                                        "merge": args.tta_merge or "nms"})
 
 
 TILING_DEFAULTS = {"overlap": 0.2, "merge": "nms", "full_image": False, "force_tiling": False}
@@ -686,6 +717,9 @@ def _predict_onnxruntime(args) -> tuple[list[dict], list[str]]:
                           "group they wait for: predict with the checkpoint, or with one process per output folder")
     if args.tile:
         raise OutputError("--tile runs with the torch backend only: predict on tiles with the checkpoint")
+    if args.tta or args.tta_sizes or args.tta_merge:
+        raise OutputError("--tta, --tta-sizes and --tta-merge run with the torch backend only: an ONNX model runs "
+                          "as it was exported")
     output_dir = _output_folder(args.output_dir)
     weights = Path(args.weights)
     if not weights.is_file():

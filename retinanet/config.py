@@ -18,8 +18,9 @@ from .model.config import (ConfigError, Fraction, ModelConfig, NonNegativeFloat,
                            PositiveInt, Range, apply_overrides, check_config, config_from_dict, config_to_dict,
                            config_to_yaml)
 
-__all__ = ["Config", "DataConfig", "TrainConfig", "EvalConfig", "ConfigError", "load_config", "save_config",
-           "config_to_dict", "config_from_dict", "check_config", "shipped_configs", "resolve_config", "sets_model"]
+__all__ = ["Config", "DataConfig", "TrainConfig", "EvalConfig", "TTAConfig", "ConfigError", "load_config",
+           "save_config", "config_to_dict", "config_from_dict", "check_config", "shipped_configs", "resolve_config",
+           "sets_model"]
 
 
 @dataclass
@@ -196,6 +197,24 @@ class TrainConfig:
 
 
 @dataclass
+class TTAConfig:
+    """Test-time augmentation in `retinanet eval` (off by default; the evaluations during
+    training run without it): each image is also predicted mirrored and/or at other sizes, and
+    the detections of all views are merged per class."""
+
+    flip: bool = False  # retinanet eval (not the evaluations in training): also each view mirrored left-right
+    # extra input sizes (short sides, as model.input.test_min_size; the long-side cap scales alike)
+    sizes: list[PositiveInt] = field(default_factory=list)
+    # how the views' detections are merged, per class at the model's NMS IoU threshold: nms keeps the
+    # best box; wbf (weighted box fusion) averages overlapping boxes, weighted by score
+    merge: Literal["nms", "wbf"] = "nms"
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or bool(self.sizes)
+
+
+@dataclass
 class EvalConfig:
     batch_size: PositiveInt = 8  # global
     max_images: NonNegativeInt = 0  # 0: all
@@ -206,6 +225,7 @@ class EvalConfig:
     iou: Annotated[float, Range(0, 1, open_min=True)] = 0.5
     # who computes COCO AP: auto is faster-coco-eval where installed (the same numbers, in C++), else pycocotools
     coco_backend: Literal["auto", "pycocotools", "faster-coco-eval"] = "auto"
+    tta: TTAConfig = field(default_factory=TTAConfig)
 
 
 @dataclass

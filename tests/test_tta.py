@@ -1,14 +1,22 @@
 """Test-time augmentation: views mapped back to the image, merged by NMS or weighted box
-fusion."""
+fusion, in predict (whole images and tiles) and eval; off, nothing changes."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from retinanet import RetinaNet, load_model, save_model
-from retinanet.config import save_config
+from retinanet import RetinaNet, load_model, read_image, save_model
+from retinanet.cli import main as cli
+from retinanet.config import TTAConfig, load_config, save_config
+from retinanet.data.formats import open_dataset
+from retinanet.engine.evaluate import to_coco_results
+from retinanet.engine.tta import build_tta
 from retinanet.model.tta import TestTimeAugmentation, merge_views, mirror_boxes, weighted_box_fusion
 
-from helpers import tiny_config
+from helpers import assert_same_detections, tiny_config
 
 
 def _view(boxes, scores, labels):
@@ -102,3 +110,78 @@ def test_weighted_box_fusion_matches_boxes_to_the_leader_and_averages_big_cluste
     assert scores.tolist() == pytest.approx([2.3 / 3]) and fused.tolist() == [[0, 0, 10, 10]]
     empty = weighted_box_fusion(boxes[:0], torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5, 2)
     assert [len(t) for t in empty] == [0, 0, 0]
+
+
+def test_tta_settings_are_checked_and_off_by_default(model_file, capsys):
+    assert build_tta(TTAConfig(), None) is None and build_tta(TTAConfig(merge="wbf"), None) is None
+    model = _model(model_file[0])
+    assert build_tta(TTAConfig(flip=True, sizes=[96, 160]), model).num_views(128) == 6
+    model.preprocessor.resize = False
+    with pytest.raises(ValueError, match=r"^eval\.tta\.sizes: \[96\]: this model does not resize its input"):
+        build_tta(TTAConfig(sizes=[96]), model)
+    assert cli(["predict", "--weights", str(model_file[0]), "x.png", "--output-dir", "out", "--tta-merge", "wbf"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --tta-merge merges the views of test-time augmentation: add "
+                                               "--tta or --tta-sizes, or leave it out")
+
+
+def _write_images(folder, count=2):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (90 + 20 * i, 150, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return sorted(folder.glob("*.png"))
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_predict_tta_writes_the_merged_detections(model_file, tmp_path, tiled):
+    """`retinanet predict --tta --tta-sizes --tta-merge wbf` writes each image's views merged:
+    the detections of `model.predict(..., tta=...)`, not those of the image alone; with
+    --tile, each tile's views are merged before the tiles are."""
+    from retinanet.engine.tiling import predict_tiled
+
+    images = _write_images(tmp_path / "images", count=1 if tiled else 2)
+    tile = ["--tile", "96"] if tiled else []
+    assert cli(["predict", "--weights", str(model_file[0]), *map(str, images), "--output-dir", str(tmp_path / "out"),
+                "--no-draw", *tile, "--tta", "--tta-sizes", "96", "--tta-merge", "wbf"]) == 0
+    written = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    model = _model(model_file[0])
+    tta = TestTimeAugmentation(flip=True, sizes=[96], merge="wbf")
+    for path in images:
+        image = read_image(path)
+        run = (lambda **kw: predict_tiled(model, image, 96, 0.2, **kw)) if tiled else (
+            lambda **kw: model.predict(image, **kw))
+        expected, plain = run(tta=tta), run()
+        got = _as_detections([p for p in written if p["file_name"].endswith(path.name)])
+        assert len(got["scores"]) == len(expected["scores"]) > 0
+        assert_same_detections(got, expected, box_tol=0.02, score_tol=1e-4)
+        assert not torch.equal(expected["scores"], plain["scores"][: len(expected["scores"])])
+
+
+def _as_detections(records: list[dict]) -> dict:
+    boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32).reshape(-1, 4)
+    return {"boxes": torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1),
+            "scores": torch.tensor([r["score"] for r in records]),
+            "labels": torch.tensor([r["category_id"] - 1 for r in records])}
+
+
+def test_eval_with_tta_runs_and_without_it_gives_the_model_own_detections(model_file, tmp_path):
+    """`retinanet eval eval.tta...` scores the merged detections; with TTA off (no flip and no
+    sizes, whatever the merge) detections.json is the model's own output to the bit."""
+    weights, config = model_file
+    runs = {"off": ["eval.tta.merge=wbf"], "tta": ["eval.tta.flip=true", "eval.tta.sizes=[96]", "eval.tta.merge=wbf"]}
+    written = {}
+    for name, overrides in runs.items():
+        assert cli(["eval", "--weights", str(weights), "--config", str(config), "--output-dir",
+                    str(tmp_path / name), *overrides]) == 0
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert 0 <= metrics["AP"] <= 1 and metrics["num_images"] == 4
+        keys = ("image_id", "category_id", "bbox", "score")
+        written[name] = [{k: d[k] for k in keys} for d in json.loads((tmp_path / name / "detections.json").read_text())]
+    model = _model(weights)
+    dataset = open_dataset(load_config(config).data, "val", model.class_names)
+    own = []
+    items = [dataset[i] for i in range(4)]  # eval.max_images 4 in one batch of eval.batch_size 4
+    for (image, target), det in zip(items, model.predict([im for im, _ in items])):
+        own.extend(to_coco_results(det, target["image_id"], model.category_ids))
+    assert written["off"] == own
+    assert written["tta"] != own and len(written["tta"]) > 0

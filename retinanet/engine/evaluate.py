@@ -24,6 +24,7 @@ from ..outputs import write_text
 from . import distributed
 from .precision import autocast
 from .tiling import check_tile_config, predict_tiled
+from .tta import build_tta
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,14 @@ def _span(ids: list[int]) -> str:
 @torch.inference_mode()
 def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_workers: int = 0,
                     max_images: int = 0, amp: str = "none", tile=None,
-                    value_range: list[float] | None = None) -> tuple[list[dict], list[str]]:
+                    value_range: list[float] | None = None, tta=None) -> tuple[list[dict], list[str]]:
     """Detections for this process's share of `dataset` in COCO results format
     (`image_id`, `category_id`, `bbox` [x, y, w, h], `score`), and the skipped images.
     `amp` is the run's `train.amp`: evaluation runs in the precision training used. With a
     `tile` config of size > 0, each image is predicted on tiles (`engine.tiling`), read window
-    by window as `predict` reads it, so that memory does not grow with the image. A `model`
+    by window as `predict` reads it, so that memory does not grow with the image. `tta`: a
+    `TestTimeAugmentation` (`engine.tta.build_tta`) that predicts each image (each tile) in
+    several views and merges them; None: each image as it is. A `model`
     that is not a torch module is a backend (`is_torch_model`): it runs as it is, without
     `amp` or tiles (`_predict_backend`)."""
     rank = torch.distributed.get_rank() if distributed.is_distributed() else 0
@@ -88,8 +91,8 @@ def predict_dataset(model, dataset: DetectionDataset, batch_size: int = 8, num_w
     try:
         with autocast(amp, device.type):
             if tile is not None and tile.size > 0:
-                return _predict_tiles(model, dataset, indices, tile, batch_size, value_range)
-            return _predict_batches(model, dataset, indices, batch_size, num_workers, device)
+                return _predict_tiles(model, dataset, indices, tile, batch_size, value_range, tta)
+            return _predict_batches(model, dataset, indices, batch_size, num_workers, device, tta)
     finally:
         model.train(was_training)
 
@@ -110,7 +113,7 @@ def drop_unresizable(preprocessor, images: list, targets: list[dict],
 
 
 def _predict_batches(model, dataset: DetectionDataset, indices: list[int], batch_size: int, num_workers: int,
-                     device: torch.device) -> tuple[list[dict], list[str]]:
+                     device: torch.device, tta=None) -> tuple[list[dict], list[str]]:
     """Whole images, decoded by `num_workers` DataLoader processes, in batches."""
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate)
@@ -121,7 +124,8 @@ def _predict_batches(model, dataset: DetectionDataset, indices: list[int], batch
         skipped.extend(bad + too_elongated)
         if not images:
             continue
-        outputs = model([im.to(device, non_blocking=True) for im in images])
+        images = [im.to(device, non_blocking=True) for im in images]
+        outputs = model(images) if tta is None else tta(model, images)
         for target, output in zip(targets, outputs):
             results.extend(to_coco_results(output, target["image_id"], category_ids))
     return results, skipped
@@ -155,7 +159,7 @@ def _predict_backend(backend, dataset: DetectionDataset, indices: list[int], bat
 
 
 def _predict_tiles(model, dataset: DetectionDataset, indices: list[int], tile, batch_size: int,
-                   value_range: list[float] | None = None) -> tuple[list[dict], list[str]]:
+                   value_range: list[float] | None = None, tta=None) -> tuple[list[dict], list[str]]:
     """On tiles, one image at a time, opened by `open_raster` (a TIFF or an image over 64 MP
     by windows), never decoded whole unless it is small."""
     results, skipped = [], []
@@ -164,7 +168,7 @@ def _predict_tiles(model, dataset: DetectionDataset, indices: list[int], tile, b
         try:
             with open_raster(dataset.image_dir / record.file_name, value_range=value_range) as raster:
                 output = predict_tiled(model, raster, tile.size, tile.overlap, batch_size, tile.merge,
-                                       max_detections=model.postprocessor.detections_per_image)
+                                       max_detections=model.postprocessor.detections_per_image, tta=tta)
         except ImageReadError as err:
             log.warning("skipping %s", err)
             skipped.append(str(err))
@@ -318,16 +322,17 @@ def format_per_class_table(per_class: dict[str, float], columns: int = 3) -> str
 def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = None, batch_size: int = 8,
              num_workers: int = 0, max_images: int = 0, verbose: bool = True, amp: str = "none",
              tile=None, value_range: list[float] | None = None, score_threshold: float = 0.5,
-             iou_threshold: float = 0.5, coco_backend: str = "auto") -> dict | None:
+             iou_threshold: float = 0.5, coco_backend: str = "auto", tta=None) -> dict | None:
     """Evaluate on `dataset` (all processes take part); rank 0 gets the metrics and writes
     `metrics.json` and `detections.json` into `output_dir`. Other ranks get None. Beside COCO's
     metrics, `threshold_metrics` holds precision, recall, F1 and the confusion matrix of the
     detections scored >= `score_threshold`, matched at IoU >= `iou_threshold`. `model` is a
     RetinaNet or a backend of the `engine.prediction_files` protocol (an exported model under
-    its runtime: `export.runtimes.open_exported`), which gives the same metrics.json. A
+    its runtime: `export.runtimes.open_exported`), which gives the same metrics.json. `tta`:
+    an `eval.tta` config (`TTAConfig`); off (the default), images are predicted as they are. A
     dataset without images or without boxes (nothing to evaluate), whose categories are not
-    the model's, or a `tile` config that `check_tile_config` refuses (any, for a backend), is
-    an error."""
+    the model's, or a `tile` config that `check_tile_config` refuses (any, for a backend), or
+    test-time augmentation with a backend, is an error."""
     if len(dataset) == 0:
         raise DatasetError(f"{dataset.annotation_file}: the evaluation set has no images")
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
@@ -339,10 +344,17 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
         if tile is not None and tile.size > 0:
             raise ConfigError("data.tile: tiled evaluation runs with a checkpoint only; an exported model takes "
                               "whole images (set data.tile.size=0)")
-    elif model.config is not None:
-        check_tile_config(tile, model.config)
+        if tta is not None and tta.enabled:
+            raise ConfigError("eval.tta: test-time augmentation runs with a checkpoint only; an exported model "
+                              "runs as it was exported (set eval.tta.flip=false eval.tta.sizes=[])")
+        views = None
+    else:
+        if model.config is not None:
+            check_tile_config(tile, model.config)
+        views = build_tta(tta, model)
     coco_classes(coco_backend)  # a backend that is not installed stops here, before any prediction
-    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp, tile, value_range)
+    results, skipped = predict_dataset(model, dataset, batch_size, num_workers, max_images, amp, tile, value_range,
+                                       views)
     gathered = distributed.all_gather_objects((results, skipped))
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
         return None

@@ -3,6 +3,7 @@ loop (`prediction_files.predict_files`), and tiled prediction, which runs with t
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -21,10 +22,12 @@ from .tiling import predict_tiled
 class TorchBackend:
     """A RetinaNet (or any object with its `predict`, `class_names` and `category_ids`) as a
     backend of the shared prediction loop: `(H, W, 3)` uint8 arrays in, numpy detections out.
-    Images of one size run together (`size_groups`), as the exported graph runs them."""
+    Images of one size run together (`size_groups`), as the exported graph runs them. `tta`:
+    a `TestTimeAugmentation` that the model's `predict` runs (None: the images as they are)."""
 
-    def __init__(self, model):
+    def __init__(self, model, tta=None):
         self.model = model
+        self.run = model.predict if tta is None else functools.partial(model.predict, tta=tta)
         self.class_names, self.category_ids = model.class_names, model.category_ids
         preprocessor = getattr(model, "preprocessor", None)
         self.size_check = getattr(preprocessor, "check_size", None)
@@ -37,7 +40,7 @@ class TorchBackend:
         out: list[dict] = [{}] * len(images)
         for group in size_groups(images):
             tensors = [torch.from_numpy(images[i]).permute(2, 0, 1) for i in group]
-            for i, det in zip(group, self.model.predict(tensors, score_threshold=score_threshold)):
+            for i, det in zip(group, self.run(tensors, score_threshold=score_threshold)):
                 out[i] = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in det.items()}
         return out
 
@@ -45,32 +48,33 @@ class TorchBackend:
 def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
                   draw: bool = True, batch_size: int = 4, tiling: dict | None = None, workers: int = 2,
                   save_txt: str | None = None, progress: bool = True, amp: str = "none",
-                  shard: Shard | None = None, resume: bool = False) -> tuple[list[dict], list[str]]:
+                  tta=None, shard: Shard | None = None, resume: bool = False) -> tuple[list[dict], list[str]]:
     """`prediction_files.predict_files` (inputs, decoding, batches, outputs) with `model`
     (`TorchBackend`). With `tiling` (`tile`, `overlap`, `merge`, `full_image`, optional
     `value_range`), each image is predicted on overlapping tiles at full resolution, one image
     at a time (`tiled_file`). `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the
-    network runs in that autocast precision. `shard` and `resume`: a run shared by processes,
-    and resumed (see `prediction_files.predict_files`). Returns the predictions and the error
-    lines."""
+    network runs in that autocast precision. `tta`: a `TestTimeAugmentation`
+    (`engine.tta.build_tta`) run on each image, or each tile. `shard` and `resume`: a run
+    shared by processes, and resumed (see `prediction_files.predict_files`). Returns the
+    predictions and the error lines."""
     device_type = next(model.parameters()).device.type if amp != "none" else "cpu"
     per_file = None
     if tiling is not None:
         def per_file(path: Path, drawing: Path, label_dir: Path) -> list[dict]:
-            return tiled_file(model, path, drawing, draw, score_threshold, tiling, save_txt, label_dir)
+            return tiled_file(model, path, drawing, draw, score_threshold, tiling, save_txt, label_dir, tta)
     with autocast(amp, device_type):
-        return predict_with_backend(TorchBackend(model), inputs, output_dir, score_threshold, draw=draw,
+        return predict_with_backend(TorchBackend(model, tta), inputs, output_dir, score_threshold, draw=draw,
                                     batch_size=batch_size, workers=workers, save_txt=save_txt, progress=progress,
                                     per_file=per_file, shard=shard, resume=resume)
 
 
 def tiled_file(model, path: Path, drawing: Path, draw: bool, score_threshold, tiling: dict, save_txt: str | None,
-               label_dir: Path) -> list[dict]:
+               label_dir: Path, tta=None) -> list[dict]:
     """Tiled prediction of one image, read by windows where it pays (`data.raster`); a
     georeferenced image also gets `<drawing>.geojson` in its CRS. Returns its records."""
     with open_raster(path, value_range=tiling.get("value_range")) as raster:
         det = predict_tiled(model, raster, tiling["tile"], tiling["overlap"], merge=tiling["merge"],
-                            full_image=tiling["full_image"], score_threshold=score_threshold)
+                            full_image=tiling["full_image"], score_threshold=score_threshold, tta=tta)
         if draw:
             overview = raster.read_scaled(DRAWING_MAX_SIDE)
             shrink = overview.shape[-1] / raster.width, overview.shape[-2] / raster.height

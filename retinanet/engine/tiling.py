@@ -4,6 +4,8 @@ model's anchors. The tile grid itself, shared with training on tiles, is `data.t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torchvision.ops import batched_nms, box_area
 
@@ -99,22 +101,25 @@ def merge_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Te
 @torch.inference_mode()
 def predict_tiled(model, source: torch.Tensor | Raster, tile: int, overlap: float = 0.2, batch_size: int = 4,
                   merge: str = "nms", merge_threshold: float = 0.5, full_image: bool = False,
-                  score_threshold: float | None = None, max_detections: int | None = None) -> dict:
+                  score_threshold: float | None = None, max_detections: int | None = None, tta=None) -> dict:
     """Detections in a large image from overlapping tiles at full resolution (and, with
     `full_image`, from the whole image resized, as SAHI does), shifted back to image pixels
     and merged. `source` is a `(3, H, W)` tensor or a `Raster` (`data.raster.open_raster`),
     whose windows are read a batch at a time, so that memory does not grow with the image.
     Tiles run through the model in batches of `batch_size`. Give tiles the size of the
-    model's input (`model.input.test_min_size`) so that they are not resized. Returns
+    model's input (`model.input.test_min_size`) so that they are not resized. With `tta` (a
+    `TestTimeAugmentation`), each tile, and the whole image, is predicted with its views
+    merged before the tiles are merged. Returns
     `{"boxes", "scores", "labels", "class_names"}` like `model.predict`."""
     raster = source if isinstance(source, Raster) else ArrayRaster(source)
+    predict = model.predict if tta is None else functools.partial(model.predict, tta=tta)
     windows = tile_windows(raster.height, raster.width, tile, overlap)
     boxes, scores, labels = [], [], []
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
         crops = [raster.read(window) for window in chunk]
-        for (x0, y0, _, _), det in zip(chunk, model.predict(crops, score_threshold=score_threshold,
-                                                             batch_size=batch_size)):
+        for (x0, y0, _, _), det in zip(chunk, predict(crops, score_threshold=score_threshold,
+                                                       batch_size=batch_size)):
             boxes.append(det["boxes"] + torch.tensor([x0, y0, x0, y0], dtype=det["boxes"].dtype))
             scores.append(det["scores"])
             labels.append(det["labels"])
@@ -123,7 +128,7 @@ def predict_tiled(model, source: torch.Tensor | Raster, tile: int, overlap: floa
         max_side = getattr(getattr(model, "preprocessor", None), "max_size", None) or max(raster.height, raster.width)
         overview = raster.read_scaled(max_side)
         sy, sx = overview.shape[-2] / raster.height, overview.shape[-1] / raster.width
-        det = model.predict(overview, score_threshold=score_threshold)
+        det = predict(overview, score_threshold=score_threshold)
         boxes.append(det["boxes"] / torch.tensor([sx, sy, sx, sy])), scores.append(det["scores"])
         labels.append(det["labels"])
     boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
