@@ -1,5 +1,5 @@
 """`retinanet serve`: a small HTTP service (FastAPI + uvicorn) around a checkpoint or an
-exported model (ONNX under onnxruntime, an OpenVINO IR).
+exported ONNX model.
 
     POST /predict   multipart upload (field `file`) or the raw image bytes -> JSON detections
     GET  /health    {"status": "ok"}
@@ -19,67 +19,85 @@ in the fifth decimal with the batch's composition.
 
 
 import asyncio
+import logging
 import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from .engine.prediction_files import cap_note, detection_cap
+
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_PIXELS = 40_000_000  # a 7,300 x 5,500 photo; the model sees it resized to its input
 
 
 class Predictor:
-    """The model behind the service: a checkpoint (torch) or an exported model under its
-    runtime (any backend of `export.runtimes`, through the protocol of
-    `engine.prediction_files`). `predict(images)` takes `(H, W, 3)` uint8 arrays."""
+    """The model behind the service: a checkpoint (torch) or an exported `.onnx`
+    (onnxruntime). `predict(images)` takes `(3, H, W)` uint8 tensors / `(H, W, 3)` arrays."""
 
     def __init__(self, weights: str | Path, device: str = "cpu", amp: str = "none", compile: bool = False,
-                 backend: str | None = None):
-        """`backend`: "torch", "onnxruntime" or "openvino" (default: onnxruntime for a
-        `.onnx`, else torch). `amp` ("none", "bf16", "fp16", resolved) and `compile`
-        (torch.compile the network and NMS) apply to a checkpoint; an exported model runs as
-        exported. An exported model that cannot be opened raises `ExportedModelError`."""
+                 max_detections: int | None = None):
+        """`amp` ("none", "bf16", "fp16", resolved) and `compile` (torch.compile the network
+        and NMS) apply to a checkpoint; an ONNX model runs as exported. `max_detections`: a
+        checkpoint's `inference.detections_per_image` (None: its own). The first request in
+        which an image reaches that cap logs it, once."""
         weights = Path(weights)
-        backend = backend or ("onnxruntime" if weights.suffix == ".onnx" else "torch")
-        if backend != "torch":
-            from .export.runtimes import open_exported
+        if weights.suffix == ".onnx":
+            from .export.ort_predict import OnnxDetector
 
-            self.exported = open_exported(backend, weights)
-            self.class_names, self.category_ids = self.exported.class_names, self.exported.category_ids
-            self.info = {"backend": backend, "input": self.exported.input}
+            self.onnx = OnnxDetector(weights)
+            self.class_names, self.category_ids = self.onnx.class_names, self.onnx.category_ids
+            self.info = {"backend": "onnxruntime", "input": self.onnx.input}
         else:
             from .checkpoint import load_model
 
-            self.exported = None
-            self.model = load_model(weights, map_location=device, compile=compile)
+            self.onnx = None
+            overrides = [f"inference.detections_per_image={max_detections}"] if max_detections else []
+            self.model = load_model(weights, map_location=device, overrides=overrides, compile=compile)
             self.class_names, self.category_ids = self.model.class_names, self.model.category_ids
             self.device, self.amp = device, amp
             pre = self.model.preprocessor
             self.info = {"backend": "torch", "device": device, "precision": "fp32" if amp == "none" else amp,
                          "compiled": compile, "input": {"test_min_size": pre.test_min_size, "max_size": pre.max_size}}
         self.info.update({"model": weights.name, "classes": self.class_names, "category_ids": self.category_ids})
+        self.cap = detection_cap(self.model if self.onnx is None else self.onnx)
+        self.cap_noted = False
 
     def check_size(self, height: int, width: int, name: str) -> None:
         """Raise `ValueError` naming `name` for an image the model cannot take: so elongated
         that resizing to the model's input leaves a side of 0 pixels, or, for a fixed-shape
-        exported graph, of another size than the one it was exported for."""
-        if self.exported is None:
+        ONNX graph, of another size than the one it was exported for."""
+        if self.onnx is None:
             self.model.preprocessor.check_size((height, width), name=name)
             return
-        self.exported.check_size(height, width, name)
+        self.onnx.check_size(height, width, name)
 
     def predict(self, arrays: list) -> list[dict]:
-        if self.exported is not None:
-            return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()}
-                    for d in self.exported.predict(arrays)]
-        import torch
+        if self.onnx is not None:
+            detections = self.onnx.predict(arrays)
+        else:
+            import torch
 
-        tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
-        from .engine.precision import autocast
+            tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
+            from .engine.precision import autocast
 
-        with autocast(self.amp, torch.device(self.device).type):
-            detections = self.model.predict(tensors, batch_size=len(tensors))
+            with autocast(self.amp, torch.device(self.device).type):
+                detections = self.model.predict(tensors, batch_size=len(tensors))
+        self.note_cap(detections)
         return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()} for d in detections]
+
+    def note_cap(self, detections: list[dict]) -> None:
+        """Log, the first time only, that an image's detections reached the cap."""
+        if self.cap_noted or self.cap is None:
+            return
+        hit = sum(len(d["scores"]) >= self.cap for d in detections)
+        how = getattr(self.onnx, "raise_cap", "retinanet serve --max-detections N")
+        note = cap_note(hit, self.cap, how)
+        if note:
+            self.cap_noted = True
+            log.warning("%s (said once per service)", note.removeprefix("note: "))
 
 
 class Batcher:

@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..analysis.threshold_metrics import format_threshold_line, images_from_resu
 from ..outputs import write_text
 from . import distributed
 from .precision import autocast
+from .prediction_files import cap_note, detection_cap, images_at_cap
 from .tiling import check_tile_config, predict_tiled
 from .tta import build_tta
 
@@ -360,6 +362,11 @@ def evaluate(model, dataset: DetectionDataset, output_dir: str | Path | None = N
         return None
     results = [r for part, _ in gathered for r in part]
     skipped = [s for _, part in gathered for s in part]
+    cap = detection_cap(model)
+    note = cap_note(images_at_cap(results, "image_id", cap), cap,
+                    getattr(model, "raise_cap", "the override model.inference.detections_per_image=N"))
+    if note and verbose:
+        print(note, file=sys.stderr)
     image_ids = [dataset.records[i].image_id for i in range(count)]
     gt = dataset.coco_ground_truth()
     metrics, precision = coco_metrics(gt, results, image_ids, dataset.class_names, verbose, return_precision=True,

@@ -14,7 +14,8 @@ from ..analysis.drawing import draw_detections
 from ..data.raster import crs_name, open_raster, pixel_to_crs
 from ..outputs import save_image, write_text
 from .precision import autocast
-from .prediction_files import DRAWING_MAX_SIDE, Shard, coco_records, label_path, size_groups, write_labels
+from .prediction_files import (DRAWING_MAX_SIDE, Shard, coco_records, detection_cap, label_path, size_groups,
+                               write_labels)
 from .prediction_files import predict_files as predict_with_backend
 from .tiling import predict_tiled
 
@@ -25,8 +26,11 @@ class TorchBackend:
     Images of one size run together (`size_groups`), as the exported graph runs them. `tta`:
     a `TestTimeAugmentation` that the model's `predict` runs (None: the images as they are)."""
 
+    raise_cap = "retinanet predict --max-detections N (model.inference.detections_per_image)"
+
     def __init__(self, model, tta=None):
         self.model = model
+        self.detections_per_image = detection_cap(model)
         self.run = model.predict if tta is None else functools.partial(model.predict, tta=tta)
         self.class_names, self.category_ids = model.class_names, model.category_ids
         preprocessor = getattr(model, "preprocessor", None)

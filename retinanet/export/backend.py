@@ -55,6 +55,14 @@ class ExportedBackend:
         if outputs[:4] != OUTPUTS:
             raise ValueError(f"{source}: exported without post-processing (--no-postprocess); run it yourself")
 
+    raise_cap = "retinanet export --max-detections N (the exported graph holds its cap), then run the new export"
+
+    @property
+    def detections_per_image(self) -> int | None:
+        """The graph's cap on detections per image (its `num_detections` reaches it where the
+        cap dropped detections); None for a graph exported before the metadata held it."""
+        return self.input.get("detections_per_image")
+
     @property
     def score_threshold(self) -> float:
         """The score threshold the graph was exported with: it gives no detection below it."""
