@@ -197,7 +197,8 @@ def _add_eval_parser(commands) -> None:
 def _add_predict_parser(commands) -> None:
     p = commands.add_parser("predict", help="detect objects in image files, folders or glob patterns")
     p.add_argument("--weights", required=True, help="checkpoint, zoo name (retinanet zoo) or, with --backend "
-                                                    "onnxruntime, an exported .onnx")
+                                                    "onnxruntime, an exported .onnx; openvino: the IR's folder "
+                                                    "or .xml")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively) or globs")
     p.add_argument("--output-dir", required=True, help="gets predictions.json and the images with boxes drawn")
     p.add_argument("--score-threshold", type=_score_threshold, help="in [0, 1]; default: the model's (0.05)")
@@ -241,9 +242,9 @@ def _add_predict_parser(commands) -> None:
                    help="with --tta or --tta-sizes: merge the views by class-aware NMS (default) or weighted "
                         "box fusion (eval.tta.merge)")
     _add_speed_options(p)
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: run an exported .onnx given as --weights (no torch needed; same outputs, "
-                        "no --tile)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="onnxruntime / openvino: run the exported .onnx / OpenVINO IR given as --weights (no torch "
+                        "needed; same outputs, no --tile)")
     p.add_argument("--device", default="auto", type=_device)
 
 
@@ -309,11 +310,13 @@ def _add_assign_parser(commands) -> None:
 
 
 def _add_export_parser(commands) -> None:
-    p = commands.add_parser("export", help="export a checkpoint to ONNX: uint8 images in, resized in the graph; "
-                                           "detections out")
+    p = commands.add_parser("export", help="export a checkpoint to ONNX or OpenVINO: uint8 images in, resized in "
+                                           "the graph; detections out")
     p.add_argument("--weights", required=True, help="checkpoint to export, or a zoo name (retinanet zoo)")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx: one .onnx file; openvino: an IR folder (model.xml, model.bin; pip install "
+                        "'retinanet[openvino]')")
+    p.add_argument("--output", required=True, help="the .onnx file to write, or the folder of the OpenVINO IR")
     p.add_argument("--height", type=_positive_int, help="height of the images a fixed-shape graph takes (default: "
                                                          "the model's test size)")
     p.add_argument("--width", type=_positive_int, help="width of those images (default: the model's max size)")
@@ -328,6 +331,14 @@ def _add_export_parser(commands) -> None:
                    help="raw per-level class logits, box deltas and anchors (and the resized size), for your own "
                         "NMS")
     p.add_argument("--simplify", action="store_true", help="fold constants with onnxsim when it is installed")
+    p.add_argument("--int8", action="store_true",
+                   help="openvino: quantize to INT8 with NNCF, calibrated on --calibration's images (the pre- and "
+                        "post-processing and the heads' last convolutions stay in floating point)")
+    p.add_argument("--calibration", metavar="CONFIG",
+                   help="with --int8: a config whose data (any data.format) gives the calibration images (its "
+                        "training set, else its validation set); " + _config_help())
+    p.add_argument("--calibration-images", type=_positive_int, default=300, metavar="N",
+                   help="with --int8: how many images, spread over the set (300)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
 
@@ -342,8 +353,11 @@ def _add_serve_parser(commands) -> None:
     from .serve import DEFAULT_MAX_PIXELS
 
     p = commands.add_parser("serve", help="an HTTP service: POST /predict, GET /health, GET /info")
-    p.add_argument("--weights", required=True, help="a checkpoint, a zoo name (retinanet zoo), or an exported "
-                                                    ".onnx (onnxruntime)")
+    p.add_argument("--weights", required=True, help="a checkpoint, a zoo name (retinanet zoo), an exported .onnx "
+                                                    "(onnxruntime) or, with --backend openvino, an IR's folder "
+                                                    "or .xml")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"],
+                   help="the runtime (default: onnxruntime for a .onnx, else torch)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-bytes", type=_positive_int, default=20 * 1024 * 1024,
@@ -626,8 +640,8 @@ def cmd_predict(args) -> int:
     _tiling_options(args)
     if args.max_pixels:
         Image.MAX_IMAGE_PIXELS = args.max_pixels
-    if args.backend == "onnxruntime":
-        predictions, errors = _predict_onnxruntime(args)
+    if args.backend != "torch":
+        predictions, errors = _predict_exported(args)
     else:
         from .engine import distributed
 
@@ -718,14 +732,14 @@ def _check_tiling(args, model_config) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def _predict_onnxruntime(args) -> tuple[list[dict], list[str]]:
-    """The shared prediction loop (`engine.prediction_files`) with an exported graph under
-    onnxruntime (`export.ort_predict`): no torch is imported."""
+def _predict_exported(args) -> tuple[list[dict], list[str]]:
+    """The shared prediction loop (`engine.prediction_files`) with an exported model under
+    its runtime (`export.runtimes.open_exported`): no torch is imported."""
     from .engine.prediction_files import predict_files
-    from .export.ort_predict import OnnxDetector
+    from .export.runtimes import open_exported
 
     if args.compile or args.amp != "none":
-        raise OutputError("--compile and --amp apply to a checkpoint; an ONNX model runs as it was exported")
+        raise OutputError("--compile and --amp apply to a checkpoint; an exported model runs as it was exported")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise OutputError("a prediction shared by processes (torchrun) runs with the torch backend, whose process "
                           "group they wait for: predict with the checkpoint, or with one process per output folder")
@@ -736,12 +750,7 @@ def _predict_onnxruntime(args) -> tuple[list[dict], list[str]]:
                           "as it was exported")
     output_dir = _output_folder(args.output_dir)
     weights = Path(args.weights)
-    if not weights.is_file():
-        raise OutputError(f"{weights}: no such ONNX file")
-    try:
-        detector = OnnxDetector(weights)
-    except Exception as err:  # onnxruntime's own load errors
-        raise OutputError(f"{weights}: cannot be loaded as an exported model ({str(err).splitlines()[0]})") from None
+    detector = open_exported(args.backend, weights)
     if args.score_threshold is not None and args.score_threshold < detector.score_threshold:
         raise OutputError(f"--score-threshold {args.score_threshold:g}: {weights} was exported with "
                           f"{detector.score_threshold:g} and gives no detections below it; predict with the checkpoint "
@@ -771,18 +780,20 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    if not args.weights.endswith(".onnx"):
+    backend = args.backend or ("onnxruntime" if args.weights.endswith(".onnx") else "torch")
+    if backend == "torch":
         _resolve_weights(args)
     weights = Path(args.weights)
-    if not weights.is_file():
-        raise OutputError(f"{weights}: no such checkpoint or ONNX file")
+    if not (weights.is_file() if backend == "torch" else weights.exists()):
+        raise OutputError(f"{weights}: no such checkpoint or exported model")
     import socket
 
     from .serve import Predictor, serve
 
-    if weights.suffix == ".onnx" and (args.compile or args.amp != "none"):
-        raise OutputError("--compile and --amp apply to a checkpoint; an ONNX model runs as it was exported")
-    if weights.suffix == ".onnx" and args.max_detections:
+    if backend != "torch" and (args.compile or args.amp != "none"):
+        kind = "an ONNX" if backend == "onnxruntime" else "an OpenVINO"
+        raise OutputError(f"--compile and --amp apply to a checkpoint; {kind} model runs as it was exported")
+    if backend != "torch" and args.max_detections:
         raise OutputError(f"--max-detections applies to a checkpoint; an exported graph holds its cap: export it again "
                           f"with --max-detections {args.max_detections}")
     try:  # before loading the model: a busy port or an unknown host is known at once
@@ -790,12 +801,8 @@ def cmd_serve(args) -> int:
             pass
     except OSError as err:
         raise OutputError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err})") from None
-    if weights.suffix == ".onnx":
-        try:
-            predictor = Predictor(weights)
-        except Exception as err:  # noqa: BLE001 - onnxruntime's own load errors have no common class
-            raise OutputError(f"{weights}: cannot be loaded as an exported model "
-                              f"({str(err).splitlines()[0]})") from None
+    if backend != "torch":
+        predictor = Predictor(weights, backend=backend)  # a load failure is one line (ExportedModelError)
     else:
         from .engine.distributed import resolve_device
 
@@ -807,6 +814,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "openvino":
+        return _export_openvino(args)
+    if args.int8 or args.calibration:
+        raise OutputError("--int8 and --calibration quantize an OpenVINO export: add --format openvino")
     import importlib.util
 
     from .checkpoint import load_model
@@ -828,6 +839,49 @@ def cmd_export(args) -> int:
     print(f"wrote {output}: input images (B, 3, H, W) uint8 RGB, resized in the graph as the model does; boxes in "
           "their pixels" + (" (any batch and size)" if args.dynamic else
                             f" (batch {args.batch}, {width}x{height} px images only; --dynamic for any size)"))
+    return 0
+
+
+def _export_openvino(args) -> int:
+    """`export --format openvino`: the ONNX graph converted to an OpenVINO IR in the folder
+    `--output` (`export.openvino`), optionally quantized to INT8."""
+    from .checkpoint import load_model
+    from .outputs import check_output_file, check_writable
+
+    if args.no_postprocess or args.simplify:
+        raise OutputError("--no-postprocess and --simplify apply to --format onnx; the OpenVINO IR holds the whole "
+                          "detector")
+    if args.int8 != bool(args.calibration):
+        raise OutputError("--int8 needs --calibration CONFIG (the images it is calibrated on), and --calibration "
+                          "applies to --int8 only")
+    try:
+        from .export.openvino import calibration_images, export_openvino, require
+
+        require("openvino")
+        if args.int8:
+            require("nncf")
+    except ImportError as err:
+        raise OutputError(str(err)) from None
+    _resolve_weights(args)
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: --output of --format openvino is the folder of the IR, and this is a file")
+    for name in ("model.xml", "model.bin"):
+        check_output_file(folder / name, [args.weights], args.force)
+    check_writable(folder)
+    # as built: OpenVINO folds BatchNorm itself
+    model = load_model(args.weights, overrides=_max_detections(args), optimize=False).eval()
+    pre = model.preprocessor
+    height, width = args.height or pre.test_min_size, args.width or pre.max_size
+    calibration = None
+    if args.int8:
+        calibration = calibration_images(args.calibration, args.calibration_images, model.class_names)
+    xml = export_openvino(model, folder, height, width, args.batch, args.dynamic, calibration)
+    precision = f"INT8, calibrated on {len(calibration)} images" if calibration else "fp32"
+    print(f"wrote {xml} and {xml.with_suffix('.bin').name} ({precision}): input images (B, 3, H, W) uint8 RGB, "
+          "resized in the graph as the model does; boxes in their pixels"
+          + (" (any batch and size)" if args.dynamic else
+             f" (batch {args.batch}, {width}x{height} px images only; --dynamic for any size)"))
     return 0
 
 

@@ -1,5 +1,5 @@
 """`retinanet serve`: a small HTTP service (FastAPI + uvicorn) around a checkpoint or an
-exported ONNX model.
+exported model (ONNX under onnxruntime, an OpenVINO IR).
 
     POST /predict   multipart upload (field `file`) or the raw image bytes -> JSON detections
     GET  /health    {"status": "ok"}
@@ -34,26 +34,30 @@ DEFAULT_MAX_PIXELS = 40_000_000  # a 7,300 x 5,500 photo; the model sees it resi
 
 
 class Predictor:
-    """The model behind the service: a checkpoint (torch) or an exported `.onnx`
-    (onnxruntime). `predict(images)` takes `(3, H, W)` uint8 tensors / `(H, W, 3)` arrays."""
+    """The model behind the service: a checkpoint (torch) or an exported model under its
+    runtime (any backend of `export.runtimes`, through the protocol of
+    `engine.prediction_files`). `predict(images)` takes `(H, W, 3)` uint8 arrays."""
 
     def __init__(self, weights: str | Path, device: str = "cpu", amp: str = "none", compile: bool = False,
-                 max_detections: int | None = None):
-        """`amp` ("none", "bf16", "fp16", resolved) and `compile` (torch.compile the network
-        and NMS) apply to a checkpoint; an ONNX model runs as exported. `max_detections`: a
-        checkpoint's `inference.detections_per_image` (None: its own). The first request in
-        which an image reaches that cap logs it, once."""
+                 backend: str | None = None, max_detections: int | None = None):
+        """`backend`: "torch", "onnxruntime" or "openvino" (default: onnxruntime for a
+        `.onnx`, else torch). `amp` ("none", "bf16", "fp16", resolved) and `compile`
+        (torch.compile the network and NMS) apply to a checkpoint; an exported model runs as
+        exported. An exported model that cannot be opened raises `ExportedModelError`.
+        `max_detections`: a checkpoint's `inference.detections_per_image` (None: its own).
+        The first request in which an image reaches that cap logs it, once."""
         weights = Path(weights)
-        if weights.suffix == ".onnx":
-            from .export.ort_predict import OnnxDetector
+        backend = backend or ("onnxruntime" if weights.suffix == ".onnx" else "torch")
+        if backend != "torch":
+            from .export.runtimes import open_exported
 
-            self.onnx = OnnxDetector(weights)
-            self.class_names, self.category_ids = self.onnx.class_names, self.onnx.category_ids
-            self.info = {"backend": "onnxruntime", "input": self.onnx.input}
+            self.exported = open_exported(backend, weights)
+            self.class_names, self.category_ids = self.exported.class_names, self.exported.category_ids
+            self.info = {"backend": backend, "input": self.exported.input}
         else:
             from .checkpoint import load_model
 
-            self.onnx = None
+            self.exported = None
             overrides = [f"inference.detections_per_image={max_detections}"] if max_detections else []
             self.model = load_model(weights, map_location=device, overrides=overrides, compile=compile)
             self.class_names, self.category_ids = self.model.class_names, self.model.category_ids
@@ -62,21 +66,21 @@ class Predictor:
             self.info = {"backend": "torch", "device": device, "precision": "fp32" if amp == "none" else amp,
                          "compiled": compile, "input": {"test_min_size": pre.test_min_size, "max_size": pre.max_size}}
         self.info.update({"model": weights.name, "classes": self.class_names, "category_ids": self.category_ids})
-        self.cap = detection_cap(self.model if self.onnx is None else self.onnx)
+        self.cap = detection_cap(self.model if self.exported is None else self.exported)
         self.cap_noted = False
 
     def check_size(self, height: int, width: int, name: str) -> None:
         """Raise `ValueError` naming `name` for an image the model cannot take: so elongated
         that resizing to the model's input leaves a side of 0 pixels, or, for a fixed-shape
-        ONNX graph, of another size than the one it was exported for."""
-        if self.onnx is None:
+        exported graph, of another size than the one it was exported for."""
+        if self.exported is None:
             self.model.preprocessor.check_size((height, width), name=name)
             return
-        self.onnx.check_size(height, width, name)
+        self.exported.check_size(height, width, name)
 
     def predict(self, arrays: list) -> list[dict]:
-        if self.onnx is not None:
-            detections = self.onnx.predict(arrays)
+        if self.exported is not None:
+            detections = self.exported.predict(arrays)
         else:
             import torch
 
@@ -93,7 +97,7 @@ class Predictor:
         if self.cap_noted or self.cap is None:
             return
         hit = sum(len(d["scores"]) >= self.cap for d in detections)
-        how = getattr(self.onnx, "raise_cap", "retinanet serve --max-detections N")
+        how = getattr(self.exported, "raise_cap", "retinanet serve --max-detections N")
         note = cap_note(hit, self.cap, how)
         if note:
             self.cap_noted = True

@@ -53,8 +53,8 @@ def test_matches_torchvision_anchor_generator_exactly():
     from retinanet.convert.torchvision import _ratio_major_to_size_major, torchvision_config
 
     cfg = torchvision_config(1).anchors
-    ours = AnchorGenerator(cfg.sizes, cfg.aspect_ratios, cfg.strides, cfg.offset, cfg.round_cell_anchors,
-                           cfg.stride_from_image_size)
+    ours = AnchorGenerator(cfg.sizes, cfg.aspect_ratios, cfg.strides, offset=cfg.offset,
+                           round_to_int=cfg.round_cell_anchors, stride_from_image_size=cfg.stride_from_image_size)
     sizes = tuple(tuple(int(s) for s in level) for level in cfg.sizes)
     tv = TVAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
     grid = [(100, 152), (50, 76), (25, 38), (13, 19), (7, 10)]

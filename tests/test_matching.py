@@ -79,7 +79,7 @@ def test_agrees_with_torchvision_matcher_on_random_boxes():
         b = torch.rand(500, 2, generator=g) * 250
         anchors = torch.cat([b, b + torch.rand(500, 2, generator=g) * 100 + 5], 1)
         tv = Matcher(0.5, 0.4, allow_low_quality_matches=True)(box_iou(gt, anchors))
-        ours = AnchorMatcher(0.5, 0.4, True)(anchors, gt[None], torch.ones(1, 6, dtype=torch.bool))
+        ours = AnchorMatcher(0.5, 0.4, allow_low_quality_matches=True)(anchors, gt[None], torch.ones(1, 6, dtype=torch.bool))
         expected = torch.where(tv >= 0, FOREGROUND, torch.where(tv == -1, BACKGROUND, IGNORE))
         assert torch.equal(ours.labels[0].long(), expected)
         fg = tv >= 0

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.anchors import AnchorGenerator
+from ..model.build import build_anchor_generator, build_matcher, build_preprocessor
 from ..model.config import AnchorConfig, InputConfig, MatcherConfig
-from ..model.matching import FOREGROUND, AnchorMatcher
+from ..model.matching import FOREGROUND
 from ..model.preprocess import Preprocessor
 
 
@@ -80,11 +80,9 @@ def anchor_coverage(images: list[ImageBoxes], anchors: AnchorConfig, matcher: Ma
                     input_cfg: InputConfig, min_sizes: list[int] | None = None) -> Coverage:
     """Coverage of every non-crowd box of `images`. Image i is resized to short side
     `min_sizes[i % len(min_sizes)]` (default: the training sizes, round robin)."""
-    generator = AnchorGenerator(anchors.sizes, anchors.aspect_ratios, anchors.strides, anchors.offset,
-                                anchors.round_cell_anchors, anchors.stride_from_image_size)
-    match = AnchorMatcher(matcher.fg_iou_threshold, matcher.bg_iou_threshold, matcher.allow_low_quality_matches,
-                          matcher.crowd_ioa_threshold)
-    pre = _preprocessor(input_cfg)
+    generator = build_anchor_generator(anchors)
+    match = build_matcher(matcher)
+    pre = build_preprocessor(input_cfg)
     sizes = list(min_sizes or input_cfg.train_min_sizes)
     out = {k: [] for k in ("width", "height", "labels", "best_iou", "positives")}
     for i, image in enumerate(images):
@@ -108,12 +106,6 @@ def anchor_coverage(images: list[ImageBoxes], anchors: AnchorConfig, matcher: Ma
         empty = torch.zeros(0)
         return Coverage(empty, empty, empty.long(), empty, empty.long())
     return Coverage(**{k: torch.cat(v) for k, v in out.items()})
-
-
-def _preprocessor(input_cfg: InputConfig) -> Preprocessor:
-    i = input_cfg
-    return Preprocessor(i.train_min_sizes, i.test_min_size, i.max_size, i.pixel_mean, i.pixel_std, i.pixel_scale,
-                        i.channel_order, i.size_divisibility, i.resize)
 
 
 # ------------------------------------------------------------------------------ summaries

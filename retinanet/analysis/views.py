@@ -5,15 +5,10 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from ..model.anchors import AnchorGenerator
+from ..model.build import build_anchor_generator
 from ..model.config import AnchorConfig
 from ..model.matching import FOREGROUND, IGNORE, AnchorMatcher, batched_iou
 from .drawing import LEVEL_COLOURS, enlarged
-
-
-def _generator(anchors: AnchorConfig) -> AnchorGenerator:
-    return AnchorGenerator(anchors.sizes, anchors.aspect_ratios, anchors.strides, anchors.offset,
-                           anchors.round_cell_anchors, anchors.stride_from_image_size)
 
 
 def draw_anchor_grid(canvas: Image.Image, anchors: AnchorConfig, feature_sizes: list[tuple[int, int]],
@@ -23,8 +18,8 @@ def draw_anchor_grid(canvas: Image.Image, anchors: AnchorConfig, feature_sizes: 
     h, w = canvas.height, canvas.width
     canvas, k = enlarged(canvas)
     draw = ImageDraw.Draw(canvas)
-    level_anchors = _generator(anchors)(feature_sizes, (h, w))[level]
-    per_location = _generator(anchors).num_anchors
+    level_anchors = build_anchor_generator(anchors)(feature_sizes, (h, w))[level]
+    per_location = build_anchor_generator(anchors).num_anchors
     cells = level_anchors.reshape(-1, per_location, 4)
     centres = (cells[:, 0, :2] + cells[:, 0, 2:]) / 2
     colour = LEVEL_COLOURS[level % len(LEVEL_COLOURS)]
@@ -49,7 +44,7 @@ def draw_assignment(image: Image.Image, boxes: torch.Tensor, anchors: AnchorConf
     """One network-input image with its ground truth (`boxes (G, 4)` in input pixels), the
     anchors the matcher makes positive (outlined, coloured by level) and ignored (dotted
     centres); boxes that no anchor reaches at `fg_iou_threshold` are drawn in red."""
-    per_level = _generator(anchors)(feature_sizes, (image.height, image.width))
+    per_level = build_anchor_generator(anchors)(feature_sizes, (image.height, image.width))
     image, k = enlarged(image)
     draw = ImageDraw.Draw(image)
     grid = torch.cat(per_level)

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from ..analysis.anchor_search import AnchorCandidate, search_anchors
-from ..analysis.coverage import ImageBoxes, anchor_coverage, network_input_size, summarize, _preprocessor
+from ..analysis.coverage import ImageBoxes, anchor_coverage, network_input_size, summarize
 from ..config import Config
 from ..data.dataset import DetectionDataset
 from ..data.formats import has_split, open_dataset
 from ..data.tiles import as_training_items
+from ..model.build import build_matcher, build_preprocessor
 from ..outputs import check_output_file, check_writable, save_image, write_text
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def image_boxes(dataset: DetectionDataset, max_images: int = 0, seed: int = 0) -
 
 def resized_boxes(images: list[ImageBoxes], cfg: Config) -> torch.Tensor:
     """Every non-crowd box in network-input pixels `(N, 4)` (training sizes, round robin)."""
-    pre = _preprocessor(cfg.model.input)
+    pre = build_preprocessor(cfg.model.input)
     sizes = cfg.model.input.train_min_sizes
     out = []
     for i, image in enumerate(images):
@@ -205,7 +206,7 @@ def network_input_image(path: str | Path | None, cfg: Config, canvas: int = 0):
     from ..analysis.coverage import feature_sizes
     from ..data.image_io import read_image
 
-    pre = _preprocessor(cfg.model.input)
+    pre = build_preprocessor(cfg.model.input)
     if path is None:
         size = canvas or cfg.model.input.test_min_size
         original = Image.new("RGB", (size, size), (90, 90, 90))
@@ -246,7 +247,6 @@ def assign_view(cfg: Config, image_id, output: str | Path, split: str = "train",
     without `force`; an output folder that cannot be written, before any work."""
     from ..analysis.views import draw_assignment
     from ..data.dataset import DatasetError
-    from ..model.matching import AnchorMatcher
 
     check_writable(Path(output).parent)
     dataset = _open(cfg, split, tiled=False)  # an image of the dataset, by its id
@@ -258,8 +258,7 @@ def assign_view(cfg: Config, image_id, output: str | Path, split: str = "train",
     picture, sy, sx, sizes = network_input_image(image, cfg)
     boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4) * torch.tensor([sx, sy, sx, sy])
     m = cfg.model.matcher
-    matcher = AnchorMatcher(m.fg_iou_threshold, m.bg_iou_threshold, m.allow_low_quality_matches, m.crowd_ioa_threshold)
-    picture, summary = draw_assignment(picture, boxes, cfg.model.anchors, matcher, sizes,
+    picture, summary = draw_assignment(picture, boxes, cfg.model.anchors, build_matcher(m), sizes,
                                        torch.tensor(record.crowd, dtype=torch.bool), m.fg_iou_threshold)
     save_image(picture, output)
     return summary

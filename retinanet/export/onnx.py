@@ -72,6 +72,22 @@ def linear_source(n_in: torch.Tensor, n_out: torch.Tensor):
     return i0, torch.minimum(i0 + 1, last), 1 - w1, w1
 
 
+def floor_product(n: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`floor(n * scale)` for int64 sides `n` below 2**18 and a float32 0-dim `scale` in
+    [2**-19, 2**12), exact as in float64 (as `F.interpolate` rounds output sizes), with float32
+    ops whose results are exact and integers below 2**31: runtimes that run float64 as float32
+    and int64 as int32 (OpenVINO's CPU plugin) give the same sizes. `scale` is split into its
+    24-bit integer mantissa `m` and exponent `e` (from comparisons with powers of two, exact),
+    and `floor(n * m / 2**k)` is taken in two 12-bit halves of `m`."""
+    count = (scale >= 2.0 ** torch.arange(-19, 12, dtype=torch.float32)).sum()  # scale in [2**(count-20), ...)
+    to_mantissa = 2.0 ** torch.arange(42, 11, -1, dtype=torch.float32)  # 2**(43 - count), by count - 1
+    divisor = 2 ** torch.arange(30, -1, -1)  # 2**(31 - count): the mantissa's weight beyond its low 12 bits
+    mantissa = (scale * to_mantissa[count - 1]).to(torch.int64)  # in [2**23, 2**24)
+    high, low = torch.div(mantissa, 4096, rounding_mode="floor"), mantissa % 4096
+    return torch.div(n * high + torch.div(n * low, 4096, rounding_mode="floor"), divisor[count - 1],
+                     rounding_mode="floor")
+
+
 def resize_bilinear(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """`F.interpolate(x, size, mode="bilinear", align_corners=False)` written with Gather, Mul
     and Add, so that every runtime gives torch's numbers (ONNX `Resize` under onnxruntime
@@ -105,7 +121,7 @@ class ExportedDetector(nn.Module):
         size = original
         if pre.resize:
             scale = resize_scale(original.to(torch.float32), pre.test_min_size, pre.max_size)
-            size = torch.floor(original.to(torch.float64) * scale.to(torch.float64)).to(torch.int64)
+            size = floor_product(original, scale)
             x = resize_bilinear(x, size)
         d = pre.size_divisibility
         resized = _shape(x)[2:]  # equal to `size`; read from the tensor, OpenVINO's CPU plugin mis-sizes the

@@ -1,4 +1,6 @@
-"""Running an exported model with OpenVINO and numpy alone (no torch import)."""
+"""Running an exported model with OpenVINO and numpy alone (no torch import). Importing this
+module without the `openvino` package raises `ModuleNotFoundError` naming it
+(`export.runtimes` turns that into one line saying how to install it)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import openvino as ov
 
 from .backend import METADATA_KEYS, OUTPUTS, ExportedBackend
 
@@ -29,8 +32,6 @@ class OpenVinoDetector(ExportedBackend):
     the detections would no longer be the model's); `precision="bf16"` asks for it."""
 
     def __init__(self, path: str | Path, device: str = "CPU", precision: str = "f32"):
-        import openvino as ov
-
         self.path = Path(path)
         xml, weights = ir_paths(path)
         for part in (xml, weights):

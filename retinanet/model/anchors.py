@@ -42,7 +42,7 @@ class AnchorGenerator(nn.Module):
             instead of the nominal stride.
     """
 
-    def __init__(self, sizes: list[list[float]], aspect_ratios: list[float], strides: list[int],
+    def __init__(self, sizes: list[list[float]], aspect_ratios: list[float], strides: list[int], *,
                  offset: float = 0.0, round_to_int: bool = False, stride_from_image_size: bool = False):
         super().__init__()
         if len(sizes) != len(strides):

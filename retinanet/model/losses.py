@@ -128,7 +128,7 @@ class RetinaNetLoss(nn.Module):
     single-process gradient of the global batch. The module itself runs no collective.
     """
 
-    def __init__(self, box_coder: BoxCoder, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+    def __init__(self, box_coder: BoxCoder, *, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  box_loss: str = "smooth_l1", smooth_l1_beta: float = 0.1, box_loss_weight: float = 1.0,
                  normalization: str = "batch", ema_momentum: float = 0.9, ema_initial: float = 100.0):
         super().__init__()

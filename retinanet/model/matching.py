@@ -61,7 +61,7 @@ class AnchorMatcher:
 
     chunk_elements = 1 << 22
 
-    def __init__(self, fg_iou_threshold: float = 0.5, bg_iou_threshold: float = 0.4,
+    def __init__(self, fg_iou_threshold: float = 0.5, bg_iou_threshold: float = 0.4, *,
                  allow_low_quality_matches: bool = True, crowd_ioa_threshold: float = 0.5):
         if bg_iou_threshold > fg_iou_threshold:
             raise ValueError("bg_iou_threshold must not exceed fg_iou_threshold")

@@ -61,7 +61,7 @@ class PostProcessor:
     into NMS (PaddleDetection's `nms_top_k`).
     """
 
-    def __init__(self, box_coder: BoxCoder, score_threshold: float = 0.05, topk_candidates: int = 1000,
+    def __init__(self, box_coder: BoxCoder, *, score_threshold: float = 0.05, topk_candidates: int = 1000,
                  nms_threshold: float = 0.5, detections_per_image: int = 100, clip_boxes: str = "before_nms",
                  min_box_size: float = 0.0, candidates: str = "per_class", nms_pre_per_class: int = 0):
         if clip_boxes not in ("before_nms", "after_nms", "none"):

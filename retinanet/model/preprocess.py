@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -19,32 +20,35 @@ class ImageBatch:
     original_sizes: list[tuple[int, int]]
 
 
-class Preprocessor:
+class Preprocessor(nn.Module):
     """Normalises, resizes (short side to `min_size`, long side at most `max_size`) and pads
     images to a multiple of `size_divisibility`, scaling target boxes alike.
 
     Input images are RGB `(3, H, W)` tensors, uint8 in [0, 255] or float in [0, 1].
     `pixel_mean`/`pixel_std` are in the `pixel_scale` range (1.0 or 255.0) and in
-    `channel_order`.
+    `channel_order`; they are buffers (not saved in checkpoints: the config holds them), so
+    they move with the model to its device.
     """
 
     def __init__(self, train_min_sizes: list[int], test_min_size: int, max_size: int,
-                 pixel_mean: list[float], pixel_std: list[float], pixel_scale: float = 1.0,
+                 pixel_mean: list[float], pixel_std: list[float], *, pixel_scale: float = 1.0,
                  channel_order: str = "RGB", size_divisibility: int = 32, resize: bool = True):
+        super().__init__()
         if channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be RGB or BGR, got {channel_order!r}")
         self.train_min_sizes = list(train_min_sizes)
         self.test_min_size = test_min_size
         self.max_size = max_size
-        self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
-        self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
-        self._stats_on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1),
+                             persistent=False)
         self.pixel_scale = pixel_scale
         self.bgr = channel_order == "BGR"
         self.size_divisibility = size_divisibility
         self.resize = resize
 
-    def __call__(self, images: list[torch.Tensor], targets: list[dict] | None = None, training: bool = False,
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, training: bool = False,
                  generator: torch.Generator | None = None) -> tuple[ImageBatch, list[dict] | None]:
         """In training, each image's short side is drawn from `train_min_sizes` with
         `generator` (torch's default generator when None)."""
@@ -91,17 +95,7 @@ class Preprocessor:
             image = image.float() * self.pixel_scale
         if self.bgr:
             image = image.flip(-3)
-        mean, std = self.mean_std(image.device)
-        return (image - mean) / std
-
-    def mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """`pixel_mean`, `pixel_std` on `device`, copied there once (a copy per image would
-        wait for the GPU each time)."""
-        if device.type == "cpu":
-            return self.pixel_mean, self.pixel_std
-        if device not in self._stats_on_device:
-            self._stats_on_device[device] = (self.pixel_mean.to(device), self.pixel_std.to(device))
-        return self._stats_on_device[device]
+        return (image - self.pixel_mean) / self.pixel_std
 
     def draw_min_size(self, generator: torch.Generator | None) -> int:
         if len(self.train_min_sizes) == 1:
