@@ -141,6 +141,8 @@ class InferenceConfig:
     candidates: Literal["per_class", "per_anchor"] = "per_class"  # top-k over (anchor, class) pairs | "per_anchor": by max class score (Paddle)
     nms_pre_per_class: NonNegativeInt = 0  # > 0: at most this many boxes per class enter NMS (PaddleDetection: 1000)
     nms_threshold: Fraction = 0.5
+    # the most detections kept per image, best scores first; an image that reaches it loses the rest
+    # (predict and eval say so once): raise it for dense scenes (predict/serve/export --max-detections)
     detections_per_image: PositiveInt = 100
     clip_boxes: Literal["before_nms", "after_nms", "none"] = "before_nms"  # after_nms: detectron2
     min_box_size: float = 0.0  # boxes with width or height <= this (input pixels) are dropped
