@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..outputs import OutputNotWritten, write_text
+from ..outputs import OutputNotWritten, same_file, write_text
 from .coco import CocoDetection
 from .dataset import (DatasetError, DatasetReport, DetectionDataset, ImageRecord, add_box, finish_report,
                       raise_problems)
@@ -350,27 +350,17 @@ class InputGuard:
     """The files and folders a conversion reads, which nothing it writes may replace or enter."""
 
     def __init__(self, inputs: Iterable[str | Path]):
-        given = [Path(p) for p in inputs if str(p)]
-        self.inputs = [(p.resolve() if str(p) == "." else p, p.resolve(), _inode(p)) for p in given]
+        self.inputs = [Path(p) for p in inputs if str(p)]
 
     def hit(self, path: Path, inside: bool = True) -> Path | None:
-        """The input that writing `path` would replace (same resolved path or same inode: a hard
-        link) or, with `inside`, write into (a path inside an input folder); else None."""
-        resolved, inode = path.resolve(), _inode(path)
-        for given, input_path, input_inode in self.inputs:
-            if resolved == input_path or (inode is not None and inode == input_inode):
-                return given
-            if inside and input_path in resolved.parents and input_path.is_dir():
-                return given
+        """The input that writing `path` would replace (`outputs.same_file`: the same resolved
+        path or inode, so a hard link too) or, with `inside`, write into (a path inside an input
+        folder); else None."""
+        resolved = path.resolve()
+        for given in self.inputs:
+            if same_file(path, given) or (inside and given.is_dir() and given.resolve() in resolved.parents):
+                return given.resolve() if str(given) == "." else given
         return None
-
-
-def _inode(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except (OSError, ValueError):
-        return None
-    return stat.st_dev, stat.st_ino
 
 
 def write_coco(dataset: DetectionDataset, path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
