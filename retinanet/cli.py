@@ -561,71 +561,13 @@ def _resume_value(args) -> None:
 
 
 def cmd_eval(args) -> int:
-    if args.backend != "torch":
-        return _eval_exported(args)
-    from .checkpoint import load_model, read_checkpoint
-    from .config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
-    from .data.formats import open_dataset
-    from .engine import distributed
-    from .engine.evaluate import evaluate
+    from .engine.evaluate import evaluate_weights
 
     output_dir = (_output_folder(args.output_dir) if args.output_dir  # a zoo name: ./<publisher>/eval_<model>
                   else _unique_folder(Path(args.weights).parent / f"eval_{Path(args.weights).stem}"))
-    _resolve_weights(args)
-    checkpoint = read_checkpoint(args.weights)
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-    else:
-        stored = checkpoint.run_config or {"model": config_to_dict(checkpoint.model_config)}
-        cfg = apply_overrides(config_from_dict(Config, stored), args.overrides)
-    from .data.formats import has_split
-
-    if not has_split(cfg.data, "val"):
-        raise OutputError("no validation set: set data.val_images and data.val_annotations (or pass --config)")
-    info = distributed.setup(args.device)
-    model_overrides = [o[len("model."):] for o in args.overrides if o.startswith("model.")]
-    model = load_model(args.weights, info.device, model_overrides, compile=cfg.eval.compile)
-    dataset = open_dataset(cfg.data, "val", model.class_names)
-    from .engine.precision import resolve_amp
-
-    metrics = evaluate(model, dataset, output_dir, max(1, cfg.eval.batch_size // info.world_size),
-                       cfg.data.num_workers, cfg.eval.max_images, verbose=info.is_main,
-                       amp=resolve_amp(cfg.train.amp, info.device)[0],
-                       tile=cfg.data.tile, value_range=cfg.data.value_range,
-                       score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou,
-                       coco_backend=cfg.eval.coco_backend, tta=cfg.eval.tta)
-    if info.is_main:
+    metrics = evaluate_weights(args.weights, output_dir, args.config, args.overrides, args.backend, args.device)
+    if metrics is not None:
         _print_eval(metrics, output_dir)
-    distributed.cleanup()
-    return 0
-
-
-def _eval_exported(args) -> int:
-    """`eval` of an exported model under its runtime (`export.runtimes.open_exported`), on the
-    validation set of `--config`; the same metrics.json as of the checkpoint."""
-    from .config import load_config
-    from .data.formats import has_split, open_dataset
-    from .engine.evaluate import evaluate
-    from .export.runtimes import open_exported
-
-    if not args.config:
-        raise OutputError(f"--backend {args.backend}: an exported model holds no data settings; pass --config "
-                          "with the validation set")
-    fixed = [o for o in args.overrides if o.startswith("model.")]
-    if fixed:
-        raise OutputError(f"{fixed[0]}: model.* overrides apply to a checkpoint; an exported model runs as it was "
-                          "exported")
-    output_dir = (_output_folder(args.output_dir) if args.output_dir
-                  else _unique_folder(Path(args.weights).parent / f"eval_{Path(args.weights).stem}"))
-    cfg = load_config(args.config, args.overrides)
-    if not has_split(cfg.data, "val"):
-        raise OutputError("no validation set: set data.val_images and data.val_annotations")
-    detector = open_exported(args.backend, args.weights)
-    dataset = open_dataset(cfg.data, "val", detector.class_names)
-    metrics = evaluate(detector, dataset, output_dir, cfg.eval.batch_size, cfg.data.num_workers, cfg.eval.max_images,
-                       tile=cfg.data.tile, score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou,
-                       coco_backend=cfg.eval.coco_backend, tta=cfg.eval.tta)
-    _print_eval(metrics, output_dir)
     return 0
 
 

@@ -407,3 +407,65 @@ def write_plots(metrics: dict, precision, class_names: list[str], output_dir: Pa
     except ImportError as err:
         log.info("no plots: %s", err)
         return []
+
+
+def eval_config(checkpoint, config: str | Path | None, overrides: list[str]):
+    """The config `retinanet eval` runs with: `config` with `overrides`, else the run config
+    stored in the checkpoint (a converted one has only its model config) with them."""
+    from ..config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
+
+    if config:
+        return load_config(config, overrides)
+    stored = checkpoint.run_config or {"model": config_to_dict(checkpoint.model_config)}
+    return apply_overrides(config_from_dict(Config, stored), overrides)
+
+
+def evaluate_weights(weights: str, output_dir: Path, config: str | Path | None = None, overrides: list[str] = (),
+                     backend: str = "torch", device: str = "auto") -> dict | None:
+    """`retinanet eval`: a checkpoint or zoo name (`backend="torch"`, on every process of a
+    distributed run) or an exported model under its runtime (`export.runtimes`; `config` then
+    names the data, and `model.*` overrides are refused: the graph runs as exported) on the
+    config's validation set. Returns the metrics on the main process, None on the others."""
+    from ..checkpoint import load_model, read_checkpoint
+    from ..config import load_config
+    from ..data.formats import has_split, open_dataset
+    from ..zoo import resolve_weights
+    from .precision import resolve_amp
+
+    overrides = list(overrides)
+    if backend != "torch":
+        from ..export.runtimes import open_exported
+
+        if not config:
+            raise ConfigError(f"--backend {backend}: an exported model holds no data settings; pass --config "
+                              "with the validation set")
+        fixed = [o for o in overrides if o.startswith("model.")]
+        if fixed:
+            raise ConfigError(f"{fixed[0]}: model.* overrides apply to a checkpoint; an exported model runs as it "
+                              "was exported")
+        cfg = load_config(config, overrides)
+        _require_val(cfg, has_split, "")
+        detector = open_exported(backend, weights)
+        return evaluate(detector, open_dataset(cfg.data, "val", detector.class_names), output_dir,
+                        cfg.eval.batch_size, cfg.data.num_workers, cfg.eval.max_images, tile=cfg.data.tile,
+                        score_threshold=cfg.eval.score_threshold, iou_threshold=cfg.eval.iou,
+                        coco_backend=cfg.eval.coco_backend, tta=cfg.eval.tta)
+    weights = str(resolve_weights(weights))
+    cfg = eval_config(read_checkpoint(weights), config, overrides)
+    _require_val(cfg, has_split, " (or pass --config)")
+    info = distributed.setup(device)
+    try:
+        model_overrides = [o[len("model."):] for o in overrides if o.startswith("model.")]
+        model = load_model(weights, info.device, model_overrides, compile=cfg.eval.compile)
+        return evaluate(model, open_dataset(cfg.data, "val", model.class_names), output_dir,
+                        max(1, cfg.eval.batch_size // info.world_size), cfg.data.num_workers, cfg.eval.max_images,
+                        verbose=info.is_main, amp=resolve_amp(cfg.train.amp, info.device)[0], tile=cfg.data.tile,
+                        value_range=cfg.data.value_range, score_threshold=cfg.eval.score_threshold,
+                        iou_threshold=cfg.eval.iou, coco_backend=cfg.eval.coco_backend, tta=cfg.eval.tta)
+    finally:
+        distributed.cleanup()
+
+
+def _require_val(cfg, has_split, hint: str) -> None:
+    if not has_split(cfg.data, "val"):
+        raise ConfigError(f"no validation set: set data.val_images and data.val_annotations{hint}")
