@@ -587,7 +587,7 @@ def cmd_predict(args) -> int:
     else:
         from .engine import distributed
 
-        info = distributed.setup(args.device)  # under torchrun: the process group that shards the images
+        info = distributed.setup(args.device, distributed.LONG_WAIT)  # under torchrun: the images' sharing
         try:
             predictions, errors = _predict_torch(args, info)
         finally:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+# The timeout of a process group whose processes may finish far apart: those of a prediction
+# shared by many wait at the end for the slowest, which may take hours longer (a slower machine,
+# larger images). A process that dies ends the run through torchrun, not through this timeout.
+LONG_WAIT = timedelta(days=7)
 
 
 class DeviceError(RuntimeError):
@@ -36,8 +43,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Join the process group that `torchrun` describes in the environment, if any."""
+def setup(device: str = "auto", timeout: timedelta | None = None) -> DistInfo:
+    """Join the process group that `torchrun` describes in the environment, if any; `timeout`:
+    how long a collective may wait for the slowest process (None: torch's default)."""
     dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -46,7 +54,7 @@ def setup(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
     return DistInfo(rank, world, local, dev)
 
 

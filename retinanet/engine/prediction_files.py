@@ -123,7 +123,8 @@ def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, sco
     handles one file (tiled prediction), returning its records. `shard`: this process's share
     of the images (None: all); each process's part in `output_dir/parts/` gets a line per image
     done, on disk after every batch. `resume`: skip the images that the parts there hold
-    (written by a run stopped part way, with any number of processes). Every other file is
+    (written by a run stopped part way, with any number of processes) and share out the rest
+    anew. Every other file is
     written atomically (per-image files without an fsync each) and replaces (never follows) a
     symlink at its name; an output folder that cannot be written is refused before any work
     (`OutputNotWritten`)."""
@@ -138,8 +139,13 @@ def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, sco
             print(f"error: {line}", file=sys.stderr)
     names = drawn_names(paths, output_dir)
     label_dir = output_dir / "labels"
-    done = read_parts(output_dir / PARTS) if resume else {}
-    mine = [p for i, p in enumerate(paths) if i % shard.world_size == shard.rank and str(p) not in done]
+    todo = paths
+    if resume:
+        done = read_parts(output_dir / PARTS)
+        todo = [p for p in paths if str(p) not in done]
+        if shard.barrier is not None:
+            shard.barrier()  # every process has read the same parts before any adds to them
+    mine = todo[shard.rank :: shard.world_size]  # the rest shared out again, however it was shared before
     part = _Part(output_dir, shard, resume)
     bar = progress_bar(len(mine), progress and shard.is_main)
     predictions: list[dict] = []
