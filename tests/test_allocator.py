@@ -36,11 +36,16 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str, **env) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+def _probe(script: str, mode: str, **env) -> tuple[str, int]:
+    """Run `script` in a fresh process with argument `mode`: (whether the mode applied, its count)."""
+    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
                          env={**os.environ, **env})
-    applied, faults = out.stdout.split()
-    return applied, int(faults)
+    applied, count = out.stdout.split()
+    return applied, int(count)
+
+
+def _faults(mode: str, **env) -> tuple[str, int]:
+    return _probe(PROBE, mode, **env)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
@@ -87,10 +92,7 @@ print(applied, round(resident_mb() - before))
 
 
 def _held_after_free(mode: str, **env) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", RETURN_PROBE, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env})
-    applied, held = out.stdout.split()
-    return applied, int(held)
+    return _probe(RETURN_PROBE, mode, **env)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
