@@ -34,7 +34,10 @@ def run(tmp_path_factory, shapes_data, shapes_model_file):
     val = _resized_val_set(shapes_data, shapes_model_file, root / "val")
     config = root / "cfg.yaml"
     save_config(tiny_config({**shapes_data, **val}, root / "unused", eval__batch_size=2), config)
-    return {"root": root, "checkpoint": shapes_model_file, "onnx": onnx_path, "config": config, "val": val}
+    want = _eval(shapes_model_file, config, root / "ev_torch")
+    assert 0.3 < want["AP"] < 0.99 and want["num_images"] == len(SIZES)  # something to compare
+    return {"root": root, "checkpoint": shapes_model_file, "onnx": onnx_path, "config": config, "val": val,
+            "want": want}
 
 
 def _resized_val_set(data: dict, checkpoint, folder) -> dict:
@@ -67,15 +70,20 @@ def _without_plot_folder(metrics: dict) -> dict:
     return {**metrics, "plots": [p.rsplit("/", 1)[-1] for p in metrics["plots"]]}
 
 
-def test_eval_of_the_onnx_export_writes_the_checkpoints_metrics(run):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_eval_of_the_export_writes_the_checkpoints_metrics(run, backend):
     root = run["root"]
-    want = _eval(run["checkpoint"], run["config"], root / "ev_torch")
-    got = _eval(run["onnx"], run["config"], root / "ev_onnx", "--backend", "onnxruntime")
-    assert 0.3 < want["AP"] < 0.99 and want["num_images"] == len(SIZES)  # something to compare
+    weights = run["onnx"]
+    if backend == "openvino":
+        require_peer("openvino", "pip install 'retinanet[openvino]'")
+        weights = root / "ir"
+        assert cli(["export", "--format", "openvino", "--weights", str(run["checkpoint"]), "--output", str(weights),
+                    "--dynamic"]) == 0
+    got = _eval(weights, run["config"], root / f"ev_{backend}", "--backend", backend)
     # equal detections (within 1e-4 in score and 1e-2 px) give equal COCO numbers: the
     # summary, per-class AP, error breakdown and threshold metrics are compared exactly
-    assert _without_plot_folder(got) == _without_plot_folder(want)
-    got, want = (json.loads((root / f / "detections.json").read_text()) for f in ("ev_onnx", "ev_torch"))
+    assert _without_plot_folder(got) == _without_plot_folder(run["want"])
+    got, want = (json.loads((root / f / "detections.json").read_text()) for f in (f"ev_{backend}", "ev_torch"))
     assert len(got) == len(want) >= 5 * len(SIZES)
     unused = list(range(len(want)))
     for g in got:  # each paired with an unused equal one (equal scores may come in either order)
