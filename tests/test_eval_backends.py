@@ -1,4 +1,4 @@
-"""`retinanet eval --backend onnxruntime` measures the exported file a user deploys: on a
+"""`retinanet eval --backend onnxruntime|openvino` measures the exported file a user deploys: on a
 validation set of images that the graph resizes up and down, portrait and landscape, it writes
 the same metrics.json as `eval` of the checkpoint it came from; an exported model whose classes
 are not the data's is one line."""
