@@ -87,6 +87,7 @@ def test_feature_sizes_and_positives_equal_the_models_own(shapes_data, tmp_path)
     assert coverage.positives.tolist() == expected
 
 
+@pytest.mark.slow
 def test_tiny_boxes_uncovered_then_covered_by_the_suggestion(tiny_boxes, tmp_path):
     cfg = load_config("demo", [f"data.{k}={v}" for k, v in tiny_boxes.items()] + [PAPER_ANCHORS])
     from retinanet.engine.analyze import analyze
@@ -223,6 +224,7 @@ def test_eval_writes_pr_curves_and_error_breakdown(tmp_path):
                                "missed": round(1 - expected["BG"], 4)}
 
 
+@pytest.mark.slow
 def test_eval_pictures_and_plot_command(shapes_data, tmp_path, capsys):
     from retinanet.engine.train import Trainer
 

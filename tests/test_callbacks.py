@@ -61,6 +61,7 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_events_fire_in_order_with_their_arguments(shapes_data, tmp_path):
     out = tmp_path / "run"
     cfg = small_config(shapes_data, out, train__eval_period=2, train__checkpoint_period=2, train__loggers="[]")
@@ -86,6 +87,7 @@ def test_events_fire_in_order_with_their_arguments(shapes_data, tmp_path):
     assert not (out / "tensorboard").exists()  # train.loggers: [] writes no event files
 
 
+@pytest.mark.slow
 def test_a_callback_stops_training_as_a_normal_end(shapes_data, tmp_path):
     out = tmp_path / "run"
     recorder = Recorder()
@@ -101,6 +103,7 @@ def test_a_callback_stops_training_as_a_normal_end(shapes_data, tmp_path):
     assert recorder.events[-1] == ("train_end", 2, summary)
 
 
+@pytest.mark.slow
 def test_train_callbacks_by_name_through_the_cli(shapes_data, tmp_path):
     """`retinanet train` finds a callback module in the folder it runs in."""
     (tmp_path / "my_callbacks.py").write_text(
@@ -168,6 +171,7 @@ def tracked_run(shapes_data, tmp_path_factory):
             "AP": {r["iteration"]: r["eval"]["AP"] for r in records if "eval" in r}}
 
 
+@pytest.mark.slow
 def test_csv_logger_writes_losses_and_evaluations(tracked_run):
     with open(tracked_run["out"] / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -178,6 +182,7 @@ def test_csv_logger_writes_losses_and_evaluations(tracked_run):
     assert {"train/lr", "train/loss_cls", "eval/AP50", "eval/per_class_AP.star (5)"} <= {r["name"] for r in rows}
 
 
+@pytest.mark.slow
 def test_mlflow_logger_writes_params_metrics_and_the_final_checkpoint(tracked_run, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -222,6 +227,7 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_logger_writes_an_offline_run(tracked_run):
     import base64
     import hashlib
@@ -244,6 +250,7 @@ def test_wandb_logger_writes_an_offline_run(tracked_run):
     assert artifact.type == "model" and entry.path == "model_final.pt" and entry.digest == md5
 
 
+@pytest.mark.slow
 def test_csv_logger_on_resume_drops_the_rows_after_the_checkpoint(shapes_data, tmp_path, monkeypatch):
     from retinanet.engine.callbacks import StopOnSignal
 
@@ -261,6 +268,7 @@ def test_csv_logger_on_resume_drops_the_rows_after_the_checkpoint(shapes_data, t
     assert [i for i, _ in loss] == [1, 2, 3] and dict(loss) == pytest.approx(logged)
 
 
+@pytest.mark.slow
 def test_mlflow_logger_uses_the_tracking_uri_the_user_set(shapes_data, tmp_path, monkeypatch):
     """Also after an earlier run of this process (tracked_run) set its store in mlflow."""
     from mlflow.tracking import MlflowClient

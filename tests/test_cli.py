@@ -16,6 +16,7 @@ def converted(converted_torchvision):
     return converted_torchvision
 
 
+@pytest.mark.slow
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "retinanet.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
@@ -65,6 +66,7 @@ def test_predict_with_a_non_checkpoint_is_one_clear_error(tmp_path, capsys, phot
     assert err.startswith("error: ") and "x.pt" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bench_compares_with_torchvision_in_one_run(tmp_path):
     """The benchmark's pieces at a small size: both libraries timed on the same inputs, the
     ratio and the floor reported, the markdown table written."""

@@ -77,6 +77,7 @@ def _reference(checkpoint, photos) -> dict:
             for name in SIZES}
 
 
+@pytest.mark.slow
 def test_predict_with_each_backend_equals_pytorch_on_resized_images(checkpoint, photos, tmp_path):
     onnx_path = tmp_path / "model.onnx"
     assert cli(["export", "--weights", str(checkpoint), "--output", str(onnx_path), "--dynamic"]) == 0
@@ -95,6 +96,7 @@ def test_predict_with_each_backend_equals_pytorch_on_resized_images(checkpoint, 
             assert len(rows) == len(reference[name])
 
 
+@pytest.mark.slow
 def test_a_fixed_shape_graph_refuses_other_sizes_in_one_line(checkpoint, photos, tmp_path, capsys):
     onnx_path = tmp_path / "fixed.onnx"
     assert cli(["export", "--weights", str(checkpoint), "--output", str(onnx_path), "--height", "150", "--width",

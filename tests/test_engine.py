@@ -19,6 +19,7 @@ from helpers import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_train_eval_predict(shapes_data, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tiny_config(shapes_data, out, train__eval_period=2)
@@ -108,6 +109,7 @@ def test_predict_runs_the_network_in_the_precision_asked(tmp_path, photo_path):
     assert spy.seen == [None, torch.bfloat16]
 
 
+@pytest.mark.slow
 def test_exact_resume_after_interruption(shapes_data, tmp_path, monkeypatch):
     def config(out):
         return tiny_config(shapes_data, out, train__max_iter=6, train__optimizer="sgd", train__base_lr=0.01,
@@ -160,6 +162,7 @@ def _training_script(path: Path, config_arguments: str, run: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(shapes_data, tmp_path):
     """torchrun with 2 CPU processes (gloo) and global batch 4 == one process with batch 4."""
     script = _training_script(tmp_path / "run.py", "train__max_iter=3, data__horizontal_flip=0.0",
@@ -198,6 +201,7 @@ def test_ddp_two_processes_equal_one_process(shapes_data, tmp_path):
     assert moved > 50
 
 
+@pytest.mark.slow
 def test_learns_to_overfit_a_small_set(tmp_path):
     """On a few generated images the model reaches AP >= 0.9 on those same images."""
     from retinanet.data.synthetic import generate_dataset
@@ -246,6 +250,7 @@ def test_offline_weight_name_explains_how_to_supply_a_file(monkeypatch):
         load_pretrained_backbone(RetinaNet.from_config(cfg), "no_such_weights.pth")
 
 
+@pytest.mark.slow
 def test_ddp_resume_is_exact_with_multiscale(shapes_data, tmp_path):
     """torchrun with 2 processes and multi-scale sizes: 2 iterations, then --resume to 4, equals
     4 iterations straight, bit for bit (each process gets its own RNG and size stream back)."""
@@ -290,6 +295,7 @@ def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch, shapes_
     assert any("precision: bf16 (train.amp=auto: the CPU has native bf16" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_train_compile_gives_the_eager_losses_and_the_same_checkpoints(shapes_data, tmp_path, monkeypatch):
     """`train.compile=true` goes through torch.compile (here with the aot_eager backend: the
     same graph capture and autograd, without minutes of C++ compilation on a CI CPU) and
@@ -313,6 +319,7 @@ def test_train_compile_gives_the_eager_losses_and_the_same_checkpoints(shapes_da
     assert list(compiled_weights) == list(eager_weights)
 
 
+@pytest.mark.slow
 def test_matching_and_losses_compile_as_one_graph(shapes_data):
     """No graph break from pre-processing to the losses (fullgraph=True raises at the first):
     the property that lets torch.compile fuse them on a GPU."""

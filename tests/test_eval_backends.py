@@ -70,6 +70,7 @@ def _without_plot_folder(metrics: dict) -> dict:
     return {**metrics, "plots": [p.rsplit("/", 1)[-1] for p in metrics["plots"]]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_eval_of_the_export_writes_the_checkpoints_metrics(run, backend):
     root = run["root"]
@@ -94,6 +95,7 @@ def test_eval_of_the_export_writes_the_checkpoints_metrics(run, backend):
         unused.remove(match)
 
 
+@pytest.mark.slow
 def test_an_export_whose_classes_are_not_the_datas_is_one_line(run, tmp_path, capsys):
     coco = json.loads(open(run["val"]["val_annotations"]).read())
     renamed = coco["categories"][1]["name"]
@@ -112,6 +114,7 @@ def test_an_export_whose_classes_are_not_the_datas_is_one_line(run, tmp_path, ca
     assert not (tmp_path / "ev").exists()  # nothing predicted, nothing written
 
 
+@pytest.mark.slow
 def test_eval_of_an_exported_model_without_its_data_or_file_is_one_line(run, tmp_path, capsys):
     for args, line in [
         (["--weights", str(run["onnx"])], "error: --backend onnxruntime: an exported model holds no data settings; "

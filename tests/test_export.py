@@ -76,6 +76,7 @@ def test_converted_torchvision_model_batch_1_and_4_static(torchvision_checkpoint
         _assert_same(_run(path, images), _reference(model, images), min_detections=20)
 
 
+@pytest.mark.slow
 def test_trained_model_dynamic_sizes_blank_image_and_metadata(demo_checkpoint, tmp_path, capsys):
     path = tmp_path / "demo.onnx"
     assert cli(["export", "--weights", str(demo_checkpoint), "--output", str(path), "--dynamic"]) == 0
@@ -101,6 +102,7 @@ def test_trained_model_dynamic_sizes_blank_image_and_metadata(demo_checkpoint, t
     assert json.loads(values["category_ids"]) == model.category_ids
 
 
+@pytest.mark.slow
 def test_raw_outputs_without_postprocessing(demo_checkpoint, tmp_path):
     path = tmp_path / "raw.onnx"
     assert cli(["export", "--weights", str(demo_checkpoint), "--output", str(path), "--no-postprocess",
@@ -120,6 +122,7 @@ def test_raw_outputs_without_postprocessing(demo_checkpoint, tmp_path):
     assert np.allclose(outputs["anchors_p4"], anchors[1].numpy())
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_and_numpy_only_path(demo_checkpoint, tmp_path, photo_path):
     path = tmp_path / "m.onnx"
     assert cli(["export", "--weights", str(demo_checkpoint), "--output", str(path), "--dynamic"]) == 0

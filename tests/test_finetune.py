@@ -77,6 +77,7 @@ def test_match_classes_by_name_case_and_map():
         match_classes(["car"], source, "car")
 
 
+@pytest.mark.slow
 def test_finetune_from_our_checkpoint_keeps_rows_by_name(trained, shapes_data, tmp_path, caplog):
     # ellipse by case, rectangle through class_map, star by name; widget and gadget are new
     data = renamed_data(shapes_data, tmp_path / "data", ["Ellipse", "box", "widget", "star", "gadget"])
@@ -93,6 +94,7 @@ def test_finetune_from_our_checkpoint_keeps_rows_by_name(trained, shapes_data, t
     assert "box" in table and "kept: 'rectangle'" in table and "widget" in table and "prior-probability" in table
 
 
+@pytest.mark.slow
 def test_train_weights_through_the_cli_runs_and_stores_the_datas_classes(trained, shapes_data, tmp_path):
     data = renamed_data(shapes_data, tmp_path / "data", ["ellipse", "a", "b", "c", "star"])
     out = tmp_path / "run"
@@ -105,6 +107,7 @@ def test_train_weights_through_the_cli_runs_and_stores_the_datas_classes(trained
                 "train.max_iter=2"]) == 0
 
 
+@pytest.mark.slow
 def test_weights_with_resume_and_a_config_that_does_not_fit_are_one_line_errors(trained, shapes_data, tmp_path,
                                                                                capsys):
     data = renamed_data(shapes_data, tmp_path / "data", ["ellipse", "a", "b", "c", "star"])
@@ -121,6 +124,7 @@ def test_weights_with_resume_and_a_config_that_does_not_fit_are_one_line_errors(
     assert "not a zoo name" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze, frozen, trained_parts", [
     ("backbone", ["backbone."], ["fpn.", "head."]),
     ("backbone+fpn", ["backbone.", "fpn."], ["head."]),
@@ -145,6 +149,7 @@ def test_freeze_leaves_frozen_weights_bit_for_bit(trained, shapes_data, tmp_path
         assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith(part)), part
 
 
+@pytest.mark.slow
 def test_finetune_from_torchvision_keeps_coco_rows(shapes_data, tmp_path):
     from torchvision.models.detection import retinanet_resnet50_fpn
 
@@ -160,6 +165,7 @@ def test_finetune_from_torchvision_keeps_coco_rows(shapes_data, tmp_path):
     assert trainer.run()["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_finetune_from_detectron2_pickle(shapes_data, tmp_path):
     import torchvision
 
@@ -183,6 +189,7 @@ def test_finetune_from_detectron2_pickle(shapes_data, tmp_path):
     assert_start(trainer, converted, 80, [0, 15, None, 33, 5])  # COCO's 80 contiguous classes
 
 
+@pytest.mark.slow
 def test_finetune_from_paddledetection_pdparams(shapes_data, tmp_path):
     paddle = require_peer("paddle", "pip install paddlepaddle==3.3.1 (see .ci/run)")
     require_peer("ppdet", "pip install --no-deps paddledet==2.6.0 (see .ci/run)")

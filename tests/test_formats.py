@@ -221,6 +221,7 @@ def test_yolo_segment_lines_are_read_as_their_polygons_bounding_box(tmp_path, ca
         assert "a.txt:1: expected 'class cx cy w h' or a segment" in str(info.value.problems), bad
 
 
+@pytest.mark.slow
 def test_training_and_check_data_take_any_format(formats, shapes_data, tmp_path, capsys):
     coco, configs = formats
     from retinanet.config import save_config

@@ -35,6 +35,7 @@ def _send(sig):
     return raiser
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("phase", ["parsing", "building", "final-eval"])
 def test_train_interrupted_in_any_phase(shapes_data, tmp_path, capsys, monkeypatch, sig, phase):
@@ -55,6 +56,7 @@ def test_train_interrupted_in_any_phase(shapes_data, tmp_path, capsys, monkeypat
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
 
 
+@pytest.mark.slow
 def test_demo_interrupted_during_training(tmp_path, capsys, monkeypatch):
     from retinanet.engine.callbacks import StopOnSignal
 

@@ -116,6 +116,7 @@ def two_node_run(shapes_data, tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_two_nodes_step_as_one_process_on_the_same_global_batch(two_node_run, shapes_data, tmp_path):
     """Each of the 4 steps of two nodes (batch 2 each) is the step one process takes with batch
     4 from the same weights: same batches, loss normalisation, lr and momentum, to float32
@@ -146,6 +147,7 @@ def test_two_nodes_step_as_one_process_on_the_same_global_batch(two_node_run, sh
     assert all(torch.equal(recorded[k], v) for k, v in weights(two_node_run).items())
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(two_node_run, shapes_data, tmp_path):
     """`torchrun --max-restarts 1`: the rank-1 worker is SIGKILLed at iteration 3 of the first
     attempt, after the checkpoint of iteration 2. torchrun restarts both workers, which resume
@@ -169,6 +171,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(two_n
     assert all(torch.equal(expected[k], v) for k, v in weights(run).items())
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_a_run_then_continues_it(shapes_data, tmp_path, capsys):
     """`train --resume auto` starts a run in a folder without a checkpoint and continues one
     with it; `--resume KEY=VALUE` still reads KEY=VALUE as an override; any other value is refused."""
@@ -247,6 +250,7 @@ def test_predict_resume_skips_the_images_done_and_redoes_a_torn_line(predict_inp
     assert [e["file_name"] for e in entries] == [json.loads(line)["file_name"] for line in lines]
 
 
+@pytest.mark.slow
 def test_sharded_prediction_killed_part_way_resumes_to_the_single_process_output(predict_inputs, tmp_path):
     """`torchrun --nproc-per-node 2 ... predict FOLDER`: each process predicts every other image
     into its own part; the run is SIGKILLed (launcher and workers) once the parts hold a few

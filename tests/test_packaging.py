@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+from helpers import REPO
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_runs_the_demo_outside_the_repository(tmp_path):
     """Build a wheel, install it (non-editable) into a fresh virtual environment and run a
     short demo from a folder outside the repository: the shipped configs must come along."""

@@ -216,6 +216,7 @@ def test_a_geotiff_read_without_rasterio_says_how_to_get_geojson(tmp_path, capsy
     assert "pip install 'retinanet[geo]'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_memory_stays_flat_as_the_image_grows(tmp_path):
     """Peak memory of tiled prediction over a 12,000 x 12,000 GeoTIFF (432 MB of pixels) is
@@ -347,6 +348,7 @@ def test_tiled_evaluation_reads_images_by_windows_and_matches_the_whole_decode(s
         assert [r for r in results if r["image_id"] == image_id] == expected
 
 
+@pytest.mark.slow
 def test_data_value_range_reaches_tiled_training_and_evaluation(tmp_path, monkeypatch):
     """`data.value_range` is what tiled training reads its tiles with and what tiled evaluation
     opens its images with, not only `predict --value-range`."""

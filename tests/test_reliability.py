@@ -31,6 +31,7 @@ def _poison(trainer, at_iteration):
     trainer.model.forward = poisoned
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_iteration_and_intact_checkpoint(shapes_data, tmp_path):
     out = tmp_path / "run"
     trainer = Trainer(tiny_config(shapes_data, out, train__max_iter=6, train__checkpoint_period=2),
@@ -43,6 +44,7 @@ def test_nan_loss_stops_with_iteration_and_intact_checkpoint(shapes_data, tmp_pa
     assert all(torch.isfinite(v).all() for v in saved.weights.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nan_loss_can_be_skipped(shapes_data, tmp_path):
     trainer = Trainer(tiny_config(shapes_data, tmp_path / "run", train__max_iter=4, train__nonfinite_loss="skip",
                                   data__val_annotations="''"), progress=False).setup()
@@ -54,6 +56,7 @@ def test_nan_loss_can_be_skipped(shapes_data, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_a_checkpoint_and_resume_continues(shapes_data, tmp_path, sig):
     out = tmp_path / "run"
@@ -81,6 +84,7 @@ def test_signal_saves_a_checkpoint_and_resume_continues(shapes_data, tmp_path, s
     assert read_checkpoint(out / "last.pt").training["iteration"] == stopped_at + 2
 
 
+@pytest.mark.slow
 def test_damaged_last_checkpoint_is_reported_on_resume(shapes_data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

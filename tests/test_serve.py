@@ -63,6 +63,7 @@ def stop_server(proc: subprocess.Popen) -> str:
     return proc.communicate(timeout=30)[0]
 
 
+@pytest.mark.slow
 def test_health_and_info(server):
     url, model = server
     assert httpx.get(url + "/health").json() == {"status": "ok"}
@@ -70,6 +71,7 @@ def test_health_and_info(server):
     assert info["classes"] == model.class_names and info["backend"] == "torch"
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_uploads_are_answered_correctly(server):
     """Correct answers, and the same answers, to the digit, as each image sent alone: an answer
     does not depend on the other traffic (concurrent requests of one size once ran as one batch,
@@ -99,6 +101,7 @@ def test_twenty_concurrent_uploads_are_answered_correctly(server):
     assert [r.json() for r in responses] == alone
 
 
+@pytest.mark.slow
 def test_bad_requests_get_4xx_and_the_service_keeps_answering(server):
     url, _ = server
     too_big = httpx.post(url + "/predict", content=b"\xff" * 300_000, headers={"content-type": "image/jpeg"})

@@ -125,6 +125,7 @@ def test_tiled_prediction_finds_each_object_once_and_beats_resizing_whole():
     assert recall_tiled == 1.0 and recall_tiled > recall_whole
 
 
+@pytest.mark.slow
 def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path, monkeypatch):
     from retinanet.data.coco import CocoDetection
 
@@ -183,6 +184,7 @@ def test_tiled_training_and_prediction_run_end_to_end(shapes_data, tmp_path, mon
     assert abs(corner[0] - (1000.0 + 2.0 * x)) < 0.05 and abs(corner[1] - (5000.0 - 2.0 * y)) < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_a_model_trained_on_tiles_finds_each_object_of_a_large_image_once(tmp_path):
     """The user's path: large GeoTIFF-free TIFFs with a DeepForest CSV, trained on 128 px tiles

@@ -71,6 +71,7 @@ def test_convert_refuses_to_destroy_the_source_or_an_existing_file(tmp_path, cap
     assert _digest(tmp_path / "ours.pt") != first
 
 
+@pytest.mark.slow
 def test_train_refuses_a_folder_that_holds_a_run(shapes_data, tmp_path, capsys):
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
@@ -86,6 +87,7 @@ def test_train_refuses_a_folder_that_holds_a_run(shapes_data, tmp_path, capsys):
     assert [json.loads(l)["iteration"] for l in lines] == [1, 2, 3]  # replaced, not appended
 
 
+@pytest.mark.slow
 def test_resume_checks_before_writing_anything(shapes_data, tmp_path, capsys):
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
@@ -163,6 +165,7 @@ def test_large_images_under_the_limit_print_no_raw_pillow_warning(tmp_path, monk
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+@pytest.mark.slow
 def test_trainable_batchnorm_batch_shrunk_to_one_is_skipped(shapes_data, tmp_path):
     """Batch 2 whose other image is unreadable, with a 1x1 C5 (32 px input): BatchNorm would
     fail on one value per channel; the step is skipped instead."""
@@ -184,6 +187,7 @@ def test_trainable_batchnorm_batch_shrunk_to_one_is_skipped(shapes_data, tmp_pat
     assert len(summary["skipped_images"]) == 1
 
 
+@pytest.mark.slow
 def test_a_batch_without_readable_images_is_skipped(shapes_data, tmp_path):
     from retinanet.engine.train import Trainer
 

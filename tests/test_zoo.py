@@ -172,6 +172,7 @@ def _one_line_error(capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_zoo_name_downloads_converts_and_predicts_then_hits_the_cache(server, peer_files, monkeypatch, torch_home,
                                                                        strip, tmp_path):
     path = _publish(server, monkeypatch, PADDLE, peer_files[PADDLE])
@@ -192,6 +193,7 @@ def test_zoo_name_downloads_converts_and_predicts_then_hits_the_cache(server, pe
     assert server.requests == [path]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [TV, D2, PADDLE])
 def test_each_publishers_file_converts_as_retinanet_convert_does(name, server, peer_files, monkeypatch, tmp_path):
     data = peer_files[name]
@@ -255,6 +257,7 @@ def test_a_file_placed_by_hand_is_used_without_a_request(server, peer_files, mon
     assert rows[PADDLE][5] == "converted" and rows[D2][5] == "no"
 
 
+@pytest.mark.slow
 def test_eval_and_export_take_a_zoo_name(server, peer_files, monkeypatch, torch_home, tmp_path, capsys):
     """Each reads the converted checkpoint: eval stops at a cheap check of its own past loading
     (the converted model's config has no data), export writes the graph; no request is made."""
@@ -297,6 +300,7 @@ def test_a_hand_placed_file_newer_than_its_conversion_is_converted_again(server,
     assert len(server.requests) == 1
 
 
+@pytest.mark.slow
 def test_train_starts_from_a_zoo_name(server, peer_files, monkeypatch, shapes_data, tmp_path, caplog):
     """`train --weights NAME` downloads, converts and fine-tunes; COCO's classes keep their rows."""
     import json

@@ -232,6 +232,7 @@ def test_export_on_a_full_disk_leaves_the_old_file_and_no_partial_one(weights, t
 
 
 # ------------------------------------------------------------------------------ case 6: broken disks
+@pytest.mark.slow
 def test_train_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(config, tmp_path, capsys, monkeypatch):
     """torch's zip writer reports ENOSPC as a RuntimeError raised while handling the OSError
     (two chained tracebacks before); the second checkpoint write meets the full disk."""
@@ -344,6 +345,7 @@ sys.exit(main(["train", "--config", sys.argv[1], "train.checkpoint_period=1", "t
 """
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_checkpoint_resumes_without_temporaries_or_repeated_metrics(config, tmp_path):
     from retinanet.checkpoint import read_checkpoint
 

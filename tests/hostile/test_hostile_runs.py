@@ -77,6 +77,7 @@ def test_a_validation_set_without_boxes_is_refused_at_the_start_of_training(shap
     assert "nothing to evaluate" in errors[0]
 
 
+@pytest.mark.slow
 def test_tiles_far_smaller_than_the_input_are_one_warning_at_start(shapes_data, tmp_path, capsys, caplog):
     coco = json.loads(Path(shapes_data["train_annotations"]).read_text())
     coco["images"] = coco["images"][:2]  # 2 images of 128 px: 32 tiles

@@ -56,6 +56,7 @@ def torch_server(weights):
     assert "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_a_small_file_that_decodes_huge_is_refused_from_its_header(torch_server):
     """A 20 KB PNG of 13000 x 13000 (under Pillow's own bomb limit) once took 13 s and 8 GB;
     now 413 at once, in the service's terms, with nothing decoded: the server's peak memory
@@ -79,6 +80,7 @@ def test_a_small_file_that_decodes_huge_is_refused_from_its_header(torch_server)
     assert _memory_kb(proc.pid, "VmHWM") - peak < 100_000
 
 
+@pytest.mark.slow
 def test_the_pixel_budget_is_the_servers_own(torch_server):
     """Over Pillow's limit (a 60000 x 60000 header) the answer is the same 413, not advice to
     run `retinanet predict`; an image just under the budget is served, just over it is not."""
@@ -104,6 +106,7 @@ def onnx_server(weights, tmp_path_factory):
     assert "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch_server", "onnx_server"])
 def test_an_image_too_elongated_for_the_model_is_a_400(backend, request):
     """1 x 20000 px once gave HTTP 500 and a traceback in the log on both backends (the server

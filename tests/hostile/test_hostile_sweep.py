@@ -115,6 +115,7 @@ def test_data_commands_on_the_corpus(corpus, tmp_path, capsys):
                   "--no-plots"])
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_skip_and_list_the_bad_images(corpus, tmp_path, capsys):
     code, _ = _run(capsys, ["train", "--config", str(corpus["config"]), "--output-dir", str(tmp_path / "run")])
     assert code == 0
