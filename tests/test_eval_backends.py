@@ -123,6 +123,9 @@ def test_eval_of_an_exported_model_without_its_data_or_file_is_one_line(run, tmp
          f"error: {tmp_path / 'gone.onnx'}: no such exported model"),
         (["--weights", str(run["config"]), "--config", str(run["config"])],  # not an ONNX file at all
          f"error: {run['config']}: cannot be loaded as an exported model ("),
+        (["--weights", str(run["onnx"]), "--config", str(run["config"]), "eval.tta.flip=true"],
+         "error: eval.tta: test-time augmentation runs with a checkpoint only; an exported model runs as it was "
+         "exported"),
     ]:
         assert cli(["eval", "--backend", "onnxruntime", "--output-dir", str(tmp_path / "ev"), *args]) == 2
         err = capsys.readouterr().err.strip()

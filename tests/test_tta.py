@@ -122,6 +122,10 @@ def test_tta_settings_are_checked_and_off_by_default(model_file, capsys):
     assert cli(["predict", "--weights", str(model_file[0]), "x.png", "--output-dir", "out", "--tta-merge", "wbf"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --tta-merge merges the views of test-time augmentation: add "
                                                "--tta or --tta-sizes, or leave it out")
+    assert cli(["predict", "--backend", "onnxruntime", "--weights", "m.onnx", "x.png", "--output-dir", "out",
+                "--tta"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --tta, --tta-sizes and --tta-merge run with the torch backend "
+                                               "only: an ONNX model runs as it was exported")
 
 
 def _write_images(folder, count=2):
