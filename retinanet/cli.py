@@ -602,28 +602,17 @@ def cmd_predict(args) -> int:
 
 
 def _predict_torch(args, info) -> tuple[list[dict], list[str]]:
-    _resolve_weights(args)
-    from .checkpoint import load_model
-    from .engine.distributed import barrier
-    from .engine.predict import predict_files
-    from .engine.prediction_files import Shard
-    from .engine.tta import build_tta
+    from .engine.predict import predict_checkpoint
 
-    tta_config = _tta_config(args)
-    output_dir = _output_folder(args.output_dir)
-    device = info.device
-    amp = _resolved_amp(args.amp, device)
-    model = load_model(args.weights, map_location=device, overrides=_max_detections(args), compile=args.compile)
     tiling = None
     if args.tile:
-        _check_tiling(args, model.config)
         tiling = {"tile": args.tile, "overlap": args.overlap, "merge": args.merge, "full_image": args.full_image,
-                  "value_range": args.value_range}
-    tta = build_tta(tta_config, model, sizes_key="--tta-sizes")
-    return predict_files(model, args.images, output_dir, args.score_threshold, draw=not args.no_draw,
-                         batch_size=args.batch_size, tiling=tiling, workers=max(0, args.workers),
-                         save_txt=args.save_txt, amp=amp, tta=tta, shard=Shard(info.rank, info.world_size, barrier),
-                         resume=args.resume)
+                  "value_range": args.value_range, "force": args.force_tiling}
+    return predict_checkpoint(args.weights, args.images, _output_folder(args.output_dir), info,
+                              amp=_resolved_amp(args.amp, info.device), compile=args.compile,
+                              score_threshold=args.score_threshold, max_detections=args.max_detections,
+                              draw=not args.no_draw, batch_size=args.batch_size, workers=max(0, args.workers),
+                              save_txt=args.save_txt, tiling=tiling, tta=_tta_config(args), resume=args.resume)
 
 
 def _max_detections(args) -> list[str]:
@@ -660,25 +649,10 @@ def _tiling_options(args) -> None:
             setattr(args, name, default)
 
 
-def _check_tiling(args, model_config) -> None:
-    """Refuse tiles too small for the model or an overlap beyond the work bound (unless
-    --force-tiling); warn, in one line, of tiles far smaller than the model's input."""
-    from .engine.tiling import small_tile_warning, tiling_problem
-
-    problem = tiling_problem(args.tile, args.overlap, model_config.anchors.sizes)
-    if problem and not args.force_tiling:
-        raise OutputError(f"--tile {args.tile} --overlap {args.overlap:g}: {problem}; pass --force-tiling to run "
-                          "it anyway")
-    warning = small_tile_warning(args.tile, model_config.input)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-
-
 def _predict_exported(args) -> tuple[list[dict], list[str]]:
     """The shared prediction loop (`engine.prediction_files`) with an exported model under
     its runtime (`export.runtimes.open_exported`): no torch is imported."""
-    from .engine.prediction_files import predict_files
-    from .export.runtimes import open_exported
+    from .engine.prediction_files import predict_exported
 
     if args.compile or args.amp != "none":
         raise OutputError("--compile and --amp apply to a checkpoint; an exported model runs as it was exported")
@@ -690,20 +664,10 @@ def _predict_exported(args) -> tuple[list[dict], list[str]]:
     if args.tta or args.tta_sizes or args.tta_merge:
         raise OutputError("--tta, --tta-sizes and --tta-merge run with the torch backend only: an ONNX model runs "
                           "as it was exported")
-    output_dir = _output_folder(args.output_dir)
-    weights = Path(args.weights)
-    detector = open_exported(args.backend, weights)
-    if args.score_threshold is not None and args.score_threshold < detector.score_threshold:
-        raise OutputError(f"--score-threshold {args.score_threshold:g}: {weights} was exported with "
-                          f"{detector.score_threshold:g} and gives no detections below it; predict with the checkpoint "
-                          "for a lower one")
-    if args.max_detections and args.max_detections != detector.detections_per_image:
-        raise OutputError(f"--max-detections {args.max_detections}: {weights} holds its cap of "
-                          f"{detector.detections_per_image or 'an unknown number of'} detections per image in the "
-                          f"graph; export it again with --max-detections {args.max_detections}")
-    return predict_files(detector, args.images, output_dir, args.score_threshold, draw=not args.no_draw,
-                         batch_size=args.batch_size, workers=max(0, args.workers), save_txt=args.save_txt,
-                         resume=args.resume)
+    return predict_exported(args.backend, args.weights, args.images, _output_folder(args.output_dir),
+                            score_threshold=args.score_threshold, max_detections=args.max_detections,
+                            draw=not args.no_draw, batch_size=args.batch_size, workers=max(0, args.workers),
+                            save_txt=args.save_txt, resume=args.resume)
 
 
 def cmd_bench(args) -> int:

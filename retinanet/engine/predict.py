@@ -72,6 +72,40 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
                                     per_file=per_file, shard=shard, resume=resume)
 
 
+def predict_checkpoint(weights: str, inputs: list[str | Path], output_dir: Path, info, *, amp: str = "none",
+                       compile: bool = False, score_threshold: float | None = None, max_detections: int | None = None,
+                       draw: bool = True, batch_size: int = 4, workers: int = 2, save_txt: str | None = None,
+                       tiling: dict | None = None, tta=None, resume: bool = False) -> tuple[list[dict], list[str]]:
+    """`retinanet predict` with a checkpoint or zoo name on this process's device
+    (`info`: `distributed.setup`'s); under torchrun each process takes its share of the
+    inputs (`Shard`) and the first writes the merged predictions.json. `tiling` (`tile`,
+    `overlap`, `merge`, `full_image`, `value_range`, `force`): refused (`ConfigError`) when
+    `tiling_problem` objects unless `force`, with a one-line warning for tiles far smaller
+    than the model's input. `tta`: an `eval.tta` config (`TTAConfig`) or None."""
+    from ..checkpoint import load_model
+    from ..model.config import ConfigError
+    from ..zoo import resolve_weights
+    from . import distributed
+    from .prediction_files import Shard
+    from .tiling import small_tile_warning, tiling_problem
+    from .tta import build_tta
+
+    overrides = [f"inference.detections_per_image={max_detections}"] if max_detections else []
+    model = load_model(str(resolve_weights(weights)), map_location=info.device, overrides=overrides, compile=compile)
+    if tiling is not None:
+        problem = tiling_problem(tiling["tile"], tiling["overlap"], model.config.anchors.sizes)
+        if problem and not tiling.get("force"):
+            raise ConfigError(f"--tile {tiling['tile']} --overlap {tiling['overlap']:g}: {problem}; pass "
+                              "--force-tiling to run it anyway")
+        warning = small_tile_warning(tiling["tile"], model.config.input)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+    return predict_files(model, inputs, output_dir, score_threshold, draw=draw, batch_size=batch_size, tiling=tiling,
+                         workers=workers, save_txt=save_txt, amp=amp,
+                         tta=None if tta is None else build_tta(tta, model, sizes_key="--tta-sizes"),
+                         shard=Shard(info.rank, info.world_size, distributed.barrier), resume=resume)
+
+
 def tiled_file(model, path: Path, drawing: Path, draw: bool, score_threshold, tiling: dict, save_txt: str | None,
                label_dir: Path, tta=None) -> list[dict]:
     """Tiled prediction of one image, read by windows where it pays (`data.raster`); a

@@ -302,6 +302,28 @@ def _drop_torn_line(path: Path) -> None:
         os.truncate(path, data.rfind(b"\n") + 1)
 
 
+def predict_exported(backend: str, weights: str | Path, inputs: list[str | Path], output_dir: Path, *,
+                     score_threshold: float | None = None, max_detections: int | None = None, draw: bool = True,
+                     batch_size: int = 4, workers: int = 2, save_txt: str | None = None,
+                     resume: bool = False) -> tuple[list[dict], list[str]]:
+    """`retinanet predict` with an exported model under its runtime (`export.runtimes`; no
+    torch is imported). A score threshold below the graph's, or a detection cap other than the
+    one the graph holds, is refused (`ExportedModelError`): the graph cannot give them."""
+    from ..export.runtimes import ExportedModelError, open_exported
+
+    detector = open_exported(backend, weights)
+    if score_threshold is not None and score_threshold < detector.score_threshold:
+        raise ExportedModelError(f"--score-threshold {score_threshold:g}: {weights} was exported with "
+                                 f"{detector.score_threshold:g} and gives no detections below it; predict with the "
+                                 "checkpoint for a lower one")
+    if max_detections and max_detections != detector.detections_per_image:
+        raise ExportedModelError(f"--max-detections {max_detections}: {weights} holds its cap of "
+                                 f"{detector.detections_per_image or 'an unknown number of'} detections per image in "
+                                 f"the graph; export it again with --max-detections {max_detections}")
+    return predict_files(detector, inputs, output_dir, score_threshold, draw=draw, batch_size=batch_size,
+                         workers=workers, save_txt=save_txt, resume=resume)
+
+
 def _report(line: str, errors: list[str]) -> None:
     errors.append(line)
     print(f"error: {line}", file=sys.stderr)
