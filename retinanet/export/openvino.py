@@ -6,6 +6,7 @@ quantization, calibrated on images given as the graph takes them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -48,7 +49,9 @@ def export_openvino(model: RetinaNet, folder: str | Path, height: int, width: in
     or any size and batch with `dynamic`) as `folder/model.xml` and `folder/model.bin`, in
     fp32; with `calibration` (`(H, W, 3)` uint8 RGB arrays, the original images), quantized
     to INT8 by NNCF on them, the pre- and post-processing left in floating point and, with
-    `keep_heads_float`, the heads' last convolutions too. Intermediate files live in a
+    `keep_heads_float`, the heads' last convolutions too. A fixed-shape export holds a
+    dynamic graph whose metadata says its one size and batch (`OpenVinoDetector` refuses
+    other sizes and fills a short batch). Intermediate files live in a
     temporary folder inside `folder`; each IR file is renamed into place (`atomic_output`),
     the weights before the `.xml` that names them. Returns the `.xml`."""
     ov = require("openvino")
@@ -59,9 +62,15 @@ def export_openvino(model: RetinaNet, folder: str | Path, height: int, width: in
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export.", suffix=".tmp", dir=folder))
     try:
-        onnx_path = export_onnx(model, work / "model.onnx", height, width, batch, dynamic)
+        # the graph itself is always dynamic: OpenVINO's CPU plugin did not finish compiling a
+        # fixed-shape one in minutes; a fixed-shape export is its contract, which the runtime enforces
+        onnx_path = export_onnx(model, work / "model.onnx", height, width, batch, dynamic=True)
         ir = ov.convert_model(str(onnx_path))
-        for key, value in _onnx_metadata(onnx_path).items():
+        meta = _onnx_metadata(onnx_path)
+        if not dynamic:
+            meta["input"] = json.dumps({**json.loads(meta["input"]), "height": height, "width": width, "batch": batch,
+                                        "dynamic": False})
+        for key, value in meta.items():
             ir.set_rt_info(value, [RT_INFO, key])
         if calibration is not None:
             ir = quantize(ir, calibration, keep_heads_float)
