@@ -40,15 +40,18 @@ class OpenVinoDetector(ExportedBackend):
         core = ov.Core()
         try:
             model = core.read_model(str(xml), str(weights))
-        except RuntimeError as err:
-            raise ValueError(f"{xml}: not an OpenVINO IR that can be read ({_first_line(err)})") from None
+        except RuntimeError as err:  # a .bin shorter than the weights the .xml names is found here
+            reason = _first_line(err)
+            if "bin file" in reason:
+                raise ValueError(f"{weights}: the IR's weights cannot be loaded ({reason})") from None
+            raise ValueError(f"{xml}: not an OpenVINO IR that can be read ({reason})") from None
         meta = {key: str(model.get_rt_info([RT_INFO, key]).astype(str)) for key in METADATA_KEYS
                 if model.has_rt_info([RT_INFO, key])}
         self.read_metadata(meta, [i.get_any_name() for i in model.inputs], [o.get_any_name() for o in model.outputs],
                            source=xml)
         try:
             self.compiled = core.compile_model(model, device, {"INFERENCE_PRECISION_HINT": precision})
-        except RuntimeError as err:  # e.g. a .bin shorter than the weights the .xml names
+        except RuntimeError as err:
             raise ValueError(f"{weights}: the IR's weights cannot be loaded ({_first_line(err)})") from None
         self.outputs = [self.compiled.output(name) for name in OUTPUTS]
         self.request = self.compiled.create_infer_request()
