@@ -615,11 +615,6 @@ def _predict_torch(args, info) -> tuple[list[dict], list[str]]:
                               save_txt=args.save_txt, tiling=tiling, tta=_tta_config(args), resume=args.resume)
 
 
-def _max_detections(args) -> list[str]:
-    """--max-detections as the model config override it stands for (none when not given)."""
-    return [f"inference.detections_per_image={args.max_detections}"] if args.max_detections else []
-
-
 def _tta_config(args):
     """predict's --tta, --tta-sizes and --tta-merge as the `eval.tta` setting (`TTAConfig`);
     --tta-merge alone is refused (there would be nothing to merge)."""
@@ -720,74 +715,32 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .export.exporter import export_checkpoint
+
     if args.format == "openvino":
-        return _export_openvino(args)
-    if args.int8 or args.calibration:
+        if args.no_postprocess or args.simplify:
+            raise OutputError("--no-postprocess and --simplify apply to --format onnx; the OpenVINO IR holds the "
+                              "whole detector")
+        if args.int8 != bool(args.calibration):
+            raise OutputError("--int8 needs --calibration CONFIG (the images it is calibrated on), and "
+                              "--calibration applies to --int8 only")
+        if Path(args.output).exists() and not Path(args.output).is_dir():
+            raise OutputError(f"{args.output}: --output of --format openvino is the folder of the IR, and this is "
+                              "a file")
+    elif args.int8 or args.calibration:
         raise OutputError("--int8 and --calibration quantize an OpenVINO export: add --format openvino")
-    import importlib.util
-
-    from .checkpoint import load_model
-    from .export.onnx import export_onnx
-    from .outputs import check_output_file, check_writable
-
-    _resolve_weights(args)
-    output = check_output_file(args.output, [args.weights], args.force)  # the checkpoint: even a hard link
-    check_writable(output.parent)
-    # as built: the runtimes fold BatchNorm themselves
-    model = load_model(args.weights, overrides=_max_detections(args), optimize=False).eval()
-    pre = model.preprocessor
-    height = args.height or pre.test_min_size  # an image the model takes as it is: no resize
-    width = args.width or pre.max_size
-    if args.simplify and importlib.util.find_spec("onnxsim") is None:
-        print("onnxsim is not installed: the graph is left as exported (pip install onnxsim)", file=sys.stderr)
-    export_onnx(model, output, height, width, args.batch, args.dynamic, args.opset, not args.no_postprocess,
-                simplify=args.simplify)
-    print(f"wrote {output}: input images (B, 3, H, W) uint8 RGB, resized in the graph as the model does; boxes in "
-          "their pixels" + (" (any batch and size)" if args.dynamic else
-                            f" (batch {args.batch}, {width}x{height} px images only; --dynamic for any size)"))
-    return 0
-
-
-def _export_openvino(args) -> int:
-    """`export --format openvino`: the ONNX graph converted to an OpenVINO IR in the folder
-    `--output` (`export.openvino`), optionally quantized to INT8."""
-    from .checkpoint import load_model
-    from .outputs import check_output_file, check_writable
-
-    if args.no_postprocess or args.simplify:
-        raise OutputError("--no-postprocess and --simplify apply to --format onnx; the OpenVINO IR holds the whole "
-                          "detector")
-    if args.int8 != bool(args.calibration):
-        raise OutputError("--int8 needs --calibration CONFIG (the images it is calibrated on), and --calibration "
-                          "applies to --int8 only")
     try:
-        from .export.openvino import calibration_images, export_openvino, require
-
-        require("openvino")
-        if args.int8:
-            require("nncf")
+        print(export_checkpoint(args.weights, args.output, format=args.format, height=args.height, width=args.width,
+                                batch=args.batch, dynamic=args.dynamic, opset=args.opset,
+                                postprocess=not args.no_postprocess, simplify=args.simplify,
+                                max_detections=args.max_detections, calibration=args.calibration,
+                                calibration_count=args.calibration_images, force=args.force))
     except ImportError as err:
-        raise OutputError(str(err)) from None
-    _resolve_weights(args)
-    folder = Path(args.output)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder}: --output of --format openvino is the folder of the IR, and this is a file")
-    for name in ("model.xml", "model.bin"):
-        check_output_file(folder / name, [args.weights], args.force)
-    check_writable(folder)
-    # as built: OpenVINO folds BatchNorm itself
-    model = load_model(args.weights, overrides=_max_detections(args), optimize=False).eval()
-    pre = model.preprocessor
-    height, width = args.height or pre.test_min_size, args.width or pre.max_size
-    calibration = None
-    if args.int8:
-        calibration = calibration_images(args.calibration, args.calibration_images, model.class_names)
-    xml = export_openvino(model, folder, height, width, args.batch, args.dynamic, calibration)
-    precision = f"INT8, calibrated on {len(calibration)} images" if calibration else "fp32"
-    print(f"wrote {xml} and {xml.with_suffix('.bin').name} ({precision}): input images (B, 3, H, W) uint8 RGB, "
-          "resized in the graph as the model does; boxes in their pixels"
-          + (" (any batch and size)" if args.dynamic else
-             f" (batch {args.batch}, {width}x{height} px images only; --dynamic for any size)"))
+        from .export.openvino import MissingOpenVino
+
+        if not isinstance(err, MissingOpenVino):
+            raise
+        raise OutputError(str(err)) from None  # its one line says how to get the extra
     return 0
 
 
