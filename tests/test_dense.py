@@ -67,7 +67,7 @@ def test_chunked_matcher_equals_the_whole_matrix_at_1000_boxes(dtype, low_qualit
     assert (expected_labels == FOREGROUND).sum() > 500 and (expected_labels == IGNORE).sum() > 100
     assert expected_best.isnan().any()  # the 0/0 case is in the scene
     for chunk_elements in (1 << 22, 7 * 2 * len(anchors) + 5):  # the default (2 chunks here), 7 GT boxes
-        matcher = AnchorMatcher(0.5, 0.4, low_quality, 0.5)
+        matcher = AnchorMatcher(0.5, 0.4, allow_low_quality_matches=low_quality, crowd_ioa_threshold=0.5)
         matcher.chunk_elements = chunk_elements
         got = matcher(anchors, gt, valid, crowd)
         assert torch.equal(got.labels, expected_labels)
