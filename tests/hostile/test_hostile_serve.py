@@ -128,10 +128,11 @@ def test_a_bad_model_file_or_port_is_one_line_at_start(weights, tmp_path, capsys
     _foreign_onnx(foreign)
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(b"\x08\x07\x12\x05torch" + bytes(200))
-    for path, problem in ((foreign, "not a graph written by `retinanet export`"), (truncated, "INVALID_PROTOBUF")):
+    for path, problem, detail in ((foreign, "not a model written by `retinanet export`", "no input metadata"),
+                                  (truncated, "cannot be loaded as an exported model", "INVALID_PROTOBUF")):
         assert cli(["serve", "--weights", str(path)]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"error: {path}: cannot be loaded as an exported model") and problem in err
+        assert err.startswith(f"error: {path}: {problem}") and detail in err, err
         assert "\n" not in err
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
