@@ -428,7 +428,7 @@ def evaluate_weights(weights: str, output_dir: Path, config: str | Path | None =
     config's validation set. Returns the metrics on the main process, None on the others."""
     from ..checkpoint import load_model, read_checkpoint
     from ..config import load_config
-    from ..data.formats import has_split, open_dataset
+    from ..data.formats import open_dataset
     from ..zoo import resolve_weights
     from .precision import resolve_amp
 
@@ -444,7 +444,7 @@ def evaluate_weights(weights: str, output_dir: Path, config: str | Path | None =
             raise ConfigError(f"{fixed[0]}: model.* overrides apply to a checkpoint; an exported model runs as it "
                               "was exported")
         cfg = load_config(config, overrides)
-        _require_val(cfg, has_split, "")
+        _require_val(cfg, "")
         detector = open_exported(backend, weights)
         return evaluate(detector, open_dataset(cfg.data, "val", detector.class_names), output_dir,
                         cfg.eval.batch_size, cfg.data.num_workers, cfg.eval.max_images, tile=cfg.data.tile,
@@ -452,7 +452,7 @@ def evaluate_weights(weights: str, output_dir: Path, config: str | Path | None =
                         coco_backend=cfg.eval.coco_backend, tta=cfg.eval.tta)
     weights = str(resolve_weights(weights))
     cfg = eval_config(read_checkpoint(weights), config, overrides)
-    _require_val(cfg, has_split, " (or pass --config)")
+    _require_val(cfg, " (or pass --config)")
     info = distributed.setup(device)
     try:
         model_overrides = [o[len("model."):] for o in overrides if o.startswith("model.")]
@@ -466,6 +466,8 @@ def evaluate_weights(weights: str, output_dir: Path, config: str | Path | None =
         distributed.cleanup()
 
 
-def _require_val(cfg, has_split, hint: str) -> None:
+def _require_val(cfg, hint: str) -> None:
+    from ..data.formats import has_split
+
     if not has_split(cfg.data, "val"):
         raise ConfigError(f"no validation set: set data.val_images and data.val_annotations{hint}")
