@@ -114,20 +114,16 @@ def test_int8_agrees_with_fp32(checkpoint, shapes_data, ir, tmp_path):
 
 
 def _agreement(truth: dict, got: dict, min_score: float) -> float:
-    """COCO AP of `got`'s records against `truth`'s scored >= `min_score` as ground truth."""
-    from retinanet.engine.evaluate import coco_metrics
-    from retinanet.data.dataset import coco_api
+    """`agreement_ap` of `got`'s records (per file, as predictions.json holds them) with `truth`'s."""
+    from retinanet.engine.evaluate import agreement_ap
+
+    def arrays(records: list[dict]) -> dict:
+        xywh = np.array([r["bbox"] for r in records], dtype=np.float32).reshape(-1, 4)
+        return {"boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                "scores": np.array([r["score"] for r in records]), "labels": np.array([r["category_id"] for r in records])}
 
     names = sorted(set(truth) | set(got))
-    images = [{"id": i, "file_name": n, "width": 1, "height": 1} for i, n in enumerate(names)]
-    annotations = [{"id": len(images) + k, "image_id": names.index(n), "category_id": r["category_id"],
-                    "bbox": r["bbox"], "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0}
-                   for k, (n, r) in enumerate((n, r) for n in names for r in truth.get(n, [])) if r["score"] >= min_score]
-    categories = [{"id": c} for c in {r["category_id"] for rs in truth.values() for r in rs}]
-    gt = coco_api({"images": images, "annotations": annotations, "categories": categories})
-    results = [{"image_id": names.index(n), "category_id": r["category_id"], "bbox": r["bbox"], "score": r["score"]}
-               for n in names for r in got.get(n, [])]
-    return coco_metrics(gt, results, verbose=False)["AP"]
+    return agreement_ap([arrays(truth.get(n, [])) for n in names], [arrays(got.get(n, [])) for n in names], min_score)
 
 
 def _damaged(ir, tmp_path, part: str, damage) -> Path:

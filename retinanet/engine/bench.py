@@ -329,6 +329,8 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
               only: str = "", cudnn_benchmark: bool = False, cuda_graphs: bool = False) -> dict:
     """`cuda_graphs`: the compiled cases' networks (both libraries) replay as CUDA graphs
     (inductor's `triton.cudagraphs`, what torch.compile's mode "reduce-overhead" sets)."""
+    from .bench_runtimes import bench_runtimes  # (it builds on this module's pieces)
+
     dev = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if cuda_graphs:
@@ -336,6 +338,8 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
 
         inductor_config.triton.cudagraphs = True
     repeat = 2 if quick else 3
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     peaks = peak_gflops(dev)
     results = {"date": datetime.date.today().isoformat(), "version": __version__, "machine": machine(),
                "device": device, "peaks": peaks, "cases": []}
@@ -357,6 +361,9 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
                           # and one disturbed step moved the ratio by 0.15 on a shared VM
                           "training": lambda: bench_training(2, (800, 1216), repeat, dev),
                           "demo training step": lambda: bench_demo_step(5, dev),
+                          # every runtime a CPU user deploys on, exported in the run (a few minutes each)
+                          "deployed runtimes batch 1": lambda: bench_runtimes(1, (800, 1216), repeat, work=output_dir),
+                          "deployed runtimes batch 8": lambda: bench_runtimes(8, (512, 512), repeat, work=output_dir),
                           # last: what the compiler leaves in the process (its caches, ~1 GB more
                           # resident memory) must not run under the eager cases' timings
                           "inference batch 1, compiled": lambda: bench_inference(1, (800, 1216), repeat, dev,
@@ -373,13 +380,11 @@ def run_bench(device: str = "cpu", quick: bool = False, output_dir: str | Path =
             results.setdefault("errors", []).append(result)
             print(json.dumps(result), flush=True)
             continue
-        if "network_gflop" in result:
+        if "network_gflop" in result and "floor_seconds" not in result:
             floor = result["network_gflop"] / peaks["conv3x3"]
             result["floor_seconds"] = round(floor, 3)
         print(json.dumps(result), flush=True)
         results["cases"].append(result)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "bench.json", json.dumps(results, indent=2))
     try:
         _chart(results, output_dir / "bench.png")
@@ -403,6 +408,8 @@ def _kernels(machine: dict) -> str:
 def markdown_table(results: dict, command: str) -> str:
     """The run as markdown: a heading with the date, the command and the package version
     (`results["version"]`), the machine, then one row per case."""
+    from .bench_runtimes import runtimes_table
+
     m = results["machine"]
     lines = [f"### {results['date']}: `{command}` (retinanet {results.get('version', 'unknown')})", "",
              f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}{_kernels(m)}), {m['threads']} threads, "
@@ -411,7 +418,10 @@ def markdown_table(results: dict, command: str) -> str:
              ("| case | torchvision (s) | ours (s) | ours optimized (s) | speed-up vs torchvision | floor (s) "
               "| peak memory (MB) |"),
              "|---|---|---|---|---|---|---|"]
+    runtimes = [c for c in results["cases"] if isinstance(c.get("ratio_vs_torchvision"), dict)]
     for c in results["cases"]:
+        if c in runtimes:
+            continue
         s = c["seconds"]
         cells = [f"{s[k]:.3f}" if k in s else "—" for k in ("torchvision", "ours", "ours_optimized")]
         ratio = f"{c['ratio_vs_torchvision']:.2f}x" if "ratio_vs_torchvision" in c else \
@@ -424,6 +434,8 @@ def markdown_table(results: dict, command: str) -> str:
         flops = f"; network {c['network_gflop']} GFLOP" if "network_gflop" in c else ""
         lines.append(f"Ours (optimized), {c['case']}, by stage: " + ", ".join(
             f"{k} {v:.3f} s" for k, v in c["ours_stages_seconds"].items()) + flops + ".")
+    for c in runtimes:
+        lines += ["", runtimes_table(c).rstrip()]
     for failed in results.get("errors", []):
         lines.append("")
         lines.append(f"Case \"{failed['case']}\" failed: {failed['error']}")

@@ -271,6 +271,27 @@ def coco_metrics(gt: COCO, results: list[dict], image_ids: list[int] | None = No
     return (metrics, precision) if return_precision else metrics
 
 
+def agreement_ap(reference: list[dict], candidate: list[dict], min_score: float = 0.0) -> float:
+    """How far one runtime's detections agree with another's on the same images: the COCO AP
+    of `candidate` with `reference`'s detections scored >= `min_score` taken as ground truth
+    (1.0 when they are the same boxes and labels; nan when the reference has none). Both are
+    lists with one dict per image of `boxes` (N, 4) xyxy, `scores` (N,), `labels` (N,)
+    (numpy arrays or tensors), in the same image order."""
+    reference = [{k: np.asarray(v)[np.asarray(r["scores"]) >= min_score] for k, v in r.items()} for r in reference]
+    labels = {int(label) for image in (*reference, *candidate) for label in np.asarray(image["labels"])}
+    same = range(max(labels, default=0) + 1)  # a label is its own category id
+    annotations, results = [], []
+    for image_id, (truth, got) in enumerate(zip(reference, candidate, strict=True)):
+        annotations += [{**record, "id": len(annotations) + k + 1, "area": record["bbox"][2] * record["bbox"][3],
+                         "iscrowd": 0} for k, record in enumerate(to_coco_results(truth, image_id, same))]
+        results += to_coco_results(got, image_id, same)
+    if not annotations:
+        return float("nan")
+    gt = coco_api({"images": [{"id": i, "width": 1, "height": 1} for i in range(len(reference))],
+                   "annotations": annotations, "categories": [{"id": c, "name": str(c)} for c in sorted(labels)]})
+    return coco_metrics(gt, results, verbose=False, backend="pycocotools")["AP"]
+
+
 def error_breakdown(gt: COCO, dt, evaluator: COCOeval, evaluator_class=COCOeval) -> dict:
     """The COCO analysis tool's cumulative precisions (area all, 100 detections): `C75` and
     `C50` (AP at those IoUs), `Loc` (IoU 0.1: localisation errors forgiven), `Oth` (also class

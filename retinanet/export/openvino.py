@@ -6,7 +6,9 @@ quantization, calibrated on images given as the graph takes them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -94,8 +96,22 @@ def quantize(ir, images: Sequence[np.ndarray], keep_heads_float: bool = True):
         raise ValueError("no calibration images")
     patterns = [NETWORK_ONLY] + ([HEAD_OUTPUTS] if keep_heads_float else [])
     dataset = nncf.Dataset(list(images), lambda image: np.ascontiguousarray(image.transpose(2, 0, 1)[None]))
-    return nncf.quantize(ir, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED,
-                         ignored_scope=nncf.IgnoredScope(patterns=patterns))
+    with quiet_nncf():
+        return nncf.quantize(ir, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED,
+                             ignored_scope=nncf.IgnoredScope(patterns=patterns))
+
+
+@contextlib.contextmanager
+def quiet_nncf():
+    """NNCF's warnings only: at its default level it prints a line per node it leaves in
+    floating point (hundreds for the detector), burying the progress bars."""
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def calibration_images(config: str | Path, count: int, class_names: list[str] | None = None) -> list[np.ndarray]:
