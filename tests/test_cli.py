@@ -131,13 +131,15 @@ def test_bench_says_when_the_kernels_were_capped_below_the_cpu():
     avx512 = ["avx2", "avx512f"]
     capped = {"cpu_flags": avx512, "kernels": {"aten": "AVX2", "onednn_max": "AVX2"}}
     assert _kernels(capped) == "; kernels capped: ATen AVX2, oneDNN at most AVX2"
+    capped["kernels"]["openvino_max"] = "AVX2"
+    assert _kernels(capped) == "; kernels capped: ATen AVX2, oneDNN at most AVX2, OpenVINO at most AVX2"
     assert _kernels({"cpu_flags": avx512, "kernels": {"aten": "AVX512", "onednn_max": ""}}) == ""
     assert _kernels({"cpu_flags": ["avx2"], "kernels": {"aten": "AVX2", "onednn_max": ""}}) == ""  # AVX2-only CPU
     # machine() reads the caps from the environment the run was given
     script = "from retinanet.engine.bench import machine; print(machine()['kernels'])"
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout
-    assert out.strip() == "{'aten': 'AVX2', 'onednn_max': 'AVX2'}"
+    assert out.strip() == "{'aten': 'AVX2', 'onednn_max': 'AVX2', 'openvino_max': 'AVX2'}"
 
 
 @pytest.mark.parametrize("kind", ["yolo", "csv"])

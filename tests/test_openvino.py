@@ -162,3 +162,27 @@ def test_without_the_extra_one_line_says_how_to_get_it(checkpoint, ir, photos, t
                 str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pip install 'retinanet[openvino]'" in err, err
+
+
+@pytest.mark.slow
+def test_serve_answers_with_the_ir_as_pytorch_would(checkpoint, photos, ir):
+    """`serve --backend openvino --weights DIR`: real uploads of files that need resizing up and
+    down, answered with PyTorch's detections of the same files (boxes within 1e-2 px, scores
+    within 1e-4); /info says which backend answers."""
+    import httpx
+
+    from test_serve import start_server, stop_server
+
+    reference = _reference(checkpoint, photos)
+    proc, url = start_server(ir, "--backend", "openvino")
+    try:
+        assert httpx.get(url + "/info").json()["backend"] == "openvino"
+        for name in SIZES:
+            response = httpx.post(url + "/predict", files={"file": (name, (photos / name).read_bytes())}, timeout=60)
+            assert response.status_code == 200, response.text
+            got = [{"category_id": d["category_id"], "score": d["score"],
+                    "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]]}
+                   for d in response.json()["detections"]]
+            _assert_equal_records(got, reference[name])
+    finally:
+        stop_server(proc)

@@ -317,8 +317,10 @@ def _variant(*flags) -> str:
 def machine() -> dict:
     model_name = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                        if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    # what the kernels use may be less than the CPU has: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap it
-    kernels = {"aten": torch.backends.cpu.get_cpu_capability(), "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
+    # what the kernels use may be less than the CPU has: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap
+    # it (the latter also for the oneDNN inside OpenVINO, whose own kernels OV_CPU_MAX_ISA caps)
+    kernels = {"aten": torch.backends.cpu.get_cpu_capability(), "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+               "openvino_max": os.environ.get("OV_CPU_MAX_ISA", "")}
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"})
     return {"cpu": model_name, "cpu_flags": flags, "kernels": kernels,
             "threads": torch.get_num_threads(),
@@ -401,7 +403,8 @@ def _kernels(machine: dict) -> str:
     if not (aten_capped or kernels.get("onednn_max")):
         return ""
     parts = [f"ATen {kernels.get('aten')}"] + ([f"oneDNN at most {kernels['onednn_max']}"]
-                                              if kernels.get("onednn_max") else [])
+                                              if kernels.get("onednn_max") else []) + (
+        [f"OpenVINO at most {kernels['openvino_max']}"] if kernels.get("openvino_max") else [])
     return "; kernels capped: " + ", ".join(parts)
 
 
