@@ -320,3 +320,115 @@ def test_resume_shares_the_remaining_images_out_anew(predict_inputs, tmp_path):
     got, expected = (json.loads((run / "predictions.json").read_text()) for run in (out, tmp_path / "straight"))
     assert [r["file_name"] for r in got] == [r["file_name"] for r in expected]
     assert all(abs(a["score"] - b["score"]) <= 1e-4 for a, b in zip(got, expected))
+
+
+@pytest.fixture(scope="module")
+def large_image(predict_inputs) -> Path:
+    """One 600 x 760 px image (four training images side by side and stacked) to predict on
+    tiles of 128 px: 48 tiles, in 12 units of 4 tiles, and the whole image."""
+    from PIL import Image
+
+    weights, folder = predict_inputs
+    tiles = [Image.open(p).convert("RGB").resize((380, 300)) for p in sorted(folder.glob("*.jpg"))[:4]]
+    canvas = Image.new("RGB", (760, 600))
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, (380 * (i % 2), 300 * (i // 2)))
+    path = weights.parent / "large" / "large.png"
+    path.parent.mkdir()
+    canvas.save(path)
+    return path
+
+
+def tiled_args(weights: Path, image: Path, out: Path) -> list[str]:
+    return [*predict_args(weights, image, out), "--tile", "128", "--full-image"]
+
+
+def _shared_tiles(weights: Path, image: Path, out: Path, resume: bool = False) -> None:
+    """`predict --tile` by two processes (threads, with a real barrier), as torchrun runs it."""
+    import threading
+
+    from retinanet import load_model
+    from retinanet.engine.predict import predict_files
+    from retinanet.engine.prediction_files import Shard
+
+    model, barrier = load_model(weights), threading.Barrier(2, timeout=300)
+    tiling = {"tile": 128, "overlap": 0.2, "merge": "nms", "full_image": True}
+
+    def process(rank: int) -> None:
+        predict_files(model, [image], out, draw=False, workers=0, progress=False, batch_size=4, tiling=tiling,
+                      shard=Shard(rank, 2, barrier.wait), resume=resume)
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def tile_units(out: Path) -> dict[str, list[dict]]:
+    return {part.name: [json.loads(line) for line in part.read_text().splitlines()]
+            for part in sorted((out / "parts").glob("tiles-*.jsonl"))}
+
+
+def _assert_same_detections(got: list[dict], expected: list[dict]) -> None:
+    """The same detections to float rounding (two threads ran the model at once, which can
+    reorder this untrained model's near-equal scores)."""
+    from test_deploy_parity import _assert_equal_records
+
+    assert expected
+    _assert_equal_records(got, expected)
+
+
+def test_one_large_image_is_shared_by_tiles(predict_inputs, large_image, tmp_path, capsys):
+    """Two processes on one image: each does every other unit of its tiles (12 units of 4
+    tiles and the whole image), into its own tile part; the image's owner merges them into the
+    detections one process gives. Every tile here holds the untrained model's 100 detections:
+    predict says so once, for the whole run."""
+    weights, _ = predict_inputs
+    assert cli(tiled_args(weights, large_image, tmp_path / "one")) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: 48 tile(s) reached the cap of 100 detections per tile") == 1
+    _shared_tiles(weights, large_image, tmp_path / "two")
+    units = tile_units(tmp_path / "two")
+    assert {name: sorted(u["unit"] for u in lines) for name, lines in units.items()} == {
+        "tiles-rank00000-of-00002.jsonl": list(range(0, 13, 2)), "tiles-rank00001-of-00002.jsonl": list(range(1, 13, 2))}
+    expected = json.loads((tmp_path / "one" / "predictions.json").read_text())
+    _assert_same_detections(json.loads((tmp_path / "two" / "predictions.json").read_text()), expected)
+
+
+def test_a_stopped_tiled_run_resumes_from_its_last_unit(predict_inputs, large_image, tmp_path):
+    """Tile parts cut part way, the last line torn, as a kill leaves them: `--resume` keeps the
+    units done (their detections are taken from the parts, not predicted again), does the
+    others once, and gives the straight run's detections."""
+    weights, _ = predict_inputs
+    _shared_tiles(weights, large_image, tmp_path / "straight")
+    straight = tile_units(tmp_path / "straight")
+    stopped = tmp_path / "stopped"
+    (stopped / "parts").mkdir(parents=True)
+    for name, lines in straight.items():
+        kept = [json.dumps(u) + "\n" for u in lines[:3]]
+        (stopped / "parts" / name).write_text("".join(kept) + kept[-1][:40])
+    _shared_tiles(weights, large_image, stopped, resume=True)
+    resumed = tile_units(stopped)
+    for name, lines in straight.items():
+        assert [u["unit"] for u in resumed[name]] == [u["unit"] for u in lines]  # each unit once
+        assert resumed[name][:3] == lines[:3]
+    expected = json.loads((tmp_path / "straight" / "predictions.json").read_text())
+    _assert_same_detections(json.loads((stopped / "predictions.json").read_text()), expected)
+
+
+@pytest.mark.slow
+def test_torchrun_shares_the_tiles_of_one_image(predict_inputs, large_image, tmp_path):
+    """`torchrun --nproc-per-node 2 -m retinanet.cli predict IMAGE --tile 128`: both processes
+    work on the one image, and predictions.json holds one process's detections."""
+    weights, _ = predict_inputs
+    assert cli(tiled_args(weights, large_image, tmp_path / "one")) == 0
+    out = tmp_path / "two"
+    proc = launch([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "retinanet.cli",
+                   *tiled_args(weights, large_image, out)], tmp_path, tmp_path / "run.log")
+    finish([proc], timeout=300)
+    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert sorted(tile_units(out)) == ["tiles-rank00000-of-00002.jsonl", "tiles-rank00001-of-00002.jsonl"]
+    assert all(tile_units(out).values())
+    expected = json.loads((tmp_path / "one" / "predictions.json").read_text())
+    _assert_same_detections(json.loads((out / "predictions.json").read_text()), expected)

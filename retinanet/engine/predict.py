@@ -4,20 +4,15 @@ loop (`prediction_files.predict_files`), and tiled prediction, which runs with t
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from ..analysis.drawing import draw_detections
-from ..data.raster import crs_name, open_raster, pixel_to_crs
-from ..outputs import save_image, write_text
 from .precision import autocast
-from .prediction_files import (DRAWING_MAX_SIDE, Shard, coco_records, detection_cap, label_path, size_groups,
-                               write_labels)
+from .prediction_files import Shard, detection_cap, size_groups
 from .prediction_files import predict_files as predict_with_backend
-from .tiling import predict_tiled
+from .tiled_files import TiledFiles
 
 
 class TorchBackend:
@@ -55,21 +50,19 @@ def predict_files(model, inputs: list[str | Path], output_dir: str | Path, score
                   tta=None, shard: Shard | None = None, resume: bool = False) -> tuple[list[dict], list[str]]:
     """`prediction_files.predict_files` (inputs, decoding, batches, outputs) with `model`
     (`TorchBackend`). With `tiling` (`tile`, `overlap`, `merge`, `full_image`, optional
-    `value_range`), each image is predicted on overlapping tiles at full resolution, one image
-    at a time (`tiled_file`). `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the
+    `value_range`), each image is predicted on overlapping tiles at full resolution, the
+    processes sharing its tiles (`engine.tiled_files`). `amp` ("none", "bf16" or "fp16", as `resolve_amp` gives it): the
     network runs in that autocast precision. `tta`: a `TestTimeAugmentation`
     (`engine.tta.build_tta`) run on each image, or each tile. `shard` and `resume`: a run
     shared by processes, and resumed (see `prediction_files.predict_files`). Returns the
     predictions and the error lines."""
     device_type = next(model.parameters()).device.type if amp != "none" else "cpu"
-    per_file = None
-    if tiling is not None:
-        def per_file(path: Path, drawing: Path, label_dir: Path) -> list[dict]:
-            return tiled_file(model, path, drawing, draw, score_threshold, tiling, save_txt, label_dir, tta)
+    tiled = None if tiling is None else TiledFiles(model, tiling, score_threshold=score_threshold,
+                                                   batch_size=batch_size, draw=draw, save_txt=save_txt, tta=tta)
     with autocast(amp, device_type):
         return predict_with_backend(TorchBackend(model, tta), inputs, output_dir, score_threshold, draw=draw,
                                     batch_size=batch_size, workers=workers, save_txt=save_txt, progress=progress,
-                                    per_file=per_file, shard=shard, resume=resume)
+                                    tiled=tiled, shard=shard, resume=resume)
 
 
 def predict_checkpoint(weights: str, inputs: list[str | Path], output_dir: Path, info, *, amp: str = "none",
@@ -104,41 +97,3 @@ def predict_checkpoint(weights: str, inputs: list[str | Path], output_dir: Path,
                          workers=workers, save_txt=save_txt, amp=amp,
                          tta=None if tta is None else build_tta(tta, model, sizes_key="--tta-sizes"),
                          shard=Shard(info.rank, info.world_size, distributed.barrier), resume=resume)
-
-
-def tiled_file(model, path: Path, drawing: Path, draw: bool, score_threshold, tiling: dict, save_txt: str | None,
-               label_dir: Path, tta=None) -> list[dict]:
-    """Tiled prediction of one image, read by windows where it pays (`data.raster`); a
-    georeferenced image also gets `<drawing>.geojson` in its CRS. Returns its records."""
-    with open_raster(path, value_range=tiling.get("value_range")) as raster:
-        det = predict_tiled(model, raster, tiling["tile"], tiling["overlap"], merge=tiling["merge"],
-                            full_image=tiling["full_image"], score_threshold=score_threshold, tta=tta)
-        if draw:
-            overview = raster.read_scaled(DRAWING_MAX_SIDE)
-            shrink = overview.shape[-1] / raster.width, overview.shape[-2] / raster.height
-            shown = {**det, "boxes": det["boxes"] * torch.tensor(shrink * 2)}
-            save_image(draw_detections(overview, shown, max_boxes=len(det["boxes"])), drawing, sync=False,
-                       quality=92)
-        if save_txt is not None:
-            write_labels(det, (raster.height, raster.width), label_path(label_dir, drawing, save_txt), save_txt)
-        if raster.transform is not None:
-            write_geojson(det, raster, drawing.with_suffix(".geojson"), model.category_ids)
-        elif raster.georeferenced_without_reader:
-            print(f"note: {path} is a GeoTIFF; install rasterio (pip install 'retinanet[geo]') to get "
-                  "its detections as GeoJSON in its coordinate system", file=sys.stderr)
-        return coco_records(det, path, model.category_ids)
-
-
-def write_geojson(det: dict, raster, path: Path, category_ids: list[int]) -> Path:
-    """Detections as a GeoJSON FeatureCollection of box polygons in the raster's CRS (named
-    in the legacy `crs` member, as GDAL and QGIS read it), each with its pixel box."""
-    features = []
-    for ring, box, score, label, name in zip(pixel_to_crs(det["boxes"], raster.transform), det["boxes"].tolist(),
-                                             det["scores"].tolist(), det["labels"].tolist(), det["class_names"]):
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                         "properties": {"category_name": name, "category_id": category_ids[label],
-                                        "score": round(score, 5), "bbox_pixels": [round(v, 2) for v in box]}})
-    collection = {"type": "FeatureCollection", "features": features}
-    if raster.crs is not None:
-        collection["crs"] = {"type": "name", "properties": {"name": crs_name(raster.crs)}}
-    return write_text(path, json.dumps(collection))

@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -83,8 +83,24 @@ def size_groups(images: list) -> list[list[int]]:
     return list(groups.values())
 
 
-PerFile = Callable[[Path, Path, Path], list[dict]]
 PARTS = "parts"  # the folder of the per-process parts, in the output folder
+
+
+class TiledRun(Protocol):
+    """Prediction that goes unit by unit inside each image, shared by processes below the
+    image (`engine.tiled_files.TiledFiles`): `predict_units` does this process's share of the
+    units of every image, `gather` reads the units of the images this process finishes, and
+    `finish` merges and writes one of them, returning its records and how many of its units
+    reached the detection cap; `cap_note(count)` is the line that says so, or None."""
+
+    def predict_units(self, paths: list[Path], shard: "Shard", output_dir: Path, resume: bool,
+                      progress: bool) -> None: ...
+
+    def gather(self, output_dir: Path, paths: list[Path]) -> None: ...
+
+    def finish(self, path: Path, drawing: Path, label_dir: Path) -> tuple[list[dict], int]: ...
+
+    def cap_note(self, count: int) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -107,7 +123,7 @@ class Shard:
 
 def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, score_threshold: float | None = None,
                   draw: bool = True, batch_size: int = 4, workers: int = 2, save_txt: str | None = None,
-                  progress: bool = True, per_file: PerFile | None = None, shard: Shard | None = None,
+                  progress: bool = True, tiled: TiledRun | None = None, shard: Shard | None = None,
                   resume: bool = False) -> tuple[list[dict], list[str]]:
     """Detect in every readable image with `backend`; bad inputs are reported (one line each on
     stderr) and skipped. Returns the predictions and the error lines: all of them on the main
@@ -119,8 +135,8 @@ def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, sco
     however many processes shared the run; with `draw`, a drawn copy of each image (never over
     an input); with `save_txt` ("yolo" or "csv"), one file per image in `output_dir/labels/`:
     YOLO's normalised `class cx cy w h score` lines, or `x1,y1,x2,y2,score,class_name` rows.
-    `per_file(path, drawing_path, label_dir)`, when given, replaces the batched loop and
-    handles one file (tiled prediction), returning its records. `shard`: this process's share
+    `tiled`, when given, replaces the batched loop (tiled prediction, shared by the processes
+    tile by tile, see `TiledRun`). `shard`: this process's share
     of the images (None: all); each process's part in `output_dir/parts/` gets a line per image
     done, on disk after every batch. `resume`: skip the images that the parts there hold
     (written by a run stopped part way, with any number of processes) and share out the rest
@@ -151,12 +167,16 @@ def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, sco
     predictions: list[dict] = []
     own_errors: list[str] = []
     try:
-        if per_file is not None:
+        if tiled is not None:
+            tiled.predict_units(todo, shard, output_dir, resume, progress)
+            if shard.barrier is not None:
+                shard.barrier()  # every unit of every image is on disk
+            tiled.gather(output_dir, mine)
             for path in mine:
                 try:
-                    records = per_file(path, names[path], label_dir)
+                    records, at_cap = tiled.finish(path, names[path], label_dir)
                     predictions += records
-                    part.add(path, records)
+                    part.add(path, records, units_at_cap=at_cap)
                 except (ImageReadError, ValueError) as err:
                     _report(str(err), own_errors)
                     part.add(path, error=str(err))
@@ -187,11 +207,14 @@ def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, sco
     if not shard.is_main:
         return predictions, own_errors
     predictions, errors = merge_parts(output_dir, paths, errors)
-    if per_file is None:  # a tiled image merges many tiles' detections: the cap is per tile
+    if tiled is None:
         note = cap_note(images_at_cap(predictions, "file_name", detection_cap(backend)), detection_cap(backend),
                         getattr(backend, "raise_cap", "model.inference.detections_per_image"))
-        if note:
-            print(note, file=sys.stderr)
+    else:  # a tiled image merges many tiles' detections: the cap is per tile
+        entries = read_parts(output_dir / PARTS)
+        note = tiled.cap_note(sum(entries.get(str(p), {}).get("units_at_cap", 0) for p in paths))
+    if note:
+        print(note, file=sys.stderr)
     return predictions, errors
 
 
@@ -280,8 +303,8 @@ class _Part:
         self.file = open(self.path, "a", encoding="utf-8")
         self.lines: list[str] = []
 
-    def add(self, path: Path, records: list[dict] | None = None, error: str | None = None) -> None:
-        entry = {"file_name": str(path), **({"error": error} if error is not None else {"records": records})}
+    def add(self, path: Path, records: list[dict] | None = None, error: str | None = None, **counts: int) -> None:
+        entry = {"file_name": str(path), **({"error": error} if error is not None else {"records": records}), **counts}
         self.lines.append(json.dumps(entry) + "\n")
 
     def flush(self) -> None:

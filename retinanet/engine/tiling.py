@@ -13,7 +13,7 @@ from ..data.raster import ArrayRaster, Raster
 from ..data.tiles import tile_step, tile_windows
 from ..model.config import ConfigError
 
-__all__ = ["merge_detections", "predict_tiled", "tiling_problem", "small_tile_warning", "check_tile_config"]
+__all__ = ["merge_detections", "merge_tiles", "predict_chunk", "predict_tiled", "tile_chunks", "tiling_problem", "small_tile_warning", "check_tile_config"]
 
 MAX_TILE_WORK = 16  # an overlap may make at most this many times the tiles of overlap 0 (overlap 0.75)
 
@@ -98,6 +98,56 @@ def merge_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Te
     return torch.stack(out_boxes), torch.stack(out_scores), torch.stack(out_labels)
 
 
+Window = tuple[int, int, int, int]
+Chunk = list[Window] | None  # a batch of tile windows, or None: the whole image, resized
+
+
+def tile_chunks(height: int, width: int, tile: int, overlap: float, batch_size: int,
+                full_image: bool = False) -> list[Chunk]:
+    """The units of work of tiled prediction on an image of `height x width`: the tile windows
+    (`data.tiles.tile_windows`) in batches of `batch_size`, and with `full_image` a last unit
+    `None`, the whole image resized."""
+    windows = tile_windows(height, width, tile, overlap)
+    chunks: list[Chunk] = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    return chunks + [None] if full_image else chunks
+
+
+@torch.inference_mode()
+def predict_chunk(model, raster: Raster, chunk: Chunk, score_threshold: float | None = None, tta=None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The detections of one unit of `tile_chunks` in the image's pixels, not merged: boxes
+    `(D, 4)`, scores `(D,)`, labels `(D,)`, and how many of its tiles reached the model's cap
+    on detections per image (`model.postprocessor.detections_per_image`)."""
+    predict = model.predict if tta is None else functools.partial(model.predict, tta=tta)
+    if chunk is None:
+        # the model shrinks the whole image to its input size anyway: read it at about that size
+        max_side = getattr(getattr(model, "preprocessor", None), "max_size", None) or max(raster.height, raster.width)
+        overview = raster.read_scaled(max_side)
+        sy, sx = overview.shape[-2] / raster.height, overview.shape[-1] / raster.width
+        det = predict(overview, score_threshold=score_threshold)
+        return det["boxes"] / torch.tensor([sx, sy, sx, sy]), det["scores"], det["labels"], 0
+    crops = [raster.read(window) for window in chunk]
+    detections = predict(crops, score_threshold=score_threshold, batch_size=len(crops))
+    cap = getattr(getattr(model, "postprocessor", None), "detections_per_image", None)
+    boxes = [det["boxes"] + torch.tensor([x0, y0, x0, y0], dtype=det["boxes"].dtype)
+             for (x0, y0, _, _), det in zip(chunk, detections)]
+    at_cap = sum(cap is not None and len(det["scores"]) >= cap for det in detections)
+    return (torch.cat(boxes), torch.cat([d["scores"] for d in detections]),
+            torch.cat([d["labels"] for d in detections]), at_cap)
+
+
+def merge_tiles(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                merge: str = "nms", merge_threshold: float = 0.5, max_detections: int | None = None) -> dict:
+    """The detections of every unit of an image, gathered, merged (`merge_detections`) and
+    sorted best first (the best `max_detections` when given), as `model.predict` gives them."""
+    boxes, scores, labels = merge_detections(boxes, scores, labels, merge, merge_threshold)
+    order = scores.argsort(descending=True)
+    if max_detections:
+        order = order[:max_detections]
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    return {"boxes": boxes, "scores": scores, "labels": labels, "class_names": [class_names[i] for i in labels.tolist()]}
+
+
 @torch.inference_mode()
 def predict_tiled(model, source: torch.Tensor | Raster, tile: int, overlap: float = 0.2, batch_size: int = 4,
                   merge: str = "nms", merge_threshold: float = 0.5, full_image: bool = False,
@@ -112,30 +162,7 @@ def predict_tiled(model, source: torch.Tensor | Raster, tile: int, overlap: floa
     merged before the tiles are merged. Returns
     `{"boxes", "scores", "labels", "class_names"}` like `model.predict`."""
     raster = source if isinstance(source, Raster) else ArrayRaster(source)
-    predict = model.predict if tta is None else functools.partial(model.predict, tta=tta)
-    windows = tile_windows(raster.height, raster.width, tile, overlap)
-    boxes, scores, labels = [], [], []
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start : start + batch_size]
-        crops = [raster.read(window) for window in chunk]
-        for (x0, y0, _, _), det in zip(chunk, predict(crops, score_threshold=score_threshold,
-                                                       batch_size=batch_size)):
-            boxes.append(det["boxes"] + torch.tensor([x0, y0, x0, y0], dtype=det["boxes"].dtype))
-            scores.append(det["scores"])
-            labels.append(det["labels"])
-    if full_image:
-        # the model shrinks the whole image to its input size anyway: read it at about that size
-        max_side = getattr(getattr(model, "preprocessor", None), "max_size", None) or max(raster.height, raster.width)
-        overview = raster.read_scaled(max_side)
-        sy, sx = overview.shape[-2] / raster.height, overview.shape[-1] / raster.width
-        det = predict(overview, score_threshold=score_threshold)
-        boxes.append(det["boxes"] / torch.tensor([sx, sy, sx, sy])), scores.append(det["scores"])
-        labels.append(det["labels"])
-    boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-    boxes, scores, labels = merge_detections(boxes, scores, labels, merge, merge_threshold)
-    order = scores.argsort(descending=True)
-    if max_detections:
-        order = order[:max_detections]
-    boxes, scores, labels = boxes[order], scores[order], labels[order]
-    return {"boxes": boxes, "scores": scores, "labels": labels,
-            "class_names": [model.class_names[i] for i in labels.tolist()]}
+    pieces = [predict_chunk(model, raster, chunk, score_threshold, tta)
+              for chunk in tile_chunks(raster.height, raster.width, tile, overlap, batch_size, full_image)]
+    boxes, scores, labels = (torch.cat([piece[i] for piece in pieces]) for i in range(3))
+    return merge_tiles(boxes, scores, labels, model.class_names, merge, merge_threshold, max_detections)
