@@ -13,6 +13,9 @@
 # INFERENCE_ONLY=1 measures the inference target alone in about 5 minutes of device time: the
 # compiled inference case with and without --cuda-graphs (both libraries' compiled networks replayed
 # as CUDA graphs), then where the compiled post-processing spends its time (gpu_checks nms_profile).
+# TENSORRT=1 measures TensorRT fp16 (ONNX Runtime's TensorRT execution provider, on our exported
+# graph) against our compiled bf16 path at batch 1 and 32, 800x1216, with the agreement of their
+# detections (benchmarks/gpu_tensorrt.py; needs `pip install onnxruntime-gpu tensorrt-cu12`).
 # Usage: bash benchmarks/gpu.sh [output dir, default bench_gpu]; RESULTS=path appends the table there
 # (default benchmarks/RESULTS.md); PYTHON=python picks the interpreter (default .venv/bin/python, else python3).
 set -uo pipefail
@@ -24,6 +27,10 @@ fi
 mkdir -p "$OUT_DIR"
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
 status=0
+if [ -n "${TENSORRT:-}" ]; then
+  PYTHONPATH=. "$PYTHON" benchmarks/gpu_tensorrt.py --output-dir "$OUT_DIR/tensorrt" || status=1
+  exit $status
+fi
 if [ -n "${INFERENCE_ONLY:-}" ]; then
   for graphs in "" "--cuda-graphs"; do
     "$PYTHON" -m retinanet.cli bench --device cuda --only "inference, bf16 compiled" --cudnn-benchmark $graphs \
