@@ -15,6 +15,7 @@ runtime's numerical drift; the accuracy cost of INT8 on a trained model is measu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -90,7 +91,8 @@ def bench_runtimes(batch: int, size: tuple[int, int], repeat: int, *, calibratio
             "ratio_vs_torchvision": {k: round(times["torchvision"] / v, 3) for k, v in times.items()},
             "floor_seconds": floors, "network_gflop": round(gflop, 1), "conv3x3_peak_gflops": conv_peaks,
             "agreement_ap_vs_ours": agreement, "export_seconds": export_seconds, "peak_memory_mb": peaks,
-            "skipped": skipped, "calibration_images": calibration_images}
+            "skipped": skipped, "calibration_images": calibration_images,
+            "kernels_capped": bool(os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("ATEN_CPU_CAPABILITY"))}
 
 
 def _numpy(outputs: list[dict]) -> list[dict]:
@@ -206,6 +208,8 @@ def runtimes_table(case: dict) -> str:
                      f"{case['export_seconds'].get(name, '')} |")
     for name, reason in case["skipped"].items():
         lines.append(f"| {name} | left out: {reason} | | | | | |")
+    if case.get("kernels_capped") and any(name.endswith("onnxruntime") for name in case["seconds"]):
+        lines += ["", "onnxruntime picks its kernels by the CPU and has no switch to cap them: its rows ran with all the CPU has."]
     return "\n".join(lines) + "\n"
 
 
