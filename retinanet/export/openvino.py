@@ -90,15 +90,21 @@ def quantize(ir, images: Sequence[np.ndarray], keep_heads_float: bool = True):
     """NNCF post-training quantization of the IR `ir` (weights and activations to INT8),
     its statistics gathered on `images` (`(H, W, 3)` uint8 arrays, one inference each, at
     their own sizes); what `NETWORK_ONLY` and, with `keep_heads_float`, `HEAD_OUTPUTS` name
-    stays in floating point."""
+    stays in floating point. Every layer's weights keep 7 bits (NNCF's overflow fix): CPUs
+    without VNNI sum pairs of 8-bit products in 16 bits, which 8-bit weights can overflow, so
+    the same file would detect differently on them; 7 bits cost less than that overflow did
+    (benchmarks/RESULTS.md, "Deployed runtimes")."""
     nncf = require("nncf")
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
     if not images:
         raise ValueError("no calibration images")
     patterns = [NETWORK_ONLY] + ([HEAD_OUTPUTS] if keep_heads_float else [])
     dataset = nncf.Dataset(list(images), lambda image: np.ascontiguousarray(image.transpose(2, 0, 1)[None]))
     with quiet_nncf():
         return nncf.quantize(ir, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED,
-                             ignored_scope=nncf.IgnoredScope(patterns=patterns))
+                             ignored_scope=nncf.IgnoredScope(patterns=patterns),
+                             advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE))
 
 
 @contextlib.contextmanager
