@@ -289,11 +289,8 @@ def test_resume_shares_the_remaining_images_out_anew(predict_inputs, tmp_path):
     """Resumed by two processes (threads here, with a real barrier) after a stop where the first
     had done all its images and the second none: the remaining images are shared between both,
     not left to the second, and merged with the done ones in the order of the inputs."""
-    import threading
-
     from retinanet import load_model
     from retinanet.engine.predict import predict_files
-    from retinanet.engine.prediction_files import Shard
 
     weights, folder = predict_inputs
     assert cli(predict_args(weights, folder, tmp_path / "straight")) == 1
@@ -301,17 +298,9 @@ def test_resume_shares_the_remaining_images_out_anew(predict_inputs, tmp_path):
     out = tmp_path / "stopped"
     (out / "parts").mkdir(parents=True)
     (out / "parts" / "rank00000-of-00002.jsonl").write_text("".join(lines[0::2]))  # all of the first's share
-    model, barrier, results = load_model(weights), threading.Barrier(2, timeout=120), {}
-
-    def process(rank: int) -> None:
-        results[rank] = predict_files(model, [folder], out, draw=False, workers=0, progress=False,
-                                      shard=Shard(rank, 2, barrier.wait), resume=True)
-
-    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    model = load_model(weights)
+    as_two_processes(lambda shard: predict_files(model, [folder], out, draw=False, workers=0, progress=False,
+                                                 shard=shard, resume=True))
     new = {rank: [json.loads(line)["file_name"] for line in (out / "parts" / f"rank0000{rank}-of-00002.jsonl")
                   .read_text().splitlines()] for rank in (0, 1)}
     remaining = [json.loads(line)["file_name"] for line in lines[1::2]]
@@ -345,20 +334,23 @@ def tiled_args(weights: Path, image: Path, out: Path) -> list[str]:
 
 def _shared_tiles(weights: Path, image: Path, out: Path, resume: bool = False) -> None:
     """`predict --tile` by two processes (threads, with a real barrier), as torchrun runs it."""
-    import threading
-
     from retinanet import load_model
     from retinanet.engine.predict import predict_files
+
+    model = load_model(weights)
+    tiling = {"tile": 128, "overlap": 0.2, "merge": "nms", "full_image": True}
+    as_two_processes(lambda shard: predict_files(model, [image], out, draw=False, workers=0, progress=False,
+                                                 batch_size=4, tiling=tiling, shard=shard, resume=resume))
+
+
+def as_two_processes(run) -> None:
+    """`run(shard)` in two threads standing for two processes, with a real barrier."""
+    import threading
+
     from retinanet.engine.prediction_files import Shard
 
-    model, barrier = load_model(weights), threading.Barrier(2, timeout=300)
-    tiling = {"tile": 128, "overlap": 0.2, "merge": "nms", "full_image": True}
-
-    def process(rank: int) -> None:
-        predict_files(model, [image], out, draw=False, workers=0, progress=False, batch_size=4, tiling=tiling,
-                      shard=Shard(rank, 2, barrier.wait), resume=resume)
-
-    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    barrier = threading.Barrier(2, timeout=300)
+    threads = [threading.Thread(target=run, args=(Shard(rank, 2, barrier.wait),)) for rank in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
