@@ -409,6 +409,29 @@ def test_a_stopped_tiled_run_resumes_from_its_last_unit(predict_inputs, large_im
     _assert_same_detections(json.loads((stopped / "predictions.json").read_text()), expected)
 
 
+def test_many_images_on_tiles_go_block_by_block(predict_inputs, tmp_path, capsys):
+    """Ten images on tiles, and a damaged one, by two processes: blocks of four images a
+    process, each image's units shared and merged by its owner; the detections of one process,
+    and the damaged file reported once."""
+    from retinanet import load_model
+    from retinanet.engine.predict import predict_files
+
+    weights, folder = predict_inputs
+    assert cli([*predict_args(weights, folder, tmp_path / "one"), "--tile", "64"]) == 1
+    capsys.readouterr()
+    model = load_model(weights)
+    tiling = {"tile": 64, "overlap": 0.2, "merge": "nms", "full_image": False}
+    as_two_processes(lambda shard: predict_files(model, [folder], tmp_path / "two", draw=False, workers=0,
+                                                 progress=False, batch_size=1, tiling=tiling, shard=shard))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "zz_damaged.jpg" in errors[0]
+    got, expected = (json.loads((tmp_path / run / "predictions.json").read_text()) for run in ("two", "one"))
+    assert [r["file_name"] for r in got] == [r["file_name"] for r in expected]
+    for name in {r["file_name"] for r in expected}:
+        _assert_same_detections([r for r in got if r["file_name"] == name],
+                                [r for r in expected if r["file_name"] == name])
+
+
 @pytest.mark.slow
 def test_torchrun_shares_the_tiles_of_one_image(predict_inputs, large_image, tmp_path):
     """`torchrun --nproc-per-node 2 -m retinanet.cli predict IMAGE --tile 128`: both processes

@@ -88,19 +88,24 @@ PARTS = "parts"  # the folder of the per-process parts, in the output folder
 
 class TiledRun(Protocol):
     """Prediction that goes unit by unit inside each image, shared by processes below the
-    image (`engine.tiled_files.TiledFiles`): `predict_units` does this process's share of the
-    units of every image, `gather` reads the units of the images this process finishes, and
-    `finish` merges and writes one of them, returning its records and how many of its units
-    reached the detection cap; `cap_note(count)` is the line that says so, or None."""
+    image (`engine.tiled_files.TiledFiles`), block by block of images: `start` once, then per
+    block `predict_units` (this process's share of the units of the block's images), a barrier,
+    `gather` (the new units of the images this process finishes) and `finish` for each of them
+    (merge and write one image; its records and how many of its units reached the detection
+    cap). `cap_note(count)` is the line that says so, or None."""
 
-    def predict_units(self, paths: list[Path], shard: "Shard", output_dir: Path, resume: bool,
-                      progress: bool) -> None: ...
+    def start(self, paths: list[Path], shard: "Shard", output_dir: Path, resume: bool) -> None: ...
 
-    def gather(self, output_dir: Path, paths: list[Path]) -> None: ...
+    def predict_units(self, paths: list[Path], first: int) -> None: ...
+
+    def gather(self) -> None: ...
 
     def finish(self, path: Path, drawing: Path, label_dir: Path) -> tuple[list[dict], int]: ...
 
     def cap_note(self, count: int) -> str | None: ...
+
+
+TILED_BLOCK = 4  # images per process in a block of tiled prediction: the units memory holds at once
 
 
 @dataclass(frozen=True)
@@ -168,21 +173,24 @@ def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, sco
     own_errors: list[str] = []
     try:
         if tiled is not None:
-            tiled.predict_units(todo, shard, output_dir, resume, progress)
-            if shard.barrier is not None:
-                shard.barrier()  # every unit of every image is on disk
-            tiled.gather(output_dir, mine)
-            for path in mine:
-                try:
-                    records, at_cap = tiled.finish(path, names[path], label_dir)
-                    predictions += records
-                    part.add(path, records, units_at_cap=at_cap)
-                except (ImageReadError, ValueError) as err:
-                    _report(str(err), own_errors)
-                    part.add(path, error=str(err))
-                part.flush()
-                if bar is not None:
-                    bar.update(1)
+            tiled.start(todo, shard, output_dir, resume)
+            block = TILED_BLOCK * shard.world_size
+            for first in range(0, len(todo), block):
+                tiled.predict_units(todo[first : first + block], first)
+                if shard.barrier is not None:
+                    shard.barrier()  # every unit of the block is on disk
+                tiled.gather()
+                for path in todo[first + shard.rank : first + block : shard.world_size]:  # this process's, as `mine`
+                    try:
+                        records, at_cap = tiled.finish(path, names[path], label_dir)
+                        predictions += records
+                        part.add(path, records, units_at_cap=at_cap)
+                    except (ImageReadError, ValueError) as err:
+                        _report(str(err), own_errors)
+                        part.add(path, error=str(err))
+                    part.flush()
+                    if bar is not None:
+                        bar.update(1)
         else:
             for items in _batches(_decoded(mine, backend.check_size, workers, 2 * batch_size), batch_size):
                 good = [(path, item) for path, item in items if not isinstance(item, str)]

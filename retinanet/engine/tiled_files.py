@@ -1,14 +1,16 @@
 """Tiled prediction over image files, shared by processes tile by tile, so that one large
 raster keeps every process busy.
 
-It runs in two phases around a barrier. First every process takes its share of the units of
-work of every image (`tiling.tile_chunks`: batches of tiles, and the whole image resized): the
-unit `k` of the image `i` is done by process `(i + k) % world_size`. It appends one line per
-unit, the unit's detections in image pixels before merging, to its tile part
-`parts/tiles-rankRRRRR-of-NNNNN.jsonl`, on disk (fsync) after each unit. Then each image's
-owner (`prediction_files.Shard`'s share of the images) gathers its units from every tile part,
-merges them and writes the image's outputs. A stopped run loses at most one unit per process:
-`resume` skips the units that the tile parts hold for the same tiling.
+The images go in blocks of a few per process; each block runs in two phases around a barrier.
+First every process takes its share of the units of work of every image of the block
+(`tiling.tile_chunks`: batches of tiles, and the whole image resized): the unit `k` of the
+image `i` is done by process `(i + k) % world_size`. It appends one line per unit, the unit's
+detections in image pixels before merging, to its tile part `parts/tiles-rankRRRRR-of-NNNNN.jsonl`,
+on disk (fsync) after each unit. Then each image's owner (`prediction_files.Shard`'s share of
+the images) reads the new lines of every tile part, keeps its images' units, merges them and
+writes the image's outputs. Memory holds a block's units, whatever the number of images. A
+stopped run loses at most one unit per process: `resume` skips the units that the tile parts
+hold for the same tiling.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ import torch
 from ..analysis.drawing import draw_detections
 from ..data.raster import crs_name, open_raster, pixel_to_crs
 from ..outputs import save_image, write_text
-from .prediction_files import (DRAWING_MAX_SIDE, PARTS, Shard, _drop_torn_line, coco_records, label_path,
-                               progress_bar, write_labels)
-from .tiling import Chunk, merge_tiles, predict_chunk, tile_chunks
+from .prediction_files import DRAWING_MAX_SIDE, PARTS, Shard, _drop_torn_line, coco_records, label_path, write_labels
+from .tiling import merge_tiles, predict_chunk, tile_chunks
 
 TILE_PARTS = "tiles-rank*-of-*.jsonl"
 
@@ -49,75 +50,78 @@ class TiledFiles:
     def open(self, path: Path):
         return open_raster(path, value_range=self.tiling.get("value_range"))
 
-    def predict_units(self, paths: list[Path], shard: Shard, output_dir: Path, resume: bool,
-                      progress: bool = True) -> None:
-        """Phase one: this process's units of `paths`, each appended to its tile part. An
-        image that cannot be opened is left to its owner, who reports it in phase two."""
-        folder = output_dir / PARTS
-        done = self._read_units(folder, keys_only=True) if resume else {}
-        part = folder / f"tiles-rank{shard.rank:05d}-of-{shard.world_size:05d}.jsonl"
+    def start(self, paths: list[Path], shard: Shard, output_dir: Path, resume: bool) -> None:
+        """Before the first block: this process's tile part (an earlier run's kept with
+        `resume`, its torn last line cut; otherwise started empty, the main process removing
+        the other parts), and with `resume` the units the parts hold for `paths`."""
+        self.shard, self.folder = shard, output_dir / PARTS
+        names = {str(p) for p in paths}
+        self.done = self._read_units(names) if resume else {}
+        self.part = self.folder / f"tiles-rank{shard.rank:05d}-of-{shard.world_size:05d}.jsonl"
         if not resume and shard.is_main:
-            for old in folder.glob(TILE_PARTS):
-                if old != part:
+            for old in self.folder.glob(TILE_PARTS):
+                if old != self.part:
                     old.unlink()
-        if resume and part.is_file() and not part.is_symlink():
-            _drop_torn_line(part)
+        if resume and self.part.is_file() and not self.part.is_symlink():
+            _drop_torn_line(self.part)
         else:
-            write_text(part, "")  # replaces a symlink or an earlier run's part
+            write_text(self.part, "")  # replaces a symlink or an earlier run's part
+        self.pending = {str(p) for p in paths[shard.rank :: shard.world_size]}  # the images this process finishes
+        self.read_to: dict[Path, int] = {}
+        self.units = {}
         if shard.barrier is not None:
             shard.barrier()  # the parts are read and the old ones removed before any process adds to its own
-        work = self._share(paths, shard, done)
-        bar = progress_bar(len(work), progress and shard.is_main)
-        with open(part, "a", encoding="utf-8") as file:
-            for path in dict.fromkeys(path for path, _, _ in work):
-                units = [(k, chunk) for p, k, chunk in work if p == path]
-                for line in self._predict_image(path, units):
+
+    def predict_units(self, paths: list[Path], first: int) -> None:
+        """Phase one for a block: this process's units of `paths` (the images `first`,
+        `first + 1`, ... of the run), each appended to its tile part."""
+        with open(self.part, "a", encoding="utf-8") as file:
+            for i, path in enumerate(paths, first):
+                for line in self._predict_image(i, path):
                     file.write(json.dumps({"file_name": str(path), "tiling": self.signature, **line}) + "\n")
                     file.flush()
                     os.fsync(file.fileno())
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
 
-    def _predict_image(self, path: Path, units: list[tuple[int, Chunk]]) -> Iterator[dict]:
-        """The lines of `units` of one image; a window that cannot be read ends the image with
-        a line holding the error, which its owner reports in phase two."""
-        k = units[0][0]
+    def _predict_image(self, i: int, path: Path) -> Iterator[dict]:
+        """The lines of this process's units of the image `i` not done yet. An image that
+        cannot be opened gives none (its owner reports it in phase two); a window that cannot
+        be read ends the image with a line holding the error."""
+        shard, done, k = self.shard, self.done.get(str(path), set()), None
         try:
             with self.open(path) as raster:
-                for k, chunk in units:
+                chunks = tile_chunks(raster.height, raster.width, self.tiling["tile"], self.tiling["overlap"],
+                                     self.batch_size, self.tiling["full_image"])
+                for k, chunk in enumerate(chunks):
+                    if (i + k) % shard.world_size != shard.rank or k in done:
+                        continue
                     boxes, scores, labels, at_cap = predict_chunk(self.model, raster, chunk, self.score_threshold,
                                                                   self.tta)
                     yield {"unit": k, "at_cap": at_cap, "boxes": boxes.tolist(), "scores": scores.tolist(),
                            "labels": labels.tolist()}
         except (OSError, ValueError) as err:  # (ImageReadError is a ValueError)
-            yield {"unit": k, "error": str(err)}
+            if k is not None:
+                yield {"unit": k, "error": str(err)}
 
-    def _share(self, paths: list[Path], shard: Shard, done: dict[str, set[int]]) -> list[tuple]:
-        """`(path, unit, chunk)` of this process's units not in `done`: the unit `k` of the
-        image `i` goes to process `(i + k) % world_size`."""
-        work = []
-        for i, path in enumerate(paths):
-            try:
-                with self.open(path) as raster:
-                    chunks = tile_chunks(raster.height, raster.width, self.tiling["tile"], self.tiling["overlap"],
-                                         self.batch_size, self.tiling["full_image"])
-            except (OSError, ValueError):  # (ImageReadError is a ValueError) its owner reports it in phase two
+    def gather(self) -> None:
+        """Phase two's reading: the lines added to every tile part since the last call,
+        complete ones only, keeping the units of the images this process finishes."""
+        for part in sorted(self.folder.glob(TILE_PARTS)):
+            if part.is_symlink() or not part.is_file():
                 continue
-            work += [(path, k, chunk) for k, chunk in enumerate(chunks)
-                     if (i + k) % shard.world_size == shard.rank and k not in done.get(str(path), ())]
-        return work
-
-    def gather(self, output_dir: Path, paths: list[Path]) -> None:
-        """Read the units of `paths` (the images this process finishes) from every tile part."""
-        self.units = {name: [units[k] for k in sorted(units)] for name, units in  # in the order one process does them
-                      self._read_units(output_dir / PARTS, names={str(p) for p in paths}).items()}
+            with open(part, "rb") as file:
+                file.seek(self.read_to.get(part, 0))
+                data = file.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self.read_to[part] = self.read_to.get(part, 0) + len(complete)
+            for unit in _units(complete.decode("utf-8", errors="replace").splitlines(), self.signature,
+                               self.pending):
+                self.units.setdefault(unit["file_name"], {}).setdefault(unit["unit"], unit)
 
     def finish(self, path: Path, drawing: Path, label_dir: Path) -> tuple[list[dict], int]:
         """Phase two: merge the units of `path` and write its outputs. Returns its records and
         how many of its tiles reached the model's cap on detections per image."""
-        units = self.units.pop(str(path), [])
+        self.pending.discard(str(path))
+        units = [unit for _, unit in sorted(self.units.pop(str(path), {}).items())]  # in the order one process does them
         failed = [u["error"] for u in units if "error" in u]
         if failed:
             raise ValueError(failed[0])
@@ -154,30 +158,30 @@ class TiledFiles:
                 "lower-scored detections; raise it with retinanet predict --max-detections N "
                 "(model.inference.detections_per_image)")
 
-    def _read_units(self, folder: Path, names: set[str] | None = None, keys_only: bool = False) -> dict:
-        """The units of this tiling that the tile parts in `folder` hold, by file name then
-        unit number (of `names` only, when given; with `keys_only`, the unit numbers alone);
-        torn lines and symlinks are left out."""
-        found: dict = {}
-        if not folder.is_dir() or folder.is_symlink():
+    def _read_units(self, names: set[str]) -> dict[str, set[int]]:
+        """The unit numbers that the tile parts hold for this tiling, by file name (of `names`)."""
+        found: dict[str, set[int]] = {}
+        if not self.folder.is_dir() or self.folder.is_symlink():
             return found
-        for part in sorted(folder.glob(TILE_PARTS)):
+        for part in sorted(self.folder.glob(TILE_PARTS)):
             if part.is_symlink() or not part.is_file():
                 continue
             with open(part, encoding="utf-8", errors="replace") as file:
-                for line in file:
-                    try:
-                        unit = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if not (isinstance(unit, dict) and unit.get("tiling") == self.signature
-                            and (names is None or unit.get("file_name") in names)):
-                        continue
-                    if keys_only:
-                        found.setdefault(unit["file_name"], set()).add(unit["unit"])
-                    else:
-                        found.setdefault(unit["file_name"], {}).setdefault(unit["unit"], unit)
+                for unit in _units(file, self.signature, names):
+                    found.setdefault(unit["file_name"], set()).add(unit["unit"])
         return found
+
+
+def _units(lines, signature: str, names: set[str]) -> Iterator[dict]:
+    """The units among `lines` (JSON, one a line) of the tiling `signature` and of `names`;
+    lines that do not parse (torn by a stopped process) are left out."""
+    for line in lines:
+        try:
+            unit = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(unit, dict) and unit.get("tiling") == signature and unit.get("file_name") in names:
+            yield unit
 
 
 def write_geojson(det: dict, raster, path: Path, category_ids: list[int]) -> Path:
