@@ -186,3 +186,31 @@ def test_serve_answers_with_the_ir_as_pytorch_would(checkpoint, photos, ir):
             _assert_equal_records(got, reference[name])
     finally:
         stop_server(proc)
+
+
+def test_ctrl_c_after_two_models_interrupts_instead_of_crashing(ir):
+    """Two models opened and closed in the order they were opened, then Ctrl-C: the process
+    is interrupted as Python interrupts it. With a Core per model, the second Core's CPU plugin
+    put back the first one's alternate signal stack, already unmapped: SIGSEGV instead."""
+    import subprocess
+
+    script = """
+import gc, os, signal, sys, time
+import numpy as np
+from retinanet.export.ov_predict import OpenVinoDetector
+first, second = OpenVinoDetector(sys.argv[1]), OpenVinoDetector(sys.argv[1])
+image = np.zeros((64, 96, 3), np.uint8)
+first.predict([image]), second.predict([image])
+del first
+gc.collect()
+del second
+gc.collect()
+signal.signal(signal.SIGINT, signal.default_int_handler)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(ir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "interrupted", (done.returncode, done.stderr[-2000:])

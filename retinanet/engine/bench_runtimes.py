@@ -178,13 +178,14 @@ def _openvino_int8_seconds(network: torch.nn.Module, x: torch.Tensor, folder: Pa
     import openvino as ov
 
     from ..export.openvino import quiet_nncf
+    from ..export.ov_predict import core
 
     path = folder / "peak.onnx"
     torch.onnx.export(network, (x,), str(path), opset_version=17, dynamo=False, input_names=["x"])
     sample = x.numpy()
     with quiet_nncf():
         quantized = nncf.quantize(ov.convert_model(str(path)), nncf.Dataset([sample]), subset_size=1)
-    request = ov.Core().compile_model(quantized, "CPU").create_infer_request()
+    request = core().compile_model(quantized, "CPU").create_infer_request()
     request.infer({"x": sample})
     best = float("inf")
     for _ in range(3):

@@ -4,6 +4,7 @@ module without the `openvino` package raises `ModuleNotFoundError` naming it
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -14,6 +15,15 @@ from .backend import METADATA_KEYS, OUTPUTS, ExportedBackend
 
 RT_INFO = "retinanet"  # the OpenVINO IR keeps `export_onnx`'s metadata under this rt_info section
 IR_NAME = "model.xml"  # its weights: model.bin beside it
+
+
+@functools.cache
+def core() -> ov.Core:
+    """The process's one OpenVINO Core. Each Core's CPU plugin installs an alternate signal
+    stack on the thread that compiles (for AMX's larger signal frames) and, when destroyed,
+    puts back the one it found; with two Cores destroyed out of order, the thread was left on
+    an unmapped stack, and the next Ctrl-C or SIGTERM crashed the process."""
+    return ov.Core()
 
 
 def ir_paths(path: str | Path) -> tuple[Path, Path]:
@@ -37,9 +47,8 @@ class OpenVinoDetector(ExportedBackend):
         for part in (xml, weights):
             if not part.is_file():
                 raise ValueError(f"{part}: no such file (an OpenVINO IR is model.xml with model.bin beside it)")
-        core = ov.Core()
         try:
-            model = core.read_model(str(xml), str(weights))
+            model = core().read_model(str(xml), str(weights))
         except RuntimeError as err:  # a .bin shorter than the weights the .xml names is found here
             reason = _first_line(err)
             if "bin file" in reason:
@@ -50,7 +59,7 @@ class OpenVinoDetector(ExportedBackend):
         self.read_metadata(meta, [i.get_any_name() for i in model.inputs], [o.get_any_name() for o in model.outputs],
                            source=xml)
         try:
-            self.compiled = core.compile_model(model, device, {"INFERENCE_PRECISION_HINT": precision})
+            self.compiled = core().compile_model(model, device, {"INFERENCE_PRECISION_HINT": precision})
         except RuntimeError as err:
             raise ValueError(f"{weights}: the IR's weights cannot be loaded ({_first_line(err)})") from None
         self.outputs = [self.compiled.output(name) for name in OUTPUTS]
