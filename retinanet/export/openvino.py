@@ -26,8 +26,8 @@ INSTALL = "pip install 'retinanet[openvino]'"
 # point: quantizing the resize's arithmetic moves every pixel, the decoding every box.
 NETWORK_ONLY = r"^(?!/(backbone|fpn|head)/).*"
 # The heads' last convolutions (their outputs are the logits and box deltas), quantized by
-# default: on the demo's model INT8 AP moved by 0.001 with them quantized, and the R-50 ran 1.5x
-# (VNNI) and 1.14x (AVX2) as fast as with them in fp32 (benchmarks/RESULTS.md, "Deployed runtimes").
+# default: kept in fp32 they cost much of INT8's speed for no measurable AP (benchmarks/RESULTS.md,
+# "Figures behind choices in the code").
 HEAD_OUTPUTS = r"^/head/(cls_score|bbox_pred)(_\d+)?/.*"
 
 
