@@ -95,7 +95,7 @@ def quantize(ir, images: Sequence[np.ndarray], keep_heads_float: bool = False):
     stays in floating point. Every layer's weights keep 7 bits (NNCF's overflow fix): CPUs
     without VNNI sum pairs of 8-bit products in 16 bits, which 8-bit weights can overflow, so
     the same file would detect differently on them; 7 bits cost less than that overflow did
-    (benchmarks/RESULTS.md, "Deployed runtimes")."""
+    (benchmarks/RESULTS.md, "Figures behind choices in the code")."""
     nncf = require("nncf")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
