@@ -126,8 +126,7 @@ def _exported(ours, tv, arrays: list[np.ndarray], floats: list[torch.Tensor], fo
         from ..export.openvino import export_openvino
         from ..export.ov_predict import OpenVinoDetector
 
-        images = _photos(calibration, height, width) if calibration else None
-        images = [t.permute(1, 2, 0).numpy() for t in images] if images else None
+        images = [t.permute(1, 2, 0).numpy() for t in _photos(calibration, height, width)] if calibration else None
         export(name, lambda: export_openvino(ours, folder / name, height, width, batch, calibration=images))
         runners[name] = (lambda detector: lambda: detector.predict(arrays))(OpenVinoDetector(folder / name))
     if "torchvision_onnxruntime" not in skipped:

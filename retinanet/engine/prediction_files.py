@@ -91,8 +91,8 @@ class TiledRun(Protocol):
     image (`engine.tiled_files.TiledFiles`), block by block of images: `start` once, then per
     block `predict_units` (this process's share of the units of the block's images), a barrier,
     `gather` (the new units of the images this process finishes) and `finish` for each of them
-    (merge and write one image; its records and how many of its units reached the detection
-    cap). `cap_note(count)` is the line that says so, or None."""
+    (merge and write one image; its records and how many of its tiles reached the detection
+    cap)."""
 
     def start(self, paths: list[Path], shard: "Shard", output_dir: Path, resume: bool) -> None: ...
 
@@ -101,8 +101,6 @@ class TiledRun(Protocol):
     def gather(self) -> None: ...
 
     def finish(self, path: Path, drawing: Path, label_dir: Path) -> tuple[list[dict], int]: ...
-
-    def cap_note(self, count: int) -> str | None: ...
 
 
 TILED_BLOCK = 4  # images per process in a block of tiled prediction: the units memory holds at once
@@ -184,7 +182,7 @@ def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, sco
                     try:
                         records, at_cap = tiled.finish(path, names[path], label_dir)
                         predictions += records
-                        part.add(path, records, units_at_cap=at_cap)
+                        part.add(path, records, tiles_at_cap=at_cap)
                     except (ImageReadError, ValueError) as err:
                         _report(str(err), own_errors)
                         part.add(path, error=str(err))
@@ -214,13 +212,14 @@ def predict_files(backend, inputs: list[str | Path], output_dir: str | Path, sco
         shard.barrier()
     if not shard.is_main:
         return predictions, own_errors
-    predictions, errors = merge_parts(output_dir, paths, errors)
+    entries = read_parts(output_dir / PARTS)
+    predictions, errors = merge_parts(output_dir, entries, paths, errors)
+    how = getattr(backend, "raise_cap", "model.inference.detections_per_image")
     if tiled is None:
-        note = cap_note(images_at_cap(predictions, "file_name", detection_cap(backend)), detection_cap(backend),
-                        getattr(backend, "raise_cap", "model.inference.detections_per_image"))
+        note = cap_note(images_at_cap(predictions, "file_name", detection_cap(backend)), detection_cap(backend), how)
     else:  # a tiled image merges many tiles' detections: the cap is per tile
-        entries = read_parts(output_dir / PARTS)
-        note = tiled.cap_note(sum(entries.get(str(p), {}).get("units_at_cap", 0) for p in paths))
+        at_cap = sum(entries.get(str(p), {}).get("tiles_at_cap", 0) for p in paths)
+        note = cap_note(at_cap, detection_cap(backend), how, unit="tile")
     if note:
         print(note, file=sys.stderr)
     return predictions, errors
@@ -245,19 +244,19 @@ def images_at_cap(records: list[dict], key: str, cap: int | None) -> int:
     return sum(count >= cap for count in counts.values())
 
 
-def cap_note(images: int, cap: int | None, how: str) -> str | None:
-    """The line a run prints once when `images` images reached the cap of `cap` detections
-    (None when none did); `how` says how to raise it."""
-    if not images or cap is None:
+def cap_note(count: int, cap: int | None, how: str, unit: str = "image") -> str | None:
+    """The line a run prints once when `count` images (or tiles, `unit`) reached the cap of
+    `cap` detections (None when none did); `how` says how to raise it."""
+    if not count or cap is None:
         return None
-    return (f"note: {images} image(s) reached the cap of {cap} detections per image, which dropped their "
+    return (f"note: {count} {unit}(s) reached the cap of {cap} detections per {unit}, which dropped their "
             f"lower-scored detections; raise it with {how}")
 
 
-def merge_parts(output_dir: Path, paths: list[Path], errors: list[str]) -> tuple[list[dict], list[str]]:
-    """Write `output_dir/predictions.json` from the parts' records of `paths`, in their order;
-    returns the predictions and `errors` followed by the parts' error lines of `paths`."""
-    entries = read_parts(output_dir / PARTS)
+def merge_parts(output_dir: Path, entries: dict[str, dict], paths: list[Path],
+                errors: list[str]) -> tuple[list[dict], list[str]]:
+    """Write `output_dir/predictions.json` from the parts' `entries` (`read_parts`) of `paths`,
+    in their order; returns the predictions and `errors` followed by the entries' error lines."""
     predictions: list[dict] = []
     errors = list(errors)
     for path in paths:

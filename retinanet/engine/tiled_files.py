@@ -45,7 +45,6 @@ class TiledFiles:
         # units from a run with other settings are other units: resume does not count them
         self.signature = json.dumps([tiling["tile"], tiling["overlap"], bool(tiling["full_image"]), batch_size,
                                      score_threshold, tiling.get("value_range")])
-        self.units: dict[str, list[dict]] = {}
 
     def open(self, path: Path):
         return open_raster(path, value_range=self.tiling.get("value_range"))
@@ -68,7 +67,7 @@ class TiledFiles:
             write_text(self.part, "")  # replaces a symlink or an earlier run's part
         self.pending = {str(p) for p in paths[shard.rank :: shard.world_size]}  # the images this process finishes
         self.read_to: dict[Path, int] = {}
-        self.units = {}
+        self.units: dict[str, dict[int, dict]] = {}  # file name -> unit number -> its line
         if shard.barrier is not None:
             shard.barrier()  # the parts are read and the old ones removed before any process adds to its own
 
@@ -148,15 +147,6 @@ class TiledFiles:
         elif raster.georeferenced_without_reader:
             print(f"note: {path} is a GeoTIFF; install rasterio (pip install 'retinanet[geo]') to get "
                   "its detections as GeoJSON in its coordinate system", file=sys.stderr)
-
-    def cap_note(self, tiles: int) -> str | None:
-        """The note a tiled run prints once when `tiles` tiles reached the model's cap."""
-        cap = getattr(getattr(self.model, "postprocessor", None), "detections_per_image", None)
-        if not tiles or cap is None:
-            return None
-        return (f"note: {tiles} tile(s) reached the cap of {cap} detections per tile, which dropped their "
-                "lower-scored detections; raise it with retinanet predict --max-detections N "
-                "(model.inference.detections_per_image)")
 
     def _read_units(self, names: set[str]) -> dict[str, set[int]]:
         """The unit numbers that the tile parts hold for this tiling, by file name (of `names`)."""

@@ -12,8 +12,10 @@ from torchvision.ops import batched_nms, box_area
 from ..data.raster import ArrayRaster, Raster
 from ..data.tiles import tile_step, tile_windows
 from ..model.config import ConfigError
+from .prediction_files import detection_cap
 
-__all__ = ["merge_detections", "merge_tiles", "predict_chunk", "predict_tiled", "tile_chunks", "tiling_problem", "small_tile_warning", "check_tile_config"]
+__all__ = ["merge_detections", "merge_tiles", "predict_chunk", "predict_tiled", "tile_chunks", "tiling_problem",
+           "small_tile_warning", "check_tile_config"]
 
 MAX_TILE_WORK = 16  # an overlap may make at most this many times the tiles of overlap 0 (overlap 0.75)
 
@@ -128,7 +130,7 @@ def predict_chunk(model, raster: Raster, chunk: Chunk, score_threshold: float | 
         return det["boxes"] / torch.tensor([sx, sy, sx, sy]), det["scores"], det["labels"], 0
     crops = [raster.read(window) for window in chunk]
     detections = predict(crops, score_threshold=score_threshold, batch_size=len(crops))
-    cap = getattr(getattr(model, "postprocessor", None), "detections_per_image", None)
+    cap = detection_cap(model)
     boxes = [det["boxes"] + torch.tensor([x0, y0, x0, y0], dtype=det["boxes"].dtype)
              for (x0, y0, _, _), det in zip(chunk, detections)]
     at_cap = sum(cap is not None and len(det["scores"]) >= cap for det in detections)
